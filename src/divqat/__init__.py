@@ -1,0 +1,17 @@
+"""divqat: protect quantized image classifiers against model stealing, and measure it.
+
+DivQAT quantization-aware training, output-perturbation defenses behind a black-box query
+boundary, and real extraction attacks in front of it.
+"""
+
+__version__ = "0.1.0"
+
+
+def load_victim(path, device: str = "cpu", compile=None):
+    """Load a victim directory written by ``divqat train``; see ``divqat.victim.load_victim``."""
+    from divqat.victim import load_victim as _load
+
+    return _load(path, device=device, compile=compile)
+
+
+__all__ = ["__version__", "load_victim"]

@@ -1,0 +1,295 @@
+"""The threat boundary: what an extraction attack may do with the victim, and nothing more.
+
+Two views of one defended victim:
+
+- ``BlackBox``, handed to attacks: ``query(images) -> defended posteriors`` (or
+  ``query_labels(images) -> labels``), every image counted against a query budget. It holds the
+  victim and the defense only inside a closure, so no attribute leads to the model, the defense or
+  the counter, and its attributes cannot be assigned.
+- ``DefendedVictim``, for the evaluation code (never for attacks): clean and defended posteriors of
+  a batch with timings, to measure the defense's utility cost and the victim's accuracy.
+
+Images are float32 (N, C, H, W) in [0, 1], in the victim's ``input_shape``; the victim maps them
+to logits (N, K) and does its own normalization.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from divqat.defenses.base import Defense
+from divqat.defenses.none import NoDefense
+from divqat.errors import ConfigError, DivqatError
+
+
+class BudgetExceeded(DivqatError):
+    """A query would take the black box past its query budget; it was refused, nothing counted."""
+
+
+class QueryError(DivqatError, ValueError):
+    """A query the black box refuses (bad images, or soft labels asked of a label-only box);
+    nothing was sent to the victim and nothing counted."""
+
+
+@dataclass(frozen=True)
+class DefendedBatch:
+    """One batch through victim and defense, for evaluation.
+
+    logits, clean, defended: float32 (N, K) on the CPU (clean = softmax(logits), defended = the
+    defense's answer). victim_seconds, defense_seconds: wall time of each stage.
+    """
+
+    logits: Tensor
+    clean: Tensor
+    defended: Tensor
+    victim_seconds: float
+    defense_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        """The latency an API user sees for the batch (victim plus defense)."""
+        return self.victim_seconds + self.defense_seconds
+
+
+def _victim_shape(victim: Any, input_shape: Any, num_classes: Any) -> tuple[tuple[int, int, int], int]:
+    """(C, H, W) and K from the explicit arguments, else from the victim's attributes."""
+    own_shape = getattr(victim, "input_shape", None)
+    own_k = getattr(victim, "num_classes", None)
+    shape = own_shape if input_shape is None else input_shape
+    k = own_k if num_classes is None else num_classes
+    if shape is None or k is None:
+        missing = "input_shape" if shape is None else "num_classes"
+        raise ConfigError(f"the victim has no {missing} attribute: pass {missing}= explicitly")
+    if (not isinstance(shape, tuple | list | torch.Size) or len(shape) != 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ConfigError(f"input_shape must be (C, H, W) positive integers, got {shape!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"num_classes must be an integer >= 1, got {k!r}")
+    shape = tuple(int(s) for s in shape)
+    if own_shape is not None and tuple(own_shape) != shape:
+        raise ConfigError(f"input_shape={shape} contradicts the victim's own {tuple(own_shape)}")
+    if own_k is not None and own_k != k:
+        raise ConfigError(f"num_classes={k} contradicts the victim's own {own_k}")
+    return shape, int(k)
+
+
+class DefendedVictim:
+    """The victim behind its defense, as the evaluation code sees it (not for attacks).
+
+    Arguments:
+        victim (callable): images (N, C, H, W) float32 in [0, 1] -> logits (N, K); its
+            ``input_shape`` (C, H, W) and ``num_classes`` attributes are used unless given here.
+            An ``nn.Module`` victim must already be in eval mode (this class does not change it:
+            exported int8 graphs cannot be switched).
+        defense (Defense, optional): applied to the victim's posteriors. (Default: None, no
+            defense.)
+        input_shape, num_classes: for a plain callable without those attributes.
+        device (optional): where the images are moved before the victim sees them.
+            (Default: None, left where they are.)
+
+    Example::
+        >>> served = DefendedVictim(victim, create_defense("dcp", beta=0.5))
+        >>> batch = served(images)          # batch.clean, batch.defended, batch.seconds
+    """
+
+    __slots__ = ("_victim", "_defense", "_input_shape", "_num_classes", "_device")
+
+    def __init__(self, victim: Callable[[Tensor], Tensor], defense: Defense | None = None, *,
+                 input_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
+                 device: str | torch.device | None = None) -> None:
+        if not callable(victim):
+            raise ConfigError(f"the victim must be callable (images -> logits), got {type(victim).__name__}")
+        if defense is None:
+            defense = NoDefense()
+        if not isinstance(defense, Defense):
+            raise ConfigError(f"defense must be a divqat Defense, got {type(defense).__name__}")
+        self._victim = victim
+        self._defense = defense
+        self._input_shape, self._num_classes = _victim_shape(victim, input_shape, num_classes)
+        self._device = None if device is None else torch.device(device)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self._input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
+
+    @property
+    def defense(self) -> Defense:
+        return self._defense
+
+    def check_images(self, images: Any) -> Tensor:
+        """Refuse anything but float32 (N, C, H, W) in [0, 1] of the victim's shape (QueryError)."""
+        if not isinstance(images, Tensor):
+            raise QueryError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        if images.dtype != torch.float32:
+            raise QueryError(f"images must be float32 in [0, 1], got {images.dtype}"
+                             + (" (convert uint8 with images.float() / 255)" if images.dtype == torch.uint8 else ""))
+        if images.ndim != 4 or tuple(images.shape[1:]) != self._input_shape:
+            raise QueryError(f"images must have shape (N, {', '.join(map(str, self._input_shape))}), "
+                             f"got {tuple(images.shape)}")
+        if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
+            raise QueryError("images must be finite and in [0, 1] (the victim normalizes them itself)")
+        return images.detach()
+
+    def __call__(self, images: Tensor) -> DefendedBatch:
+        """Clean and defended posteriors of one batch, with the time each stage took."""
+        images = self.check_images(images)
+        k = self._num_classes
+        if images.shape[0] == 0:
+            empty = torch.empty(0, k)
+            return DefendedBatch(empty, empty, empty, 0.0, 0.0)
+        # A private copy: a victim that normalizes in place must not edit the caller's images.
+        images = images.to(self._device or images.device, copy=True)
+        with torch.no_grad():
+            start = time.perf_counter()
+            logits = self._victim(images)
+            victim_done = time.perf_counter()
+            if not isinstance(logits, Tensor) or tuple(logits.shape) != (images.shape[0], k):
+                raise RuntimeError(f"the victim returned {getattr(logits, 'shape', type(logits))} "
+                                   f"for {images.shape[0]} images; expected logits ({images.shape[0]}, {k})")
+            logits = logits.detach().float()
+            clean = torch.softmax(logits, dim=1)
+            defended = self._defense(clean, logits=logits, images=images)
+            done = time.perf_counter()
+        return DefendedBatch(logits.cpu(), clean.cpu(), defended.detach().float().cpu(),
+                             victim_done - start, done - victim_done)
+
+
+def _make_oracle(served: DefendedVictim, budget: int | None) -> tuple[Callable[[Any], Tensor],
+                                                                     Callable[[], tuple[int, list]]]:
+    """The counter and the victim live only in these two closures."""
+    used = 0
+    timings: list[tuple[int, float]] = []
+
+    def answer(images: Any) -> Tensor:
+        nonlocal used
+        images = served.check_images(images)
+        n = int(images.shape[0])
+        if budget is not None and used + n > budget:
+            raise BudgetExceeded(f"query of {n} images refused: it would exceed the query budget "
+                                 f"({used} of {budget} used, {budget - used} left); nothing counted")
+        batch = served(images)
+        # Counted once the answer exists: a query the victim failed on returned nothing.
+        used += n
+        if n:
+            timings.append((n, batch.seconds))
+        return batch.defended
+
+    def usage() -> tuple[int, list[tuple[int, float]]]:
+        return used, list(timings)
+
+    return answer, usage
+
+
+class BlackBox:
+    """The only view of the victim that an extraction attack gets.
+
+    Arguments:
+        victim (callable or DefendedVictim): images (N, C, H, W) float32 in [0, 1] -> logits
+            (N, K), with ``input_shape`` and ``num_classes`` attributes (or pass them), or a
+            ``DefendedVictim`` that already carries its defense.
+        defense (Defense, optional): the output perturbation. (Default: None, no defense.)
+        budget (int, optional): most images the attack may send, all calls together; every image
+            counts. (Default: None, unlimited.)
+        label_only (bool): the API returns labels only: ``query`` is refused, ``query_labels``
+            answers. (Default: False.)
+        input_shape, num_classes, device: see ``DefendedVictim``.
+
+    Attacks use ``query`` / ``query_labels`` and the read-only ``queries_used``, ``budget``,
+    ``queries_left``, ``input_shape``, ``num_classes``, ``label_only`` and ``timings``
+    (a copy: (batch size, seconds) per answered batch). A query that would exceed the budget raises
+    ``BudgetExceeded`` before the victim sees it; bad images raise ``QueryError``; neither is
+    counted. Labels are the argmax of the *defended* posteriors (lowest index on ties), i.e. what a
+    label-only API over the defense would say. The object cannot be assigned to, copied or pickled.
+
+    Example::
+        >>> box = BlackBox(victim, create_defense("dcp", beta=0.5), budget=50_000)
+        >>> posteriors = box.query(images)     # (N, K) float32, CPU
+        >>> box.queries_used, box.queries_left
+    """
+
+    __slots__ = ("__answer", "__usage", "__budget", "__label_only", "__input_shape", "__num_classes")
+
+    def __init__(self, victim: Callable[[Tensor], Tensor] | DefendedVictim,
+                 defense: Defense | None = None, budget: int | None = None,
+                 label_only: bool = False, *, input_shape: tuple[int, int, int] | None = None,
+                 num_classes: int | None = None, device: str | torch.device | None = None) -> None:
+        if isinstance(victim, DefendedVictim):
+            if defense is not None or input_shape is not None or num_classes is not None or device is not None:
+                raise ConfigError("a DefendedVictim already has its defense, shapes and device")
+            served = victim
+        else:
+            served = DefendedVictim(victim, defense, input_shape=input_shape,
+                                    num_classes=num_classes, device=device)
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ConfigError(f"budget must be an integer >= 0 or None (unlimited), got {budget!r}")
+        if not isinstance(label_only, bool):
+            raise ConfigError(f"label_only must be true or false, got {label_only!r}")
+        answer, usage = _make_oracle(served, budget)
+        # Written around the read-only __setattr__ below; slot names are mangled by hand here.
+        for slot, value in (("answer", answer), ("usage", usage), ("budget", budget),
+                            ("label_only", label_only), ("input_shape", served.input_shape),
+                            ("num_classes", served.num_classes)):
+            object.__setattr__(self, f"_BlackBox__{slot}", value)
+
+    def query(self, images: Tensor) -> Tensor:
+        """Defended posteriors (N, K) float32 on the CPU for images (N, C, H, W)."""
+        if self.__label_only:
+            raise QueryError("this black box is label-only: use query_labels(images)")
+        return self.__answer(images)
+
+    def query_labels(self, images: Tensor) -> Tensor:
+        """Predicted labels (N,) int64 on the CPU: the argmax of the defended posteriors."""
+        return self.__answer(images).argmax(dim=1)
+
+    @property
+    def queries_used(self) -> int:
+        return self.__usage()[0]
+
+    @property
+    def budget(self) -> int | None:
+        return self.__budget
+
+    @property
+    def queries_left(self) -> int | None:
+        return None if self.__budget is None else self.__budget - self.queries_used
+
+    @property
+    def label_only(self) -> bool:
+        return self.__label_only
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.__input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.__num_classes
+
+    @property
+    def timings(self) -> list[tuple[int, float]]:
+        return self.__usage()[1]
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"BlackBox attributes are read-only (tried to set {name!r})")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"BlackBox attributes are read-only (tried to delete {name!r})")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A copy would share or reset the counter; neither is something an attack should do.
+        raise TypeError("a BlackBox cannot be copied or pickled")
+
+    def __repr__(self) -> str:
+        return (f"BlackBox(input_shape={self.__input_shape}, num_classes={self.__num_classes}, "
+                f"budget={self.__budget}, queries_used={self.queries_used}, "
+                f"label_only={self.__label_only})")

@@ -1,0 +1,128 @@
+"""The ``divqat`` command: parses, calls the library, prints. Errors a user can cause print one line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from divqat.errors import DivqatError
+
+TRAIN_HELP = """\
+Train a victim on a registered dataset and save it as a loadable artifact.
+
+  fp32    train from scratch (SGD nesterov, one-cycle, augmentation).
+  qat     fine-tune an fp32 victim (--teacher) with fake quantization (torchao PT2E,
+          X86 inductor quantizer), then convert to a real int8 program.
+  divqat  as qat, with the loss CE(p_q, y) - alpha * D(p_teacher, p_q).
+
+Writes OUT/victim.pt2, OUT/victim.json and OUT/metrics.json (test_accuracy, int8_test_accuracy,
+kl_to_teacher, l1_to_teacher, train_seconds, per-epoch history).
+
+example:
+  divqat train --dataset fashion-mnist --arch resnet8 --mode fp32 --epochs 15 --out runs/fp32
+  divqat train --dataset fashion-mnist --arch resnet8 --mode divqat --teacher runs/fp32 \\
+      --alpha 1 --divergence kl --cap 0.2 --epochs 2 --out runs/divqat
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from divqat.data import dataset_names
+    from divqat.models import model_names
+    from divqat.train.losses import DIVERGENCES
+    from divqat.train.victims import MODES
+
+    parser = argparse.ArgumentParser(prog="divqat", description=__doc__.split(":")[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an fp32, QAT or DivQAT victim", description=TRAIN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--dataset", required=True, choices=dataset_names(), metavar="NAME",
+                   help=f"dataset to train on: {', '.join(dataset_names())}")
+    t.add_argument("--arch", default="resnet8", choices=model_names(), metavar="ARCH",
+                   help=f"architecture: {', '.join(model_names())} (default: resnet8)")
+    t.add_argument("--mode", default="fp32", choices=MODES, help="fp32 | qat | divqat (default: fp32)")
+    t.add_argument("--teacher", metavar="DIR", help="the fp32 victim that qat/divqat start from (required for them)")
+    t.add_argument("--alpha", type=float, default=0.0, help="DivQAT divergence weight (default: 0 = plain QAT)")
+    t.add_argument("--divergence", default="kl", choices=DIVERGENCES,
+                   help="DivQAT divergence: kl = KL(teacher||quantized), the paper's; reverse-kl; js "
+                        "(Jensen-Shannon, bounded); tail-kl (KL over the non-true classes, renormalized) "
+                        "(default: kl)")
+    t.add_argument("--cap", type=float, default=None, metavar="NATS",
+                   help="stop pushing a sample once its divergence exceeds this (default: no cap)")
+    t.add_argument("--ramp", type=float, default=0.0, metavar="FRACTION",
+                   help="ramp alpha up from 0 over this fraction of the steps (default: 0 = no ramp)")
+    t.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the divergence (default: 1)")
+    t.add_argument("--epochs", type=_positive_int, required=True, help="training epochs")
+    t.add_argument("--batch-size", type=_positive_int, default=128, help="(default: 128)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 fp32, 0.01 qat/divqat)")
+    t.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="train on the first N training images only")
+    t.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="keep the last N training images out of training (an unseen in-distribution "
+                        "transfer set for attacks) (default: 0)")
+    t.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    t.add_argument("--data-root", metavar="DIR", help="folder holding the dataset (needed for cifar10, cifar100, "
+                   "svhn, gtsrb, image-folder)")
+    t.add_argument("--device", default="cpu", help="torch device for training (default: cpu)")
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--out", required=True, metavar="DIR", help="where to write the victim")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def _version() -> str:
+    from divqat import __version__
+
+    return __version__
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from divqat.train.losses import DivQATSettings
+    from divqat.train.victims import TrainRequest, train_victim
+
+    _set_threads(args.threads)
+    settings = DivQATSettings(alpha=args.alpha, divergence=args.divergence, cap=args.cap, ramp=args.ramp,
+                              temperature=args.temperature)
+    req = TrainRequest(dataset=args.dataset, arch=args.arch, mode=args.mode, out=args.out, epochs=args.epochs,
+                       teacher=args.teacher, divqat=settings, limit=args.limit, holdout=args.holdout,
+                       seed=args.seed, batch_size=args.batch_size, lr=args.lr, data_root=args.data_root,
+                       device=args.device, progress=not args.no_progress)
+    m = train_victim(req)
+    line = f"{args.mode} {args.arch} on {args.dataset}: test accuracy {m['test_accuracy']:.2%}"
+    if "int8_test_accuracy" in m:
+        line += (f", int8 test accuracy {m['int8_test_accuracy']:.2%}, KL to teacher {m['kl_to_teacher']:.4f}, "
+                 f"L1 to teacher {m['l1_to_teacher']:.4f}")
+    print(f"{line} ({m['train_seconds']:.0f} s training) -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DivqatError as e:
+        print(f"divqat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"divqat {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

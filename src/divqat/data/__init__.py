@@ -1,0 +1,39 @@
+"""Datasets and transforms.
+
+    from divqat.data import load_dataset, to_float, adapt
+    train = load_dataset("fashion-mnist", "train")            # uint8 (60000, 1, 28, 28)
+    x = adapt(to_float(train.images[:256]), channels=3, size=32)  # float (256, 3, 32, 32)
+
+Importing this package registers every format: the offline sets (fashion-mnist, mnist,
+animal-mnist, digits) and the ones read from --data-root (cifar10, cifar100, svhn, gtsrb,
+image-folder).
+"""
+
+from divqat.data import cifar, folders, offline, svhn  # noqa: F401  (registers the datasets)
+from divqat.data.base import (
+    DATASETS,
+    SPLITS,
+    DatasetSpec,
+    ImageDataset,
+    dataset_names,
+    dataset_spec,
+    load_dataset,
+    register_dataset,
+)
+from divqat.data.transforms import Normalize, adapt, augment, channel_stats, to_float
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "DatasetSpec",
+    "ImageDataset",
+    "Normalize",
+    "adapt",
+    "augment",
+    "channel_stats",
+    "dataset_names",
+    "dataset_spec",
+    "load_dataset",
+    "register_dataset",
+    "to_float",
+]

@@ -1,0 +1,121 @@
+"""The dataset contract shared by every loader: uint8 images (N, C, H, W), int64 labels, class names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+
+from divqat.data._io import as_path, env_root
+from divqat.errors import DatasetError
+from divqat.registry import Registry
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """One split of a dataset, held in memory.
+
+    images: uint8, shape (N, C, H, W), C in {1, 3}.
+    labels: int64, shape (N,), values in [0, len(classes)).
+    classes: the class names, index = label.
+    """
+
+    name: str
+    split: str
+    images: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
+            raise ValueError(f"{self.name}: images must be uint8 (N, C, H, W) with C in (1, 3), got "
+                             f"{self.images.dtype} {self.images.shape}")
+        if self.labels.dtype != np.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"{self.name}: labels must be int64 (N,), got {self.labels.dtype} {self.labels.shape}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.images.shape[2]), int(self.images.shape[3])
+
+    def subset(self, indices: np.ndarray | slice | range) -> ImageDataset:
+        """A view on some rows (for --limit, held-out transfer sets, tiny tests)."""
+        if isinstance(indices, range):
+            indices = slice(indices.start, indices.stop, indices.step)
+        return ImageDataset(self.name, self.split, self.images[indices], self.labels[indices], self.classes)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the registry knows about a dataset before loading it.
+
+    loader(split, root) -> ImageDataset; root is the user's --data-root (may be None for
+    datasets that ship offline). hflip says whether horizontal flips preserve the label
+    (yes for clothes and objects; no for digits, house numbers and traffic signs).
+    """
+
+    name: str
+    loader: Callable[[str, Path | None], ImageDataset]
+    hflip: bool
+    description: str
+    needs_root: bool = False
+    aliases: tuple[str, ...] = field(default=())
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    """Add ``spec`` to DATASETS under its name (its aliases resolve in dataset_spec)."""
+    return DATASETS.register(spec.name)(spec)
+
+
+def dataset_names() -> list[str]:
+    """The registered dataset names, sorted (aliases not included)."""
+    return DATASETS.names()
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The spec registered under ``name`` or one of its aliases; DatasetError lists the names."""
+    key = name.strip().lower()
+    if key in DATASETS:
+        return DATASETS.get(key)
+    for registered in DATASETS:
+        spec = DATASETS.get(registered)
+        if key in spec.aliases:
+            return spec
+    raise DatasetError(f"unknown dataset {name!r}; choose one of: {', '.join(dataset_names())}")
+
+
+def load_dataset(name: str, split: str = "train", root: str | PathLike[str] | None = None) -> ImageDataset:
+    """Load one split of a registered dataset into memory.
+
+    name: a registered name or alias (see dataset_names()).
+    split: "train" or "test"; sets without an official split get a fixed stratified one.
+    root: the user's --data-root. Sets that ship offline also look in their usual places;
+        the others (needs_root) read from root, or from $DIVQAT_DATA when root is None.
+    Returns uint8 images (N, C, H, W) and int64 labels (N,). Missing or corrupt data raises
+    one DatasetError naming the paths looked at and how to get the data.
+    """
+    spec = dataset_spec(name)
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} of {spec.name}; choose one of: {', '.join(SPLITS)}")
+    root_path = as_path(root)
+    if root_path is None and spec.needs_root:
+        root_path = env_root()
+    return spec.loader(split, root_path)

@@ -1,0 +1,43 @@
+"""Output-perturbation defenses: one file per defense, each registered by its CLI name.
+
+    >>> from divqat.defenses import create_defense, parse_params
+    >>> defense = create_defense("dcp", **parse_params(["beta=0.5"]))
+    >>> defended = defense(posteriors)             # (N, K) -> (N, K)
+
+Defenses that run a model (``needs_inputs``) also take ``images=``; the black box passes them.
+"""
+
+# Importing each defense module registers it (the timm pattern); the classes are re-exported.
+from divqat.defenses.adaptive_misinformation import AdaptiveMisinformation, misinformation_loss
+from divqat.defenses.base import (
+    DEFENSES,
+    Defense,
+    create_defense,
+    describe_defenses,
+    parse_params,
+)
+from divqat.defenses.dcp import DCP
+from divqat.defenses.mad import MAD
+from divqat.defenses.none import NoDefense
+from divqat.defenses.random_noise import RandomNoise
+from divqat.defenses.reverse_sigmoid import ReverseSigmoid, reverse_sigmoid_noise
+from divqat.defenses.rounding import Rounding
+from divqat.defenses.top_k import TopK
+
+__all__ = [
+    "DCP",
+    "DEFENSES",
+    "MAD",
+    "AdaptiveMisinformation",
+    "Defense",
+    "NoDefense",
+    "RandomNoise",
+    "ReverseSigmoid",
+    "Rounding",
+    "TopK",
+    "create_defense",
+    "describe_defenses",
+    "misinformation_loss",
+    "parse_params",
+    "reverse_sigmoid_noise",
+]

@@ -1,0 +1,235 @@
+"""The output-perturbation defense contract, its registry, and the helpers the defenses share.
+
+A defense maps the victim's posteriors ``y`` (N, K) to defended posteriors ``y'`` (N, K) that an
+attacker receives. Every defense returns valid distributions (non-negative, rows summing to 1) with
+no NaN or inf for any valid input, including one-hot rows, exact zeros and ties.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from divqat.errors import ConfigError
+from divqat.registry import Registry
+
+DEFENSES: Registry[type[Defense]] = Registry("defense")
+
+# Values that can be written to a metrics file as they are; anything else (a model) is recorded
+# by its type name.
+_SCALARS = (bool, int, float, str, type(None))
+
+
+class Defense:
+    """Base of every defense: ``defense(posteriors, *, logits=None, images=None) -> posteriors``.
+
+    Subclasses implement ``forward(y, logits, images)`` on float64 rows that are validated and
+    renormalized here, and declare what else they need:
+
+    - ``needs_logits``: the victim's logits (N, K) must be passed.
+    - ``needs_inputs``: the query images (N, C, H, W) must be passed (defenses that run a model).
+
+    The output has the input's dtype and device. ``params()`` returns the constructor arguments
+    (for metrics); ``name`` is the registry name.
+    """
+
+    name: ClassVar[str] = ""
+    needs_logits: ClassVar[bool] = False
+    needs_inputs: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        """A defense without parameters (so ``params()`` is empty, not object's *args)."""
+
+    def __call__(self, posteriors: Tensor, *, logits: Tensor | None = None,
+                 images: Tensor | None = None) -> Tensor:
+        y = self._checked(posteriors, logits, images)
+        with torch.no_grad():
+            out = self.forward(y, logits, images)
+        if not torch.isfinite(out).all():
+            # A bug in a defense, never the caller's fault: refuse to answer rather than hand NaN on.
+            raise RuntimeError(f"defense {self.name!r} produced non-finite posteriors")
+        return normalize_rows(out).to(posteriors.dtype)
+
+    def forward(self, y: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
+        """Defend float64 posteriors ``y`` (N, K), rows already non-negative and summing to 1."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments as recorded values (models by their type name)."""
+        out = {}
+        for key in inspect.signature(type(self).__init__).parameters:
+            if key == "self":
+                continue
+            value = getattr(self, key)
+            out[key] = value if isinstance(value, _SCALARS) else type(value).__name__
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+    def _checked(self, posteriors: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
+        """Validate the inputs; return the posteriors as float64 rows that sum to exactly 1."""
+        if not isinstance(posteriors, Tensor) or not posteriors.is_floating_point():
+            raise ValueError(f"{self.name}: posteriors must be a floating-point tensor, got "
+                             f"{type(posteriors).__name__} {getattr(posteriors, 'dtype', '')}")
+        if posteriors.ndim != 2 or posteriors.shape[1] < 1:
+            raise ValueError(f"{self.name}: posteriors must have shape (N, K), got {tuple(posteriors.shape)}")
+        n = posteriors.shape[0]
+        if self.needs_logits and (logits is None or logits.shape != posteriors.shape):
+            raise ValueError(f"{self.name}: needs the victim's logits of shape {tuple(posteriors.shape)}")
+        if self.needs_inputs and (images is None or images.ndim != 4 or images.shape[0] != n):
+            raise ValueError(f"{self.name}: needs the query images (N, C, H, W) with N = {n}")
+        y = posteriors.detach().to(torch.float64)
+        # Posteriors come from a softmax in the input dtype: accept its rounding, refuse anything else.
+        tol = max(1e-3, 10 * torch.finfo(posteriors.dtype).eps)
+        if n and (not torch.isfinite(y).all() or y.min() < -tol
+                  or (y.sum(dim=1) - 1).abs().max() > tol):
+            raise ValueError(f"{self.name}: posteriors must be finite, non-negative rows summing to 1")
+        return normalize_rows(y.clamp_min(0.0))
+
+
+def normalize_rows(v: Tensor, fallback: Tensor | None = None) -> Tensor:
+    """``N``: clip at 0 and divide each row by its sum.
+
+    A row that is all zero after clipping has no direction left; it becomes ``fallback`` (a valid
+    distribution of the same shape) or, without one, a one-hot on its own argmax before clipping
+    (lowest index on ties).
+    """
+    clipped = v.clamp_min(0.0)
+    total = clipped.sum(dim=1, keepdim=True)
+    dead = total <= 0
+    if dead.any():
+        if fallback is None:
+            fallback = one_hot_argmax(v)
+        clipped = torch.where(dead, fallback.to(clipped.dtype), clipped)
+        total = clipped.sum(dim=1, keepdim=True)
+    return clipped / total
+
+
+def one_hot_argmax(y: Tensor) -> Tensor:
+    """One-hot rows on ``argmax y``; ``torch.argmax`` returns the first maximum, so ties go to
+    the lowest class index."""
+    out = torch.zeros_like(y)
+    return out.scatter_(1, y.argmax(dim=1, keepdim=True), 1.0)
+
+
+def uncertainty_gate(y: Tensor, tau: float, nu: float) -> Tensor:
+    """The soft detector of DCP and adaptive misinformation, shape (N, 1):
+    ``a = 1 / (1 + exp(nu * (max_k y_k - tau)))``, about 1 where the victim is unsure (max < tau)
+    and about 0 where it is confident. Written as ``sigmoid(-nu * (max - tau))`` so a large
+    ``nu`` never overflows ``exp``."""
+    top = y.max(dim=1, keepdim=True).values
+    return torch.sigmoid(-nu * (top - tau))
+
+
+def module_device(module: Any) -> torch.device | None:
+    """The device of a module's first parameter or buffer (None for a plain callable)."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return None
+
+
+# ---------------------------------------------------------------- parameter validation
+
+def check_number(owner: str, name: str, value: Any, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False) -> float:
+    """A finite real number in [low, high] (or (low, high] with ``low_open``), as float."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{owner}: {name} must be a finite number, got {value!r}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if too_low or too_high:
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+        hi = "inf)" if high is None else f"{high:g}]"
+        raise ConfigError(f"{owner}: {name} must be in {lo}, {hi}, got {value!r}")
+    return float(value)
+
+
+def check_int(owner: str, name: str, value: Any, *, low: int) -> int:
+    """An integer >= low (a float such as 2.0 is refused: it is likely a typo)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner}: {name} must be true or false, got {value!r}")
+    return value
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{owner}: {name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- registry front end
+
+def defense_defaults(cls: type[Defense]) -> dict[str, Any]:
+    """The constructor parameters of a defense class with their defaults."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
+
+
+def create_defense(name: str, **params: Any) -> Defense:
+    """Build a registered defense by its CLI name: ``create_defense("dcp", beta=0.5)``."""
+    try:
+        cls = DEFENSES.get(name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    defaults = defense_defaults(cls)
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        allowed = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+        raise ConfigError(f"defense {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                          f"allowed (with defaults): {allowed}")
+    return cls(**params)
+
+
+def _convert(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse CLI ``--param key=value`` items: ``["beta=0.5", "k=1"] -> {"beta": 0.5, "k": 1}``.
+
+    Values become int, float, bool (true/false) or None (none/null) where they parse, else stay
+    strings. A missing ``=``, an empty or non-identifier key, or a repeated key is a ConfigError.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"bad parameter {item!r}: expected key=value, e.g. beta=0.5")
+        if key in out:
+            raise ConfigError(f"parameter {key!r} given twice")
+        out[key] = _convert(value.strip())
+    return out
+
+
+def describe_defenses() -> list[tuple[str, str, dict[str, Any]]]:
+    """``(name, one-line summary, {param: default})`` for every registered defense, by name."""
+    rows = []
+    for name in DEFENSES.names():
+        cls = DEFENSES.get(name)
+        summary = next(iter((inspect.getdoc(cls) or "").strip().splitlines()), "")
+        rows.append((name, summary, defense_defaults(cls)))
+    return rows

@@ -1,0 +1,17 @@
+"""The PT2E quantization flow (torchao): export -> prepare_qat_pt2e -> fine-tune -> convert -> compile.
+
+The deprecated ``torch.ao.quantization`` eager and FX flows are deliberately not used (see
+environment.md): their quantized dtypes are being removed, and the PT2E int8 program lowered by
+inductor with freezing is the supported fast int8 path on x86 CPUs.
+"""
+
+from divqat.quant.flow import (
+    QATModel,
+    compile_int8,
+    convert_to_int8,
+    export_dynamic,
+    prepare_qat,
+    quiet_torchao,
+)
+
+__all__ = ["QATModel", "compile_int8", "convert_to_int8", "export_dynamic", "prepare_qat", "quiet_torchao"]

@@ -1,0 +1,161 @@
+"""Training objectives: cross-entropy (fp32, QAT) and the DivQAT loss.
+
+DivQAT (Khaled, Gohring de Magalhaes, Nicolescu, arXiv 2512.23948):
+
+    L = CE(p_q, y) - alpha * D(p, p_q)
+
+p the frozen fp32 teacher's posterior, p_q the fake-quantized student's. The paper's D is
+KL(p || p_q). Maximizing an unbounded divergence has a cliff (algorithms.md, section 6): the
+per-sample weight on log p_q(y) is ``alpha * p(y) - 1``, so with a confident teacher and alpha >= 1
+the loss stops asking for the right answer. The options below make the divergence controllable:
+
+- ``kl``          KL(p || p_q), the paper's.
+- ``reverse-kl``  KL(p_q || p).
+- ``js``          Jensen-Shannon divergence, bounded by log 2.
+- ``tail-kl``     KL between p and p_q restricted to the classes other than the true label, each
+                  renormalized: the argmax is left to CE and only the "dark knowledge" in the rest
+                  of the posterior is pushed away.
+- ``cap``         (any divergence) per-sample min(D, cap): once a sample is ``cap`` nats away the
+                  divergence stops pulling and only CE acts, so D settles near a target.
+- ``ramp``        (any divergence) alpha grows linearly from 0 over the first ``ramp`` fraction of
+                  the fine-tuning steps.
+
+log p_q is clamped at ``log_clamp`` (log 1e-6 by default) so a maximized KL cannot run to infinity
+by driving one probability to 0. Every setting is recorded in the victim's metadata.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from divqat.errors import ConfigError
+
+DIVERGENCES = ("kl", "reverse-kl", "js", "tail-kl")
+DEFAULT_LOG_CLAMP = math.log(1e-6)
+
+
+def _clamped_log_softmax(logits: torch.Tensor, log_clamp: float) -> torch.Tensor:
+    return F.log_softmax(logits, dim=1).clamp(min=log_clamp)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(p || q) from log-probabilities, shape (N,)."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
+
+def divergence(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    kind: str = "kl",
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    log_clamp: float = DEFAULT_LOG_CLAMP,
+) -> torch.Tensor:
+    """Per-sample divergence between teacher and student posteriors, shape (N,).
+
+    teacher_logits, student_logits: (N, K). ``labels`` (N,) is needed by ``tail-kl``.
+    """
+    t = teacher_logits.detach() / temperature
+    s = student_logits / temperature
+    if kind == "kl":
+        return _kl(_clamped_log_softmax(t, log_clamp), _clamped_log_softmax(s, log_clamp))
+    if kind == "reverse-kl":
+        return _kl(_clamped_log_softmax(s, log_clamp), _clamped_log_softmax(t, log_clamp))
+    if kind == "js":
+        p, q = F.softmax(t, dim=1), F.softmax(s, dim=1)
+        log_m = (0.5 * (p + q)).clamp_min(1e-12).log()
+        return 0.5 * _kl(_clamped_log_softmax(t, log_clamp), log_m) + 0.5 * _kl(
+            _clamped_log_softmax(s, log_clamp), log_m
+        )
+    if kind == "tail-kl":
+        if labels is None:
+            raise ConfigError("divergence 'tail-kl' needs the true labels")
+        # Masking the true class with -inf before the softmax renormalizes over the others.
+        mask = F.one_hot(labels, t.shape[1]).bool()
+        t_tail = t.masked_fill(mask, float("-inf"))
+        s_tail = s.masked_fill(mask, float("-inf"))
+        log_p = F.log_softmax(t_tail, dim=1).clamp(min=log_clamp).masked_fill(mask, 0.0)
+        log_q = F.log_softmax(s_tail, dim=1).clamp(min=log_clamp).masked_fill(mask, 0.0)
+        return (log_p.exp().masked_fill(mask, 0.0) * (log_p - log_q)).sum(dim=1)
+    raise ConfigError(f"unknown divergence {kind!r}; choose one of: {', '.join(DIVERGENCES)}")
+
+
+@dataclass(frozen=True)
+class DivQATSettings:
+    """Everything that defines a DivQAT objective; stored in the victim's metadata."""
+
+    alpha: float = 0.0
+    divergence: str = "kl"
+    cap: float | None = None
+    ramp: float = 0.0
+    temperature: float = 1.0
+    log_clamp: float = DEFAULT_LOG_CLAMP
+
+    def __post_init__(self) -> None:
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha}")
+        if self.divergence not in DIVERGENCES:
+            raise ConfigError(
+                f"unknown divergence {self.divergence!r}; choose one of: {', '.join(DIVERGENCES)}"
+            )
+        if self.cap is not None and not self.cap > 0:
+            raise ConfigError(f"divergence cap must be > 0 (nats), got {self.cap}")
+        if not 0 <= self.ramp <= 1:
+            raise ConfigError(f"alpha ramp must be a fraction of training in [0, 1], got {self.ramp}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not self.log_clamp < 0:
+            raise ConfigError(f"log_clamp must be < 0 (a log-probability), got {self.log_clamp}")
+
+    def alpha_at(self, progress: float) -> float:
+        """alpha after ``progress`` (0..1) of the fine-tuning steps."""
+        if self.ramp <= 0:
+            return self.alpha
+        return self.alpha * min(1.0, progress / self.ramp)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class CrossEntropy:
+    """CE(p, y): fp32 training and plain QAT."""
+
+    def __call__(self, logits, labels, images, progress):
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"loss": loss.detach()}
+
+
+class DivQATLoss:
+    """``CE(p_q, y) - alpha * D(p_teacher, p_q)``, D per ``settings``; teacher frozen and in eval mode.
+
+    Returns the loss and logs of ``ce`` and the mean uncapped divergence ``div``.
+    With alpha = 0 the loss *is* CE (the divergence is only logged), so alpha = 0 reproduces
+    QAT bit for bit under the same seed.
+    """
+
+    def __init__(self, teacher: nn.Module, settings: DivQATSettings) -> None:
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.settings = settings
+
+    def __call__(self, logits, labels, images, progress):
+        s = self.settings
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        ce = F.cross_entropy(logits, labels)
+        alpha = s.alpha_at(progress)
+        if alpha == 0:
+            with torch.no_grad():
+                div = divergence(teacher_logits, logits, s.divergence, labels, s.temperature, s.log_clamp)
+            loss = ce
+        else:
+            div = divergence(teacher_logits, logits, s.divergence, labels, s.temperature, s.log_clamp)
+            pulled = div if s.cap is None else div.clamp(max=s.cap)
+            loss = ce - alpha * pulled.mean()
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "div": div.detach().mean()}

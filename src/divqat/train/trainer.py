@@ -1,0 +1,191 @@
+"""One training loop for every mode (fp32, QAT, DivQAT) and for surrogates later on.
+
+The modes differ only in the model handed in (an ``nn.Module`` or a PT2E fake-quant
+``QATModel``) and in the objective (``CrossEntropy`` or ``DivQATLoss``). SGD with Nesterov
+momentum, one-cycle or cosine schedule, batched tensor augmentation of uint8 images kept in
+memory, channels_last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from divqat.data import augment, to_float
+from divqat.errors import ConfigError, TrainingCollapsed
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+@dataclass
+class FitConfig:
+    """Knobs of the loop. Defaults are the fp32 recipe (algorithms.md, sections 1 and 5)."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    augment: bool = True
+    pad: int = 4
+    hflip: bool = True
+    seed: int = 0
+    # Fraction of the steps after which QAT freezes observers and BatchNorm statistics.
+    freeze_at: float | None = None
+    device: str = "cpu"
+    channels_last: bool = True
+    progress: bool = True  # progress bars
+    log_epochs: bool = True  # one summary line per epoch
+    desc: str = "train"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if self.freeze_at is not None and not 0 <= self.freeze_at <= 1:
+            raise ConfigError(f"freeze_at must be a fraction in [0, 1], got {self.freeze_at}")
+
+
+@dataclass
+class History:
+    """Per-epoch means of the objective's logs plus whatever ``on_epoch_end`` returned."""
+
+    epochs: list[dict] = field(default_factory=list)
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the peak learning rate at ``step`` of ``total``.
+
+    onecycle: linear warm-up from 0.1x over the first quarter, then cosine down to 0.001x
+    (the shape of Smith's one-cycle policy, written out so that it also works for a handful of
+    steps). cosine: cosine from 1x to 0. constant: 1x.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / total))
+    warmup = max(1, round(0.25 * total))
+    if step < warmup:
+        return 0.1 + 0.9 * step / warmup
+    done = (step - warmup) / max(1, total - warmup)
+    return 0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * done))
+
+
+def _schedule(optimizer, cfg: FitConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(cfg.schedule, step, total_steps))
+
+
+def fit(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    targets: np.ndarray | torch.Tensor,
+    objective: Callable,
+    cfg: FitConfig,
+    on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
+) -> History:
+    """Train ``model`` in place.
+
+    images: uint8 (N, C, H, W) at the model's input size; the model normalizes internally.
+    targets: int64 labels (N,) or float posteriors (N, K) (soft labels for surrogates); the
+    objective decides what they mean. objective(logits, targets, inputs, progress) -> (loss, logs).
+    A NaN or infinite loss stops training with ``TrainingCollapsed``.
+    """
+    device = torch.device(cfg.device)
+    images = torch.as_tensor(images)
+    targets = torch.as_tensor(targets)
+    n = images.shape[0]
+    if n == 0:
+        raise ConfigError("no training images")
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    scheduler = _schedule(optimizer, cfg, total_steps)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # Never freeze before the first step: the observers must have seen data to hold ranges.
+    freeze_step = None if cfg.freeze_at is None else max(1, int(cfg.freeze_at * total_steps))
+    history = History()
+    step = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        sums: dict[str, float] = {}
+        correct = 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress, leave=False, dynamic_ncols=True)
+        for b in bar:
+            if freeze_step is not None and step == freeze_step and hasattr(model, "freeze"):
+                model.freeze()
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = to_float(images[idx])
+            if cfg.augment:
+                x = augment(x, pad=cfg.pad, hflip=cfg.hflip, generator=generator)
+            x = x.to(device, memory_format=memory_format)
+            y = targets[idx].to(device)
+            logits = model(x)
+            loss, logs = objective(logits, y, x, step / total_steps)
+            if not torch.isfinite(loss):
+                raise TrainingCollapsed(
+                    f"{cfg.desc}: the loss became {loss.item()} at epoch {epoch + 1}, step {b + 1}; "
+                    "nothing was saved. Lower alpha or the learning rate, or bound the divergence "
+                    "(--divergence js, --cap, --ramp)."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+            hard = y if y.ndim == 1 else y.argmax(dim=1)
+            correct += int((logits.detach().argmax(dim=1) == hard).sum())
+            seen = min((b + 1) * cfg.batch_size, n)
+            bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"acc": f"{correct / seen:.3f}"})
+        bar.close()
+        record = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_accuracy": correct / n}
+        if on_epoch_end is not None:
+            record.update(on_epoch_end(epoch, model))
+        history.epochs.append(record)
+        if cfg.log_epochs:
+            tqdm.write(f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "epoch"))
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray | torch.Tensor,
+                   batch_size: int = 512, device: str = "cpu", channels_last: bool = False) -> torch.Tensor:
+    """Logits (N, K) on the CPU for uint8 images (N, C, H, W); ``model`` is called in chunks as is
+    (put it in eval mode first)."""
+    images = torch.as_tensor(images)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = to_float(images[start:start + batch_size]).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    labels = torch.as_tensor(labels)
+    return float((logits.argmax(dim=1) == labels).float().mean()) if len(labels) else float("nan")

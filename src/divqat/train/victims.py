@@ -1,0 +1,212 @@
+"""Train a victim end to end: data -> fp32 teacher, or fp32 teacher -> QAT / DivQAT int8 victim.
+
+This is what ``divqat train`` calls; it returns the metrics it also writes to ``OUT/metrics.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import divqat
+from divqat.data import DATASETS, channel_stats, load_dataset
+from divqat.errors import ConfigError, TrainingCollapsed
+from divqat.quant import convert_to_int8, prepare_qat
+from divqat.train.losses import CrossEntropy, DivQATLoss, DivQATSettings
+from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
+from divqat.victim import INT8_MODES, Victim, VictimNet, load_fp32_net, save_victim, write_json
+
+MODES = ("fp32", "qat", "divqat")
+# Per-mode defaults (algorithms.md, section 1: QAT fine-tunes at about 1/10 of the fp32 rate).
+DEFAULT_LR = {"fp32": 0.1, "qat": 0.01, "divqat": 0.01}
+DEFAULT_SCHEDULE = {"fp32": "onecycle", "qat": "cosine", "divqat": "cosine"}
+# QAT freezes quantization ranges and BatchNorm statistics for the last quarter of the steps.
+DEFAULT_FREEZE_AT = 0.75
+
+
+@dataclass
+class TrainRequest:
+    """Everything ``divqat train`` can be told. Defaults match the CLI's."""
+
+    dataset: str
+    arch: str = "resnet8"
+    mode: str = "fp32"
+    out: str | Path = "runs/victim"
+    epochs: int = 10
+    teacher: str | Path | None = None
+    divqat: DivQATSettings = field(default_factory=DivQATSettings)
+    limit: int | None = None
+    holdout: int = 0
+    seed: int = 0
+    batch_size: int = 128
+    lr: float | None = None
+    schedule: str | None = None
+    freeze_at: float = DEFAULT_FREEZE_AT
+    data_root: str | Path | None = None
+    device: str = "cpu"
+    progress: bool = True
+    log_epochs: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        if self.mode in INT8_MODES and self.teacher is None:
+            raise ConfigError(f"--mode {self.mode} fine-tunes an fp32 victim: give it with --teacher DIR "
+                              "(train one first with `divqat train --mode fp32 --out DIR`)")
+        if self.mode == "fp32" and self.teacher is not None:
+            raise ConfigError("--teacher only applies to --mode qat or divqat")
+        if self.mode != "divqat" and self.divqat.alpha != 0:
+            raise ConfigError(f"--alpha only applies to --mode divqat (got --mode {self.mode})")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
+        if self.holdout < 0:
+            raise ConfigError(f"--holdout must be >= 0, got {self.holdout}")
+
+
+def _training_split(req: TrainRequest):
+    train = load_dataset(req.dataset, "train", req.data_root)
+    if req.holdout:
+        if req.holdout >= len(train):
+            raise ConfigError(f"--holdout {req.holdout} leaves no training images (the split has {len(train)})")
+        # The last `holdout` images are kept out of the victim's training so that an attacker
+        # can later use them as an in-distribution transfer set the victim never saw.
+        train = train.subset(slice(0, len(train) - req.holdout))
+    if req.limit is not None:
+        train = train.subset(slice(0, req.limit))
+    return train
+
+
+def _check_collapse(logits: torch.Tensor, labels, reference: float, what: str) -> float:
+    """Accuracy of ``logits``; raises ``TrainingCollapsed`` when a model whose teacher was clearly
+    better than chance now answers no better than always naming the most frequent class, or
+    answers (almost) everything with one class: the signature of a diverged DivQAT run."""
+    labels = torch.as_tensor(labels)
+    acc = accuracy(logits, labels)
+    k = logits.shape[1]
+    majority = float(torch.bincount(labels, minlength=k).max()) / len(labels)
+    one_class = float(torch.bincount(logits.argmax(1), minlength=k).max()) / len(labels)
+    if reference > majority + 0.2 and (acc < majority + 0.05 or one_class > 0.95):
+        raise TrainingCollapsed(
+            f"{what} collapsed: {acc:.1%} test accuracy, {one_class:.0%} of answers one class "
+            f"(the teacher had {reference:.1%}); nothing was saved. Lower alpha, or bound the "
+            "divergence (--divergence js, --cap, --ramp)."
+        )
+    return acc
+
+
+def posterior_distances(teacher_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Mean KL(p_teacher || p) and mean L1 |p_teacher - p| over a set of (N, K) logits."""
+    log_p = F.log_softmax(teacher_logits.double(), dim=1)
+    log_q = F.log_softmax(logits.double(), dim=1)
+    kl = (log_p.exp() * (log_p - log_q.clamp(min=-1e4))).sum(dim=1).mean()
+    l1 = (log_p.exp() - log_q.exp()).abs().sum(dim=1).mean()
+    return {"kl_to_teacher": float(kl), "l1_to_teacher": float(l1)}
+
+
+def train_victim(req: TrainRequest) -> dict:
+    """Train, evaluate and save one victim; returns its metrics."""
+    spec = DATASETS.get(req.dataset) if req.dataset in DATASETS else None
+    train = _training_split(req)
+    test = load_dataset(req.dataset, "test", req.data_root)
+    lr = req.lr if req.lr is not None else DEFAULT_LR[req.mode]
+    schedule = req.schedule or DEFAULT_SCHEDULE[req.mode]
+    hflip = bool(spec.hflip) if spec is not None else False
+    example = torch.rand(4, *train.images.shape[1:])
+    cfg = FitConfig(epochs=req.epochs, batch_size=req.batch_size, lr=lr, schedule=schedule, hflip=hflip,
+                    seed=req.seed, device=req.device, progress=req.progress, log_epochs=req.log_epochs,
+                    desc=req.mode,
+                    freeze_at=req.freeze_at if req.mode in INT8_MODES else None)
+    torch.manual_seed(req.seed)
+    metrics: dict = {"dataset": req.dataset, "arch": req.arch, "mode": req.mode, "seed": req.seed,
+                     "train_images": len(train), "epochs": req.epochs}
+    teacher_meta: dict = {}
+
+    if req.mode == "fp32":
+        mean, std = channel_stats(train.images)
+        net = VictimNet(req.arch, train.channels, train.num_classes, mean, std)
+        objective = CrossEntropy()
+        model = net
+    else:
+        teacher, teacher_meta = load_fp32_net(req.teacher)
+        if teacher_meta["dataset"] != req.dataset:
+            raise ConfigError(f"the teacher at {req.teacher} was trained on {teacher_meta['dataset']!r}, "
+                              f"not {req.dataset!r}")
+        if teacher_meta["arch"] != req.arch:
+            raise ConfigError(f"the teacher at {req.teacher} is a {teacher_meta['arch']}, not a {req.arch}")
+        mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
+        teacher = teacher.to(req.device, memory_format=torch.channels_last)
+        model = prepare_qat(copy.deepcopy(teacher).cpu(), example)
+        objective = DivQATLoss(teacher, req.divqat) if req.mode == "divqat" else CrossEntropy()
+        teacher_acc = teacher_meta["metrics"]["test_accuracy"]
+        metrics["teacher_test_accuracy"] = teacher_acc
+
+    def on_epoch_end(epoch: int, m) -> dict:
+        m.eval()
+        logits = predict_logits(m, test.images, device=req.device, channels_last=True)
+        if req.mode in INT8_MODES:
+            return {"test_accuracy": _check_collapse(logits, test.labels, teacher_acc, f"{req.mode} at epoch {epoch + 1}")}
+        return {"test_accuracy": accuracy(logits, test.labels)}
+
+    start = time.perf_counter()
+    history = fit(model, train.images, train.labels, objective, cfg, on_epoch_end)
+    metrics["train_seconds"] = time.perf_counter() - start
+    metrics["history"] = history.epochs
+    metrics["test_accuracy"] = history.epochs[-1]["test_accuracy"]
+
+    model.eval()
+    weights = None
+    if req.mode == "fp32":
+        model = model.cpu().to(memory_format=torch.contiguous_format)
+        from divqat.quant import export_dynamic
+
+        program = export_dynamic(model, example)
+        weights = model.state_dict()
+    else:
+        program = convert_to_int8(model.cpu(), example)
+        int8 = Victim(program.module(), {"mode": req.mode, "input_shape": list(example.shape[1:]),
+                                         "classes": list(test.classes)}, Path(req.out))
+        int8_logits = predict_logits(int8, test.images)
+        metrics["int8_test_accuracy"] = _check_collapse(int8_logits, test.labels, teacher_acc,
+                                                        f"the int8 {req.mode} victim")
+        teacher_logits = predict_logits(teacher.cpu().to(memory_format=torch.contiguous_format), test.images)
+        metrics.update(posterior_distances(teacher_logits, int8_logits))
+
+    metadata = {
+        "dataset": req.dataset,
+        "arch": req.arch,
+        "mode": req.mode,
+        "input_shape": list(train.images.shape[1:]),
+        "classes": list(test.classes),
+        "mean": list(mean),
+        "std": list(std),
+        "hflip": hflip,
+        "seed": req.seed,
+        "epochs": req.epochs,
+        "limit": req.limit,
+        "holdout": req.holdout,
+        "train_images": len(train),
+        "lr": lr,
+        "schedule": schedule,
+        "divqat": req.divqat.as_dict() if req.mode == "divqat" else None,
+        "teacher": str(req.teacher) if req.teacher is not None else None,
+        "versions": {"divqat": divqat.__version__, "torch": torch.__version__, "torchao": _torchao_version()},
+        "metrics": {k: v for k, v in metrics.items() if k != "history"},
+    }
+    out = Path(req.out)
+    save_victim(out, program, metadata, weights)
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def _torchao_version() -> str:
+    from importlib.metadata import version
+
+    return version("torchao")
+
+
+__all__ = ["MODES", "TrainRequest", "train_victim", "posterior_distances"]

@@ -1,0 +1,205 @@
+"""The victim artifact: a saved model a defender deploys, and the callable that serves it.
+
+A victim directory holds
+
+- ``victim.pt2``  the model as a ``torch.export`` program: the converted int8 program for
+                  ``qat`` / ``divqat``, the trained fp32 model for ``fp32``; normalization inside.
+- ``victim.json`` metadata: dataset, normalization, input shape, classes, arch, mode, DivQAT
+                  settings, seed, library versions, test accuracies.
+- ``weights.pt``  (fp32 only) the ``state_dict`` a QAT run starts from.
+
+``load_victim(DIR)`` returns a ``Victim``: images float32 in [0, 1], shape (N, C, H, W) at the
+victim's input size -> logits (N, K). int8 programs run through ``torch.compile`` with inductor
+freezing, so they run on real int8 kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from divqat.data import Normalize
+from divqat.errors import ArtifactError
+from divqat.models import create_model
+from divqat.quant import compile_int8, quiet_torchao
+
+FORMAT = "divqat-victim"
+FORMAT_VERSION = 1
+PROGRAM, METADATA, WEIGHTS = "victim.pt2", "victim.json", "weights.pt"
+INT8_MODES = ("qat", "divqat")
+# The compiled int8 program is static-shape (see quant.compile_int8): queries run in chunks
+# padded up to one of these batch sizes, so at most three compilations ever happen.
+BUCKETS = (16, 64, 256)
+
+
+class VictimNet(nn.Module):
+    """Normalization followed by a registered architecture: the whole deployed model."""
+
+    def __init__(self, arch: str, in_channels: int, num_classes: int,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = create_model(arch, in_channels=in_channels, num_classes=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))
+
+
+def build_net(meta: dict) -> VictimNet:
+    c = meta["input_shape"][0]
+    return VictimNet(meta["arch"], c, len(meta["classes"]), tuple(meta["mean"]), tuple(meta["std"]))
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """JSON written atomically (temp file + rename): an interrupted run never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def save_victim(out: str | Path, program: torch.export.ExportedProgram, metadata: dict,
+                weights: dict | None = None) -> Path:
+    """Write a victim directory (program, metadata and, for fp32, the weights). Returns the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(out / PROGRAM, lambda tmp: torch.export.save(program, tmp))
+    if weights is not None:
+        _atomic_write_bytes(out / WEIGHTS, lambda tmp: torch.save(weights, tmp))
+    # Metadata last: a directory with a victim.json is a complete artifact.
+    write_json(out / METADATA, {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata})
+    return out
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata of a victim directory, with a clear error when it is not one."""
+    path = Path(path)
+    meta_path = path / METADATA
+    if not path.is_dir():
+        raise ArtifactError(f"no victim directory at {path} (train one with `divqat train --out {path}`)")
+    if not meta_path.is_file():
+        raise ArtifactError(f"{path} is not a divqat victim: {METADATA} is missing "
+                            f"(expected {PROGRAM} and {METADATA}, written by `divqat train`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{meta_path} is corrupt ({e}); retrain the victim") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{meta_path} is not divqat victim metadata (no \"format\": \"{FORMAT}\")")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{meta_path} has format version {meta.get('format_version')}; this divqat "
+                            f"reads version {FORMAT_VERSION}")
+    return meta
+
+
+def load_fp32_net(path: str | Path) -> tuple[VictimNet, dict]:
+    """The trainable fp32 model of an fp32 victim (QAT and DivQAT start from it; it is their teacher)."""
+    meta = read_metadata(path)
+    if meta.get("mode") != "fp32":
+        raise ArtifactError(f"{path} holds a {meta.get('mode')} victim; a QAT teacher must be an fp32 "
+                            "victim (`divqat train --mode fp32`)")
+    weights = Path(path) / WEIGHTS
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        net = build_net(meta)
+        net.load_state_dict(state)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{weights} is missing; retrain the fp32 victim") from e
+    except (RuntimeError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise ArtifactError(f"{weights} is truncated or does not match arch {meta.get('arch')!r}: {e}") from e
+    return net.eval(), meta
+
+
+class Victim:
+    """A loaded victim: ``victim(images) -> logits``.
+
+    images: float32 in [0, 1], shape (N, C, H, W) = (N, *input_shape); returns logits (N, K) on the
+    CPU. Runs without gradients. ``input_shape``, ``num_classes``, ``classes``, ``mode`` and
+    ``metadata`` describe it.
+    """
+
+    def __init__(self, module: nn.Module, metadata: dict, path: Path, device: str = "cpu",
+                 compile: bool | None = None) -> None:
+        self.metadata = metadata
+        self.path = path
+        self.device = torch.device(device)
+        self.mode: str = metadata["mode"]
+        self.input_shape: tuple[int, int, int] = tuple(metadata["input_shape"])
+        self.classes: tuple[str, ...] = tuple(metadata["classes"])
+        self.num_classes = len(self.classes)
+        self.int8 = self.mode in INT8_MODES
+        module = module.to(self.device)
+        self._compiled = self.int8 if compile is None else compile
+        self._forward = compile_int8(module) if self._compiled else module
+
+    def __repr__(self) -> str:
+        return (f"Victim({self.metadata.get('arch')}, mode={self.mode}, dataset={self.metadata.get('dataset')}, "
+                f"input_shape={self.input_shape}, classes={self.num_classes})")
+
+    def _check(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"victim input must be a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"victim input must have shape (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(images.shape)}; adapt images with divqat.data.adapt")
+        if not images.is_floating_point():
+            raise ValueError(f"victim input must be float in [0, 1], got {images.dtype} "
+                             "(convert uint8 images with divqat.data.to_float)")
+        return images.float()
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = self._check(images)
+        n = images.shape[0]
+        if n == 0:
+            return torch.empty(0, self.num_classes)
+        out = []
+        step = BUCKETS[-1] if self._compiled else 1024
+        for start in range(0, n, step):
+            chunk = images[start:start + step].to(self.device)
+            m = chunk.shape[0]
+            if self._compiled:
+                size = next(b for b in BUCKETS if b >= m)
+                if size != m:
+                    chunk = torch.cat([chunk, chunk.new_zeros((size - m, *chunk.shape[1:]))])
+            out.append(self._forward(chunk)[:m].float().cpu())
+        return torch.cat(out)
+
+
+def load_victim(path: str | Path, device: str = "cpu", compile: bool | None = None) -> Victim:
+    """Load a victim directory written by ``divqat train`` (in any process).
+
+    compile: None = compile int8 victims with inductor freezing and run fp32 ones eagerly.
+    Raises ``ArtifactError`` with the reason for a missing, truncated or foreign artifact.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    program = path / PROGRAM
+    if not program.is_file():
+        raise ArtifactError(f"{program} is missing; the victim directory is incomplete, retrain it")
+    quiet_torchao()  # registers the quantized ops the int8 program refers to
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "No complete tensor found in the group": CPU weights, harmless
+            module = torch.export.load(program).module()
+    except Exception as e:  # torch raises many types for a damaged archive
+        raise ArtifactError(f"{program} is truncated or not a torch.export program ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); retrain the victim") from e
+    return Victim(module, meta, path, device=device, compile=compile)

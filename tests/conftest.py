@@ -1,0 +1,53 @@
+"""Shared fixtures: a tiny learnable dataset registered under a test-only name, and tiny victims
+trained once per session from it (fp32, then QAT from that teacher)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from divqat.data import DATASETS, DatasetSpec, ImageDataset, register_dataset
+
+TINY = "tiny-bars"
+TINY_CLASSES = ("top", "upper", "lower", "bottom")
+
+
+def make_bars(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Gray noise with one bright horizontal band whose position is the label: learnable in
+    a few hundred steps, yet not trivially linear because of the noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(TINY_CLASSES), n)
+    images = rng.integers(0, 90, (n, 1, size, size))
+    band = size // len(TINY_CLASSES)
+    for i, k in enumerate(labels):
+        images[i, 0, k * band:(k + 1) * band, :] += 120
+    return images.clip(0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def _load_tiny(split: str, root) -> ImageDataset:
+    images, labels = make_bars(384 if split == "train" else 128, seed=0 if split == "train" else 1)
+    return ImageDataset(TINY, split, images, labels, TINY_CLASSES)
+
+
+if TINY not in DATASETS:
+    register_dataset(DatasetSpec(TINY, _load_tiny, hflip=True, description="test-only synthetic bars"))
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_victims(tmp_path_factory):
+    """Paths of a tiny fp32 teacher and its QAT int8 victim, trained once for the session."""
+    from divqat.train.victims import TrainRequest, train_victim
+
+    root = tmp_path_factory.mktemp("victims")
+    fp32 = root / "fp32"
+    train_victim(TrainRequest(dataset=TINY, arch="resnet8", mode="fp32", epochs=6, out=fp32, progress=False))
+    qat = root / "qat"
+    train_victim(TrainRequest(dataset=TINY, arch="resnet8", mode="qat", teacher=fp32, epochs=1, out=qat,
+                              progress=False))
+    return {"fp32": fp32, "qat": qat}

@@ -178,6 +178,13 @@ def test_public_surface_hides_the_victim_and_the_defense(victim):
     assert "Victim" not in repr(box) and "DCP" not in repr(box)
 
 
+def one_pixel(value: float) -> Tensor:
+    """Valid images but for one pixel of the second image."""
+    x = torch.rand(2, *SHAPE)
+    x[1, 0, 2, 3] = value
+    return x
+
+
 @pytest.mark.parametrize(("bad", "words"), [
     (torch.rand(2, 3, 4, 4), "shape"),
     (torch.rand(2, 1, 4, 5), "shape"),
@@ -187,6 +194,9 @@ def test_public_surface_hides_the_victim_and_the_defense(victim):
     (torch.rand(2, *SHAPE) * 2, "[0, 1]"),
     (torch.rand(2, *SHAPE) - 0.5, "[0, 1]"),
     (torch.full((2, *SHAPE), float("nan")), "[0, 1]"),
+    (one_pixel(float("nan")), "[0, 1]"),
+    (one_pixel(float("inf")), "[0, 1]"),
+    (one_pixel(float("-inf")), "[0, 1]"),
     (torch.rand(2, *SHAPE).numpy(), "torch.Tensor"),
 ])
 def test_bad_images_are_refused_and_not_counted(victim, bad, words):

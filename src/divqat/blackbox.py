@@ -136,8 +136,12 @@ class DefendedVictim:
         if images.ndim != 4 or tuple(images.shape[1:]) != self._input_shape:
             raise QueryError(f"images must have shape (N, {', '.join(map(str, self._input_shape))}), "
                              f"got {tuple(images.shape)}")
-        if images.numel() and (not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1):
-            raise QueryError("images must be finite and in [0, 1] (the victim normalizes them itself)")
+        if images.numel():
+            # One pass, about 10x cheaper than isfinite().all() on a batch (it is paid per query):
+            # aminmax propagates NaN, which fails both comparisons, and +-inf fails one of them.
+            low, high = torch.aminmax(images)
+            if not (low >= 0 and high <= 1):
+                raise QueryError("images must be finite and in [0, 1] (the victim normalizes them itself)")
         return images.detach()
 
     def __call__(self, images: Tensor) -> DefendedBatch:

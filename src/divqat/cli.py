@@ -26,6 +26,23 @@ example:
 """
 
 
+DEFEND_HELP = """\
+Evaluate an output-perturbation defense on a victim: defender accuracy on the victim's test split,
+mean L1 and KL(clean || defended) between clean and defended posteriors over a query set, the
+fraction of queries whose argmax the defense changed, and milliseconds per query with and
+without the defense. Writes OUT/metrics.json.
+
+adaptive-misinformation trains a misinformation model on the victim's training images on first
+use (VICTIM/misinformation/, reused afterwards); mad uses a random surrogate of the victim's
+architecture. `divqat defenses` lists the defenses and their parameters.
+
+example:
+  divqat defend --victim runs/qat --defense dcp --param beta=0.5 --param gamma=0.2 --out runs/qat-dcp
+  divqat defend --victim runs/qat --defense top-k --param k=1 --queries mnist:test --limit 2000 \\
+      --out runs/qat-top1-mnist
+"""
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -76,6 +93,34 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--out", required=True, metavar="DIR", help="where to write the victim")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("defend", help="evaluate a defense on a victim", description=DEFEND_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--victim", required=True, metavar="DIR", help="the victim directory (from `divqat train`)")
+    d.add_argument("--defense", required=True, metavar="NAME", help="a defense name (see `divqat defenses`)")
+    d.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a defense parameter, repeatable (e.g. --param beta=0.5)")
+    d.add_argument("--queries", metavar="NAME[:SPLIT]",
+                   help="query set: any dataset, adapted to the victim's input (default: the victim's "
+                        "own test split)")
+    d.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="use the first N query images only")
+    d.add_argument("--batch-size", type=_positive_int, default=256, help="images per query (default: 256)")
+    d.add_argument("--misinformation-epochs", type=_positive_int, default=5, metavar="N",
+                   help="adaptive-misinformation: epochs to train its model on first use (default: 5)")
+    d.add_argument("--retrain-misinformation", action="store_true",
+                   help="adaptive-misinformation: retrain its model even if one is saved")
+    d.add_argument("--seed", type=int, default=0,
+                   help="seed of the model a defense builds (MAD's surrogate, the misinformation model) "
+                        "(default: 0)")
+    d.add_argument("--data-root", metavar="DIR", help="folder holding the datasets that need one")
+    d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    d.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--out", required=True, metavar="DIR", help="where to write metrics.json")
+    d.set_defaults(func=cmd_defend)
+
+    ds = sub.add_parser("defenses", help="list the defenses with their parameters and defaults")
+    ds.set_defaults(func=cmd_defenses)
     return parser
 
 
@@ -108,6 +153,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         line += (f", int8 test accuracy {m['int8_test_accuracy']:.2%}, KL to teacher {m['kl_to_teacher']:.4f}, "
                  f"L1 to teacher {m['l1_to_teacher']:.4f}")
     print(f"{line} ({m['train_seconds']:.0f} s training) -> {args.out}")
+    return 0
+
+
+def cmd_defend(args: argparse.Namespace) -> int:
+    from divqat.defenses import parse_params
+    from divqat.defenses.evaluate import defend_victim
+
+    _set_threads(args.threads)
+    m = defend_victim(args.victim, args.defense, parse_params(args.param), queries=args.queries,
+                      limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                      misinformation_epochs=args.misinformation_epochs,
+                      retrain_misinformation=args.retrain_misinformation, data_root=args.data_root,
+                      device=args.device, progress=not args.no_progress,
+                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    params = ", ".join(f"{k}={v}" for k, v in m["params"].items())
+    print(f"{m['defense']}({params}) on {args.victim} ({m['victim_mode']} {m['victim_arch']}): "
+          f"defender accuracy {m['defender_accuracy']:.2%} (undefended {m['victim_accuracy']:.2%}) "
+          f"on {m['test_set']}")
+    print(f"over {m['queries']} queries of {m['query_set']}: L1 {m['l1_distance']:.4f}, "
+          f"KL {m['kl_divergence']:.4f}, argmax changed {m['argmax_changed']:.2%}, "
+          f"{m['ms_per_query_clean']:.3f} -> {m['ms_per_query_defended']:.3f} ms/query "
+          f"({m['latency_ratio']:.2f}x) -> {os.path.join(args.out, 'metrics.json')}")
+    return 0
+
+
+def cmd_defenses(args: argparse.Namespace) -> int:
+    from divqat.defenses.build import list_defenses
+
+    rows = list_defenses()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['summary']}")
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "none"
+        print(f"{'':<{width}}  params: {params}")
+        if r["model"]:
+            print(f"{'':<{width}}  model: {r['model']}")
     return 0
 
 

@@ -80,7 +80,9 @@ def save_victim(out: str | Path, program: torch.export.ExportedProgram, metadata
     """Write a victim directory (program, metadata and, for fp32, the weights). Returns the path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(out / PROGRAM, lambda tmp: torch.export.save(program, tmp))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "No complete tensor found in the group": CPU weights, harmless
+        _atomic_write_bytes(out / PROGRAM, lambda tmp: torch.export.save(program, tmp))
     if weights is not None:
         _atomic_write_bytes(out / WEIGHTS, lambda tmp: torch.save(weights, tmp))
     # Metadata last: a directory with a victim.json is a complete artifact.

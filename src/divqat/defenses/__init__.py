@@ -5,6 +5,10 @@
     >>> defended = defense(posteriors)             # (N, K) -> (N, K)
 
 Defenses that run a model (``needs_inputs``) also take ``images=``; the black box passes them.
+For a saved victim, ``divqat.defenses.build.build_defense`` also builds that model (the
+misinformation model, MAD's surrogate), and ``divqat.defenses.evaluate`` measures a defense
+(defender accuracy, L1 and KL to the clean posteriors, argmax changes, latency). Neither is
+imported here: both sit above ``divqat.blackbox``, which imports this package.
 """
 
 # Importing each defense module registers it (the timm pattern); the classes are re-exported.

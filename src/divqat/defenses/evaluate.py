@@ -1,0 +1,257 @@
+"""What a defense costs the defender and changes for the attacker, measured on a saved victim.
+
+``evaluate_defense`` runs a victim behind a defense (``DefendedVictim``) over the victim's test
+split and over a query set, and reports:
+
+- ``defender_accuracy``: accuracy of the argmax of the defended posteriors on the test split
+  (``victim_accuracy``: the same for the clean posteriors);
+- ``l1_distance``: mean over the queries of ``sum_k |y'_k - y_k|`` (y clean, y' defended);
+- ``kl_divergence``: mean over the queries of ``KL(y || y') = sum_k y_k log(y_k / max(y'_k, 1e-12))``;
+- ``argmax_changed``: fraction of the queries whose defended argmax differs from the clean one;
+- ``ms_per_query_clean`` / ``ms_per_query_defended``: milliseconds per image of the victim alone,
+  and of victim plus softmax plus defense, over the query set.
+
+``defend_victim`` is the whole ``divqat defend`` command: load the victim, build the defense,
+load the sets, evaluate, write ``OUT/metrics.json``::
+
+    >>> metrics = defend_victim("runs/qat", "dcp", {"beta": 0.5}, queries="mnist:test", out="runs/dcp")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from divqat.blackbox import DefendedVictim
+from divqat.data import ImageDataset, adapt, dataset_spec, load_dataset, to_float
+from divqat.data.base import SPLITS
+from divqat.defenses.base import Defense
+from divqat.errors import ConfigError
+
+# Defended posteriors can hold exact zeros (top-k, rounding, MAD's vertices) where the clean one
+# does not, which makes KL(clean || defended) infinite. Clamping y' at 1e-12 caps each such class's
+# term at y_k * log(y_k / 1e-12) <= 27.6 nats: large, finite, and comparable between defenses.
+KL_CLAMP = 1e-12
+
+
+def _fit_victim(images: Any, shape: tuple[int, int, int]) -> Tensor:
+    """uint8 or float (N, C, H, W) images -> float32 in [0, 1] at the victim's input shape.
+    Resizing can overshoot [0, 1] by a rounding error, which the victim's boundary refuses."""
+    x = torch.as_tensor(images)
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
+    return adapt(x, shape[0], shape[1:]).clamp_(0.0, 1.0)
+
+
+def posterior_distances(clean: Tensor, defended: Tensor) -> dict[str, Tensor]:
+    """Per-query ``l1``, ``kl`` = KL(clean || defended) with defended clamped at ``KL_CLAMP``,
+    and ``argmax_changed`` (bool), each (N,), for posteriors (N, K); computed in float64."""
+    y, d = clean.double(), defended.double()
+    kl = (torch.xlogy(y, y) - torch.xlogy(y, d.clamp_min(KL_CLAMP))).sum(dim=1)
+    return {"l1": (d - y).abs().sum(dim=1), "kl": kl,
+            "argmax_changed": d.argmax(dim=1) != y.argmax(dim=1)}
+
+
+def _warm_up(served: DefendedVictim, images: Tensor, batch_size: int) -> None:
+    """One untimed call at each batch size the timed pass will use: an int8 victim compiles on
+    the first call of each size (seconds), and a model-backed defense has first-call costs."""
+    n = images.shape[0]
+    served(images[:min(n, batch_size)])
+    if n > batch_size and n % batch_size:
+        served(images[n - n % batch_size:])
+
+
+def evaluate_defense(victim: Callable[[Tensor], Tensor], defense: Defense,
+                     test_set: ImageDataset, query_images: Tensor | None = None,
+                     batch_size: int = 256) -> dict[str, Any]:
+    """Defender accuracy, posterior distances and latency of ``victim`` behind ``defense``.
+
+    Arguments:
+        victim (callable): images float32 (N, C, H, W) in [0, 1] -> logits (N, K), with
+            ``input_shape`` and ``num_classes`` (a loaded ``Victim``).
+        defense (Defense): the output perturbation.
+        test_set (ImageDataset): the victim's test split (labels give the accuracies); its
+            images are adapted to the victim's input with ``divqat.data.adapt``.
+        query_images (Tensor, optional): the query set, uint8 or float in [0, 1], (N, C, H, W)
+            at the victim's input shape. (Default: None, the test images themselves, measured in
+            the same pass.)
+        batch_size (int): images per query. (Default: 256.)
+
+    Returns a dict: ``defense``, ``params``, ``defender_accuracy``, ``victim_accuracy``,
+    ``test_images``, ``l1_distance``, ``kl_divergence`` (KL(clean || defended), nats, defended
+    clamped at ``KL_CLAMP``), ``argmax_changed`` (fraction), ``queries``,
+    ``ms_per_query_clean`` (the victim's forward pass, per image), ``ms_per_query_defended``
+    (victim, softmax and defense, per image) and ``latency_ratio`` (defended / clean). Timings
+    are over the query set, after one untimed warm-up call per batch size.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    served = DefendedVictim(victim, defense)
+    shape, k = served.input_shape, served.num_classes
+    if len(test_set) == 0:
+        raise ConfigError("the test set is empty")
+    if test_set.num_classes != k:
+        raise ConfigError(f"the test set {test_set.name} has {test_set.num_classes} classes, the "
+                          f"victim {k}")
+    if query_images is not None:
+        query_images = torch.as_tensor(query_images)
+        if query_images.dtype == torch.uint8:
+            query_images = to_float(query_images)
+        if len(query_images) == 0:
+            raise ConfigError("the query set is empty")
+
+    test_images = _fit_victim(test_set.images, shape)
+    labels = torch.as_tensor(test_set.labels)
+    timed = query_images is None  # the test pass is the query pass
+    if timed:
+        _warm_up(served, test_images, batch_size)
+    defended_hits = clean_hits = 0
+    stats = _Accumulator()
+    for start in range(0, len(test_images), batch_size):
+        batch = served(test_images[start:start + batch_size])
+        y = labels[start:start + batch_size]
+        defended_hits += int((batch.defended.argmax(dim=1) == y).sum())
+        clean_hits += int((batch.clean.argmax(dim=1) == y).sum())
+        if timed:
+            stats.add(batch)
+    if not timed:
+        _warm_up(served, query_images, batch_size)
+        for start in range(0, len(query_images), batch_size):
+            stats.add(served(query_images[start:start + batch_size]))
+
+    n = len(test_set)
+    return {"defense": defense.name, "params": defense.params(),
+            "defender_accuracy": defended_hits / n, "victim_accuracy": clean_hits / n,
+            "test_images": n, **stats.summary()}
+
+
+class _Accumulator:
+    """Sums of the per-query distances and of the stage timings over the query batches."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.l1 = self.kl = 0.0
+        self.changed = 0
+        self.victim_seconds = self.defense_seconds = 0.0
+
+    def add(self, batch) -> None:
+        d = posterior_distances(batch.clean, batch.defended)
+        self.n += len(batch.clean)
+        self.l1 += float(d["l1"].sum())
+        self.kl += float(d["kl"].sum())
+        self.changed += int(d["argmax_changed"].sum())
+        self.victim_seconds += batch.victim_seconds
+        self.defense_seconds += batch.defense_seconds
+
+    def summary(self) -> dict[str, float | int]:
+        clean = 1000 * self.victim_seconds / self.n
+        defended = 1000 * (self.victim_seconds + self.defense_seconds) / self.n
+        return {"l1_distance": self.l1 / self.n, "kl_divergence": self.kl / self.n,
+                "argmax_changed": self.changed / self.n, "queries": self.n,
+                "ms_per_query_clean": clean, "ms_per_query_defended": defended,
+                "latency_ratio": defended / clean if clean > 0 else float("nan")}
+
+
+# ---------------------------------------------------------------- query sets
+
+def parse_query_set(text: str) -> tuple[str, str]:
+    """``"NAME[:SPLIT]"`` -> (registered dataset name, split); the split defaults to "test".
+    Unknown names are a ``DatasetError`` listing the registered ones; bad syntax a ``ConfigError``."""
+    name, sep, split = str(text).strip().partition(":")
+    name, split = name.strip(), split.strip()
+    if not name or (sep and not split) or ":" in split:
+        raise ConfigError(f"bad query set {text!r}: expected NAME or NAME:SPLIT, e.g. mnist:test")
+    split = split or "test"
+    if split not in SPLITS:
+        raise ConfigError(f"bad query set {text!r}: split must be one of {', '.join(SPLITS)}")
+    return dataset_spec(name).name, split
+
+
+def load_queries(query_set: str, input_shape: tuple[int, int, int], *, limit: int | None = None,
+                 data_root: str | Path | None = None) -> tuple[str, Tensor]:
+    """The images of ``query_set`` ("NAME[:SPLIT]", any registered dataset) as float32 in [0, 1]
+    adapted to ``input_shape`` (C, H, W), the first ``limit`` only if given. Returns the set's
+    canonical "name:split" and the images (N, C, H, W)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"the query limit must be an integer >= 1, got {limit!r}")
+    name, split = parse_query_set(query_set)
+    data = load_dataset(name, split, data_root)
+    images = data.images[:limit] if limit is not None else data.images
+    if len(images) == 0:
+        raise ConfigError(f"the query set {name}:{split} is empty")
+    return f"{name}:{split}", _fit_victim(images, input_shape)
+
+
+# ---------------------------------------------------------------- the `divqat defend` command
+
+def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] | None = None, *,
+                  queries: str | None = None, limit: int | None = None, batch_size: int = 256,
+                  seed: int = 0, misinformation_epochs: int = 5,
+                  retrain_misinformation: bool = False, data_root: str | Path | None = None,
+                  device: str = "cpu", progress: bool = True,
+                  log: Callable[[str], None] | None = None,
+                  out: str | Path | None = None) -> dict[str, Any]:
+    """Evaluate one defense on a saved victim; write ``OUT/metrics.json`` when ``out`` is given.
+
+    ``queries`` is "NAME[:SPLIT]" of any registered dataset, adapted to the victim's input
+    (Default: None, the victim's own test split); ``limit`` keeps its first N images. The
+    defense is built with ``build_defense`` (see there for ``seed``, the misinformation model
+    and ``log``); the data are loaded and the parameters checked before any model is trained. Returns the metrics of
+    ``evaluate_defense`` plus ``victim``, ``victim_mode``, ``victim_dataset``, ``victim_arch``,
+    ``test_set``, ``query_set``, ``batch_size`` and, for model-backed defenses, ``seed``.
+    """
+    from divqat.defenses.build import (
+        MODEL_PARAMS,
+        build_defense,
+        misinformation_model_dir,
+        victim_metadata,
+    )
+    from divqat.victim import load_victim, write_json
+
+    victim_dir = Path(victim_dir)
+    meta = victim_metadata(victim_dir)
+    query_set = queries if queries is not None else f"{meta['dataset']}:test"
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"the query limit must be an integer >= 1, got {limit!r}")
+    # The data first: a missing dataset must not be found after minutes of training.
+    test = load_dataset(meta["dataset"], "test", data_root)
+    if queries is None and limit is None:
+        query_name, query_images = f"{dataset_spec(meta['dataset']).name}:test", None
+    else:
+        query_name, query_images = load_queries(query_set, tuple(meta["input_shape"]), limit=limit,
+                                                data_root=data_root)
+    built = build_defense(defense, params, victim_dir, seed=seed,
+                          misinformation_epochs=misinformation_epochs,
+                          retrain_misinformation=retrain_misinformation, data_root=data_root,
+                          device=device, progress=progress, log=log)
+    victim = load_victim(victim_dir, device=device)
+    start = time.perf_counter()
+    metrics = evaluate_defense(victim, built, test, query_images, batch_size)
+    record: dict[str, Any] = {
+        **metrics,
+        "victim": str(victim_dir),
+        "victim_mode": meta.get("mode"),
+        "victim_dataset": meta.get("dataset"),
+        "victim_arch": meta.get("arch"),
+        "test_set": f"{dataset_spec(meta['dataset']).name}:test",
+        "query_set": query_name,
+        "batch_size": batch_size,
+        "evaluation_seconds": time.perf_counter() - start,
+    }
+    if defense in MODEL_PARAMS:
+        record["seed"] = seed
+    if defense == "adaptive-misinformation":
+        record["misinformation_model"] = str(misinformation_model_dir(victim_dir))
+    if out is not None:
+        write_json(Path(out) / "metrics.json", record)
+    return record
+
+
+__all__ = ["KL_CLAMP", "defend_victim", "evaluate_defense", "load_queries", "parse_query_set",
+           "posterior_distances"]

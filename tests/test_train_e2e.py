@@ -13,6 +13,7 @@ from divqat.cli import main
 from divqat.data import to_float
 from divqat.errors import ArtifactError, ConfigError, TrainingCollapsed
 from divqat.train import DivQATSettings
+from divqat.train.losses import RECOMMENDED
 from divqat.train.victims import TrainRequest, train_victim
 
 METRIC_KEYS = {"test_accuracy", "int8_test_accuracy", "kl_to_teacher", "l1_to_teacher", "train_seconds"}
@@ -131,11 +132,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_cli_train_writes_metrics(tiny_victims, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["train", "--dataset", TINY, "--mode", "divqat", "--teacher", str(tiny_victims["fp32"]),
-                 "--alpha", "0.3", "--divergence", "js", "--epochs", "1", "--limit", "128", "--no-progress",
-                 "--out", str(out)])
+                 "--epochs", "1", "--limit", "128", "--no-progress", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "int8 test accuracy" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert METRIC_KEYS <= metrics.keys() and metrics["train_images"] == 128
     assert len(metrics["history"]) == 1 and "div" in metrics["history"][0]
+    # No DivQAT options given: the recommended setting, recorded in the artifact.
+    assert load_victim(out).metadata["divqat"] == RECOMMENDED.as_dict()

@@ -22,7 +22,8 @@ kl_to_teacher, l1_to_teacher, train_seconds, per-epoch history).
 example:
   divqat train --dataset fashion-mnist --arch resnet8 --mode fp32 --epochs 15 --out runs/fp32
   divqat train --dataset fashion-mnist --arch resnet8 --mode divqat --teacher runs/fp32 \\
-      --alpha 1 --divergence kl --cap 0.2 --epochs 2 --out runs/divqat
+      --epochs 1 --out runs/divqat          # tail-kl, alpha 1, cap 0.7 (the measured default)
+  divqat train ... --mode divqat --divergence kl --alpha 0.5 ...  # the paper's plain KL
 """
 
 
@@ -53,7 +54,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from divqat.data import dataset_names
     from divqat.models import model_names
-    from divqat.train.losses import DIVERGENCES
+    from divqat.train.losses import DIVERGENCES, RECOMMENDED
     from divqat.train.victims import MODES
 
     parser = argparse.ArgumentParser(prog="divqat", description=__doc__.split(":")[0] if __doc__ else None)
@@ -68,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"architecture: {', '.join(model_names())} (default: resnet8)")
     t.add_argument("--mode", default="fp32", choices=MODES, help="fp32 | qat | divqat (default: fp32)")
     t.add_argument("--teacher", metavar="DIR", help="the fp32 victim that qat/divqat start from (required for them)")
-    t.add_argument("--alpha", type=float, default=0.0, help="DivQAT divergence weight (default: 0 = plain QAT)")
-    t.add_argument("--divergence", default="kl", choices=DIVERGENCES,
+    t.add_argument("--alpha", type=float, default=None,
+                   help=f"DivQAT divergence weight; 0 gives plain QAT (default for divqat: {RECOMMENDED.alpha:g})")
+    t.add_argument("--divergence", default=None, choices=DIVERGENCES,
                    help="DivQAT divergence: kl = KL(teacher||quantized), the paper's; reverse-kl; js "
                         "(Jensen-Shannon, bounded); tail-kl (KL over the non-true classes, renormalized) "
-                        "(default: kl)")
+                        f"(default for divqat: {RECOMMENDED.divergence})")
     t.add_argument("--cap", type=float, default=None, metavar="NATS",
-                   help="stop pushing a sample once its divergence exceeds this (default: no cap)")
+                   help="stop pushing a sample once its divergence exceeds this (default for divqat: "
+                        f"{RECOMMENDED.cap:g} with the default divergence, else no cap; 0 = no cap)")
     t.add_argument("--ramp", type=float, default=0.0, metavar="FRACTION",
                    help="ramp alpha up from 0 over this fraction of the steps (default: 0 = no ramp)")
     t.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the divergence (default: 1)")
@@ -137,11 +140,19 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from divqat.train.losses import DivQATSettings
+    from divqat.train.losses import RECOMMENDED, DivQATSettings
     from divqat.train.victims import TrainRequest, train_victim
 
     _set_threads(args.threads)
-    settings = DivQATSettings(alpha=args.alpha, divergence=args.divergence, cap=args.cap, ramp=args.ramp,
+    if args.mode == "divqat":
+        # Unset options take the recommended setting; the cap belongs to the default divergence.
+        divergence = args.divergence or RECOMMENDED.divergence
+        alpha = RECOMMENDED.alpha if args.alpha is None else args.alpha
+        cap = args.cap if args.cap is not None else (RECOMMENDED.cap if args.divergence is None else None)
+        cap = None if cap == 0 else cap
+    else:
+        divergence, alpha, cap = "kl", args.alpha or 0.0, args.cap
+    settings = DivQATSettings(alpha=alpha, divergence=divergence, cap=cap, ramp=args.ramp,
                               temperature=args.temperature)
     req = TrainRequest(dataset=args.dataset, arch=args.arch, mode=args.mode, out=args.out, epochs=args.epochs,
                        teacher=args.teacher, divqat=settings, limit=args.limit, holdout=args.holdout,

@@ -42,7 +42,7 @@ class FitConfig:
     freeze_at: float | None = None
     device: str = "cpu"
     channels_last: bool = True
-    progress: bool = True  # progress bars
+    progress: bool = True  # progress bars (only ever drawn on a terminal)
     log_epochs: bool = True  # one summary line per epoch
     desc: str = "train"
 
@@ -131,7 +131,7 @@ def fit(
         sums: dict[str, float] = {}
         correct = 0
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}",
-                   disable=not cfg.progress, leave=False, dynamic_ncols=True)
+                   disable=None if cfg.progress else True, leave=False, dynamic_ncols=True)
         for b in bar:
             if freeze_step is not None and step == freeze_step and hasattr(model, "freeze"):
                 model.freeze()

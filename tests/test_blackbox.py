@@ -264,3 +264,29 @@ def test_defended_victim_gives_clean_and_defended_posteriors(victim):
     assert box.queries_used == 6
     with pytest.raises(ConfigError):
         BlackBox(served, defense)
+
+
+def test_a_victim_that_writes_its_input_never_edits_the_callers_images():
+    def in_place(x: Tensor) -> Tensor:
+        x.mul_(0.5)  # e.g. normalization done in place
+        return x.flatten(1)[:, :K]
+
+    x = images(4)
+    before = x.clone()
+    BlackBox(in_place, input_shape=SHAPE, num_classes=K).query(x)
+    assert torch.equal(x, before)
+
+
+def test_a_victim_that_declares_it_never_writes_its_input_is_spared_the_copy():
+    seen: list[Tensor] = []
+
+    class ReadOnly:
+        input_shape, num_classes, writes_input = SHAPE, K, False
+
+        def __call__(self, x: Tensor) -> Tensor:
+            seen.append(x)
+            return x.flatten(1)[:, :K]
+
+    x = images(4)
+    BlackBox(ReadOnly()).query(x)
+    assert seen[0].data_ptr() == x.data_ptr()

@@ -127,6 +127,22 @@ def test_every_defense_returns_valid_distributions_deterministically(y):
         assert torch.equal(first, again), (name, params)
 
 
+@FEW
+@given(logits=arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 12)),
+                     elements=st.floats(-60, 60, width=32)))
+def test_served_path_gives_what_the_validated_call_gives(logits):
+    """``serve`` (the black box's path, which skips input validation because the posteriors are its
+    own softmax) answers exactly what the validated ``__call__`` answers."""
+    logits = torch.from_numpy(logits)
+    y = torch.softmax(logits, dim=1)
+    images = images_for(len(y))
+    for name, params in CONFIGS:
+        served = build(name, y.shape[1], **params).serve(y, logits, images)
+        called = build(name, y.shape[1], **params)(y, logits=logits, images=images)
+        assert_distribution(served, y)
+        assert torch.equal(served, called), (name, params)
+
+
 def test_every_registered_defense_is_covered():
     assert {name for name, _ in CONFIGS} == set(DEFENSES.names()) == {
         "none", "top-k", "rounding", "random-noise", "reverse-sigmoid", "dcp",

@@ -146,13 +146,20 @@ class DefendedVictim:
 
     def __call__(self, images: Tensor) -> DefendedBatch:
         """Clean and defended posteriors of one batch, with the time each stage took."""
-        images = self.check_images(images)
+        return self._serve(self.check_images(images))
+
+    def _serve(self, images: Tensor) -> DefendedBatch:
+        """``__call__`` for images that ``check_images`` already accepted."""
         k = self._num_classes
         if images.shape[0] == 0:
             empty = torch.empty(0, k)
             return DefendedBatch(empty, empty, empty, 0.0, 0.0)
-        # A private copy: a victim that normalizes in place must not edit the caller's images.
-        images = images.to(self._device or images.device, copy=True)
+        if self._device is not None and images.device != self._device:
+            images = images.to(self._device)
+        elif getattr(self._victim, "writes_input", True):
+            # A private copy: a victim that normalizes in place must not edit the caller's images.
+            # divqat's own Victim declares that it never writes its input and is spared the copy.
+            images = images.clone()
         with torch.no_grad():
             start = time.perf_counter()
             logits = self._victim(images)
@@ -162,9 +169,10 @@ class DefendedVictim:
                                    f"for {images.shape[0]} images; expected logits ({images.shape[0]}, {k})")
             logits = logits.detach().float()
             clean = torch.softmax(logits, dim=1)
-            defended = self._defense(clean, logits=logits, images=images)
+            # The posteriors are our own softmax: the defense's input validation is skipped.
+            defended = self._defense.serve(clean, logits, images)
             done = time.perf_counter()
-        return DefendedBatch(logits.cpu(), clean.cpu(), defended.detach().float().cpu(),
+        return DefendedBatch(logits.cpu(), clean.cpu(), defended.detach().cpu(),
                              victim_done - start, done - victim_done)
 
 
@@ -181,7 +189,7 @@ def _make_oracle(served: DefendedVictim, budget: int | None) -> tuple[Callable[[
         if budget is not None and used + n > budget:
             raise BudgetExceeded(f"query of {n} images refused: it would exceed the query budget "
                                  f"({used} of {budget} used, {budget - used} left); nothing counted")
-        batch = served(images)
+        batch = served._serve(images)
         # Counted once the answer exists: a query the victim failed on returned nothing.
         used += n
         if n:

@@ -137,6 +137,10 @@ class Victim:
     ``metadata`` describe it.
     """
 
+    # Never edits the images it is given (normalization makes a new tensor), so the black box
+    # can skip its defensive copy of every query.
+    writes_input = False
+
     def __init__(self, module: nn.Module, metadata: dict, path: Path, device: str = "cpu",
                  compile: bool | None = None) -> None:
         self.metadata = metadata

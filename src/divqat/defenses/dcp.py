@@ -9,7 +9,6 @@ from divqat.defenses.base import (
     Defense,
     check_bool,
     check_number,
-    normalize_rows,
     uncertainty_gate,
 )
 from divqat.defenses.reverse_sigmoid import reverse_sigmoid_noise
@@ -64,4 +63,4 @@ class DCP(Defense):
     def forward(self, y: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
         gate = uncertainty_gate(y, self.tau, self.nu)
         r = reverse_sigmoid_noise(y, self.gamma, self.clamp_odds)
-        return normalize_rows(y - gate * self.beta * r)
+        return y - (self.beta * gate) * r  # N(.) is the base class's output normalization

@@ -127,9 +127,9 @@ class MAD(Defense):
         self.last_layer = last_layer
         self._linear: nn.Linear = layers[last_layer]
 
-    def __call__(self, posteriors: Tensor, *, logits: Tensor | None = None,
-                 images: Tensor | None = None) -> Tensor:
-        out = super().__call__(posteriors, logits=logits, images=images)
+    def _answer(self, y: Tensor, posteriors: Tensor, logits: Tensor | None,
+                images: Tensor | None) -> Tensor:
+        out = super()._answer(y, posteriors, logits, images)
         if self.argmax_preserving:
             # Exact in float64; rounding to a float32 output could still tie the argmax with the
             # class just below it. Such rows get the undefended posterior rather than a new label.

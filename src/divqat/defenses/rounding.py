@@ -38,6 +38,7 @@ class Rounding(Defense):
 
     def forward(self, y: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
         rounded = torch.round(y, decimals=self.decimals)
-        dead = rounded.sum(dim=1, keepdim=True) <= 0
-        rounded = torch.where(dead, one_hot_argmax(y), rounded)
-        return rounded / rounded.sum(dim=1, keepdim=True)
+        dead = rounded.amax(dim=1, keepdim=True) <= 0
+        if dead.any():
+            rounded = torch.where(dead, one_hot_argmax(y), rounded)
+        return rounded  # renormalized by the base class

@@ -360,3 +360,40 @@ def test_run_cli_needs_a_config_or_a_preset(capsys):
     assert "--preset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--preset", "nope"])
+
+
+def test_plots_single_budget_ticks_and_tradeoff_legend(tiny_run, tmp_path, monkeypatch):
+    from divqat.experiment import plots
+
+    results = load_results(tiny_run["out"])
+    # A data-free attack with one budget, against no defense only, as the default preset's dfme.
+    results["attacks"] += [{**row, "attack": "dfme", "transfer": "", "transfer_set": "", "budget": 1000}
+                           for row in results["attacks"] if row["defense"] == "none"
+                           and row["thief"] == "soft" and row["budget"] == 80]
+    figures = {}
+    real_save = plots._save
+
+    def keeping(fig, path):
+        figures[path.stem] = fig
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keeping)
+    drawn = plots.make_plots(results, tmp_path)
+    assert {p.name for p in drawn} == {"error_vs_alpha.png", "kl_vs_alpha.png", "tradeoff.png", "budget.png"}
+
+    def ticks(ax, minor=False):
+        return [t.get_text() for t in ax.get_xticklabels(minor=minor) if t.get_text()]
+
+    budget = figures["budget"].axes
+    shown = [ax for ax in budget if ax.axison]
+    assert [ticks(ax) for ax in shown if "dfme" in ax.get_title()] == [["1k"]]
+    assert all(ticks(ax) == ["40", "80"] for ax in shown if "knockoff" in ax.get_title())
+    assert not any(ticks(ax, minor=True) for ax in shown)
+    assert all(ax.get_legend() is None for ax in budget) and figures["budget"].legends
+    # No per-point text on the trade-off plot: a figure legend says which victim and defense.
+    tradeoff = figures["tradeoff"]
+    assert not any(ax.texts for ax in tradeoff.axes) and tradeoff.legends
+    labels = [t.get_text() for t in tradeoff.legends[0].get_texts()]
+    assert {"qat", "divqat a=2", "defense: none", "defense: dcp beta=0.5"} <= set(labels)
+    assert plots.budget_text(500) == "500" and plots.budget_text(2500) == "2.5k"
+    assert plots.budget_text(10000) == "10k"

@@ -79,8 +79,9 @@ def predict(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int =
 def surrogate_metrics(surrogate: nn.Module, test_images: Tensor, labels: Tensor,
                       defended_pred: Tensor, clean_pred: Tensor, device: str = "cpu") -> dict[str, float]:
     """Accuracy, error and agreement (with the defended and the clean victim) on the test split."""
-    surrogate.eval()
-    pred = predict(surrogate, test_images, device=device)
+    # channels_last: about 1.2x faster convolutions on CPU, and this runs per budget per attack.
+    surrogate.eval().to(memory_format=torch.channels_last)
+    pred = predict(surrogate, test_images.contiguous(memory_format=torch.channels_last), device=device)
     acc = float((pred == labels).float().mean())
     return {"adversary_accuracy": acc, "adversary_error": 1.0 - acc,
             "agreement": float((pred == defended_pred).float().mean()),

@@ -148,8 +148,8 @@ def uncertainty_gate(y: Tensor, tau: float, nu: float) -> Tensor:
     ``a = 1 / (1 + exp(nu * (max_k y_k - tau)))``, about 1 where the victim is unsure (max < tau)
     and about 0 where it is confident. Written as ``sigmoid(-nu * (max - tau))`` so a large
     ``nu`` never overflows ``exp``."""
-    top = y.max(dim=1, keepdim=True).values
-    return torch.sigmoid(-nu * (top - tau))
+    top = y.amax(dim=1, keepdim=True)
+    return torch.sigmoid((top - tau) * -nu)
 
 
 def module_device(module: Any) -> torch.device | None:

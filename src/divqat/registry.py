@@ -3,8 +3,11 @@ by string, and adding one is adding one file with a decorator (the timm pattern)
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
+
+from divqat.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -35,6 +38,39 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    # The front end shared by the registries of classes with keyword parameters (defenses,
+    # attacks): the CLI and the configs build them by name with checked parameters.
+
+    @staticmethod
+    def defaults(cls: Callable[..., Any]) -> dict[str, Any]:
+        """The constructor parameters of a registered class with their defaults."""
+        params = inspect.signature(cls.__init__).parameters
+        return {k: p.default for k, p in params.items() if k != "self"}
+
+    def create(self, name: str, **params: Any) -> Any:
+        """Build the entry ``name`` with ``params``; an unknown name or parameter is a
+        ``ConfigError`` that lists what is allowed (with the defaults)."""
+        try:
+            cls = self.get(name)
+        except KeyError as exc:
+            raise ConfigError(exc.args[0]) from None
+        defaults = self.defaults(cls)
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            allowed = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+            raise ConfigError(f"{self.kind} {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                              f"allowed (with defaults): {allowed}")
+        return cls(**params)
+
+    def describe(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(name, first docstring line, {param: default})`` of every entry, by name."""
+        rows = []
+        for name in self.names():
+            cls = self.get(name)
+            summary = next(iter((inspect.getdoc(cls) or "").strip().splitlines()), "")
+            rows.append((name, summary, self.defaults(cls)))
+        return rows
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

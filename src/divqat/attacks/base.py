@@ -311,30 +311,14 @@ class Attack:
 
 
 def attack_defaults(cls: type[Attack]) -> dict[str, Any]:
-    params = inspect.signature(cls.__init__).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
+    return ATTACKS.defaults(cls)
 
 
 def create_attack(name: str, **params: Any) -> Attack:
     """Build a registered attack by its CLI name: ``create_attack("dfme", directions=1)``."""
-    try:
-        cls = ATTACKS.get(name)
-    except KeyError as exc:
-        raise ConfigError(exc.args[0]) from None
-    defaults = attack_defaults(cls)
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        allowed = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
-        raise ConfigError(f"attack {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                          f"allowed (with defaults): {allowed}")
-    return cls(**params)
+    return ATTACKS.create(name, **params)
 
 
 def describe_attacks() -> list[tuple[str, str, dict[str, Any]]]:
     """(name, first docstring line, parameter defaults) of every registered attack."""
-    rows = []
-    for name in ATTACKS.names():
-        cls = ATTACKS.get(name)
-        summary = (inspect.getdoc(cls) or "").splitlines()[0] if cls.__doc__ else ""
-        rows.append((name, summary, attack_defaults(cls)))
-    return rows
+    return ATTACKS.describe()

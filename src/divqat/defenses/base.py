@@ -199,23 +199,12 @@ def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) ->
 
 def defense_defaults(cls: type[Defense]) -> dict[str, Any]:
     """The constructor parameters of a defense class with their defaults."""
-    params = inspect.signature(cls.__init__).parameters
-    return {k: p.default for k, p in params.items() if k != "self"}
+    return DEFENSES.defaults(cls)
 
 
 def create_defense(name: str, **params: Any) -> Defense:
     """Build a registered defense by its CLI name: ``create_defense("dcp", beta=0.5)``."""
-    try:
-        cls = DEFENSES.get(name)
-    except KeyError as exc:
-        raise ConfigError(exc.args[0]) from None
-    defaults = defense_defaults(cls)
-    unknown = sorted(set(params) - set(defaults))
-    if unknown:
-        allowed = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
-        raise ConfigError(f"defense {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                          f"allowed (with defaults): {allowed}")
-    return cls(**params)
+    return DEFENSES.create(name, **params)
 
 
 def _convert(text: str) -> Any:
@@ -252,9 +241,4 @@ def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 def describe_defenses() -> list[tuple[str, str, dict[str, Any]]]:
     """``(name, one-line summary, {param: default})`` for every registered defense, by name."""
-    rows = []
-    for name in DEFENSES.names():
-        cls = DEFENSES.get(name)
-        summary = next(iter((inspect.getdoc(cls) or "").strip().splitlines()), "")
-        rows.append((name, summary, defense_defaults(cls)))
-    return rows
+    return DEFENSES.describe()

@@ -15,6 +15,10 @@ the whole run:
   the victim's run, so load from other processes mostly cancels; under load the plain ratio can
   swing by more than the 5% it is meant to resolve.
 
+With ``--components ROUNDS`` (default 200) it also times each step of the served path (the
+input check, the softmax, each formula defense's ``serve``) right after a victim call, as when
+serving, and alone: the difference is what the victim's run costs the small steps after it.
+
 Target (DCP's claim, algorithms.md section 3): none, top-k, rounding, reverse-sigmoid and dcp
 each add at most 5%. MAD (a surrogate forward pass and a search per query) and adaptive
 misinformation (a second model's forward pass) are reported; their models are untrained here,
@@ -95,7 +99,41 @@ def served_ms(served: DefendedVictim, images: torch.Tensor, iters: int) -> tuple
     return 1000 * total / iters, 1000 * added / iters
 
 
-def bench(victim_dir: Path, batch: int, repeats: int, iters: int) -> dict:
+def _median_ms(times: list[float]) -> float:
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def components(victim, served: dict[str, DefendedVictim], images: torch.Tensor, rounds: int) -> dict:
+    """Each step of the served path, timed right after a victim call (as it runs when serving)
+    and again on its own, back to back: medians in ms. The difference is what the victim's run
+    costs the steps after it (caches and predictors it evicted), which is most of the added time."""
+    any_served = next(iter(served.values()))
+    with torch.no_grad():
+        logits = victim(images)
+    clean = torch.softmax(logits, dim=1)
+    steps = {"check_images": lambda: any_served.check_images(images),
+             "softmax": lambda: torch.softmax(logits, dim=1)}
+    for name, call in served.items():
+        if name not in ("adaptive-misinformation", "mad"):
+            steps[f"{name}.serve"] = (lambda d: lambda: d.serve(clean, logits, images))(call.defense)
+    out = {}
+    with torch.no_grad():
+        for name, step in steps.items():
+            after, alone = [], []
+            for _ in range(rounds):
+                victim(images)
+                start = time.perf_counter()
+                step()
+                after.append(time.perf_counter() - start)
+            for _ in range(rounds):
+                start = time.perf_counter()
+                step()
+                alone.append(time.perf_counter() - start)
+            out[name] = {"ms_after_victim": _median_ms(after), "ms_alone": _median_ms(alone)}
+    return out
+
+
+def bench(victim_dir: Path, batch: int, repeats: int, iters: int, component_rounds: int = 0) -> dict:
     victim = load_victim(victim_dir)
     images = torch.rand(batch, *victim.input_shape, generator=torch.Generator().manual_seed(0))
     served = {name: DefendedVictim(victim, make_defense(name, params, victim_dir))
@@ -123,9 +161,12 @@ def bench(victim_dir: Path, batch: int, repeats: int, iters: int) -> dict:
                         "ratio": best[name] / clean, "ratio_in_call": in_call,
                         "target": TARGET if held else None,
                         "meets_target": (in_call <= TARGET) if held else None})
-    return {"victim": str(victim_dir), "victim_mode": victim.mode, "arch": victim.metadata.get("arch"),
-            "input_shape": list(victim.input_shape), "batch": batch, "ms_undefended": clean,
-            "results": results}
+    r = {"victim": str(victim_dir), "victim_mode": victim.mode, "arch": victim.metadata.get("arch"),
+         "input_shape": list(victim.input_shape), "batch": batch, "ms_undefended": clean,
+         "results": results}
+    if component_rounds:
+        r["components"] = components(victim, served, images, component_rounds)
+    return r
 
 
 def main() -> None:
@@ -134,6 +175,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7, help="best of this many repetitions")
     parser.add_argument("--iters", type=int, default=5, help="queries per timing")
+    parser.add_argument("--components", type=int, default=200, metavar="ROUNDS",
+                        help="also time each step of the served path right after a victim call and "
+                             "alone, median of ROUNDS (0: skip)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="benchmarks/results/defenses.json")
     args = parser.parse_args()
@@ -141,7 +185,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         victim_dir = args.victim if args.victim is not None else quick_victim(Path(tmp))
-        r = bench(victim_dir, args.batch, args.repeats, args.iters)
+        r = bench(victim_dir, args.batch, args.repeats, args.iters, args.components)
     if args.victim is None:
         r["victim"] = "quick untrained int8 resnet8 (1x28x28, 10 classes)"
 
@@ -155,6 +199,10 @@ def main() -> None:
         print(f"{row['defense']:<24} {params:<20} {row['ms_defended']:>9.2f} {row['ratio']:>6.3f}x "
               f"{row['ms_added_in_call']:>9.3f} {row['ratio_in_call']:>7.3f}x  {verdict}")
     print(f"(best of {args.repeats} x {args.iters} queries, interleaved; {args.threads} threads)")
+    if "components" in r:
+        print(f"served-path steps, median ms of {args.components}: right after a victim call / alone")
+        for name, c in r["components"].items():
+            print(f"  {name:<24} {c['ms_after_victim']:>7.3f} / {c['ms_alone']:.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.processor() or platform.machine(), "threads": args.threads,

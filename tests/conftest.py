@@ -39,6 +39,17 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, for tests that run many tiny steps (the attacks' loops): on a shared
+    2-core machine two OpenMP threads spin against each other and such loops run several times
+    slower than on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_victims(tmp_path_factory):
     """Paths of a tiny fp32 teacher and its QAT int8 victim, trained once for the session."""
@@ -61,7 +72,11 @@ class BarsVictim:
     input_shape = (1, 16, 16)
     num_classes = len(TINY_CLASSES)
 
+    def __init__(self) -> None:
+        self.seen = 0  # every image it was shown: what a query budget must account for
+
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += len(images)
         bands = images.mean(dim=(1, 3)).reshape(len(images), self.num_classes, -1).mean(dim=2)
         return 20.0 * (bands - bands.mean(dim=1, keepdim=True))
 

@@ -17,28 +17,7 @@ FAST = {"generator_width": 8, "nz": 16}
 TRAINING = SurrogateTraining(arch="resnet8", epochs=1, progress=False, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These loops are many tiny steps; on a shared 2-core machine a second intra-op thread mostly
-    # waits for the other jobs, several times slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class CountingVictim:
-    """The bars victim, counting every image it is shown."""
-
-    def __init__(self, victim) -> None:
-        self.victim = victim
-        self.input_shape = victim.input_shape
-        self.num_classes = victim.num_classes
-        self.seen = 0
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        self.seen += len(images)
-        return self.victim(images)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -53,7 +32,7 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
 def test_every_query_counted_and_within_budget(bars_victim, name, params, per_image):
     attack = create_attack(name, **FAST, **params)
     assert attack.queries_per_image() == per_image
-    victim = CountingVictim(bars_victim)
+    victim = bars_victim
     # Budgets that are no multiple of an iteration's cost (8 * per_image), one below a minimal
     # iteration (2 * per_image), and a box budget above the largest.
     budgets = [301, 10, 129]
@@ -78,7 +57,7 @@ def test_every_query_counted_and_within_budget(bars_victim, name, params, per_im
 
 
 def test_counts_the_attacks_own_queries_on_a_used_box(bars_victim):
-    victim = CountingVictim(bars_victim)
+    victim = bars_victim
     box = BlackBox(victim, budget=250)
     box.query(torch.rand(50, 1, 16, 16))
     stolen = create_attack("dfme", batch_size=4, **FAST).steal(box, [200], TRAINING)

@@ -23,28 +23,7 @@ ATTACKS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a 2-core machine shared with other jobs, two OpenMP threads
-    spin against each other and these small models train about 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-class CountingVictim:
-    """Wraps a victim and counts the images it really saw."""
-
-    def __init__(self, victim) -> None:
-        self.victim = victim
-        self.input_shape = victim.input_shape
-        self.num_classes = victim.num_classes
-        self.seen = 0
-
-    def __call__(self, images):
-        self.seen += len(images)
-        return self.victim(images)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +47,7 @@ def accuracy(model, images, labels) -> float:
 
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_queries_are_counted_and_each_budget_gets_a_fresh_surrogate_on_a_prefix(name, bars_victim, transfer):
-    counter = CountingVictim(bars_victim)
+    counter = bars_victim
     box = BlackBox(counter, budget=130)
     stolen = create_attack(name, **ATTACKS[name]).steal(box, [130, 50], quick(), transfer=transfer)
     # Every image the victim saw was counted, and no more than the budget.

@@ -16,6 +16,7 @@ from divqat.attacks import (
     check_blackbox,
     create_attack,
     soft_cross_entropy,
+    train_surrogate,
 )
 from divqat.attacks.run import attack_victim, load_transfer_set
 from divqat.blackbox import BlackBox, DefendedVictim
@@ -79,6 +80,21 @@ def test_unknown_attack_and_parameter_errors_name_the_choices():
         SurrogateTraining(epochs=0)
     with pytest.raises(ConfigError, match="resnet8"):
         SurrogateTraining(arch="resnet9")
+    with pytest.raises(ConfigError, match="min_steps"):
+        SurrogateTraining(min_steps=-1)
+
+
+def test_min_steps_gives_small_query_sets_more_epochs(bars_victim):
+    training = SurrogateTraining(epochs=5, batch_size=128, min_steps=300)
+    assert training.epochs_for(500) == 75     # 4 steps an epoch
+    assert training.epochs_for(5000) == 8     # 40 steps an epoch
+    assert training.epochs_for(50_000) == 5   # epochs already give more than 300 steps
+    assert SurrogateTraining(epochs=5).epochs_for(500) == 5  # no floor by default
+    # The surrogate really trains that long: one history entry per epoch.
+    images = torch.rand(40, 1, 16, 16)
+    floor = SurrogateTraining(epochs=1, batch_size=16, min_steps=9, progress=False)
+    _, history = train_surrogate(images, bars_victim(images).softmax(dim=1), floor, (1, 16, 16), 4)
+    assert len(history) == 3  # 3 steps an epoch, 9 steps
 
 
 def test_attack_victim_steals_the_tiny_int8_victim(tiny_victims, tmp_path):

@@ -154,6 +154,18 @@ def test_stage_keys_change_exactly_when_their_inputs_change():
     seeded = _keys(tiny(seeds=[1]))
     assert not set(seeded.values()) & set(_keys(tiny()).values())  # the seed enters every key
 
+    # min_steps 0 is the recipe as it was before the option existed: the same keys, so stages
+    # cached then stay valid; any other value re-runs exactly the attacks.
+    surrogate = {"epochs": 1, "batch_size": 32}
+    assert _keys(tiny(attacks__0__surrogate={**surrogate, "min_steps": 0})) == _keys(
+        tiny(attacks__0__surrogate=surrogate))
+    floor = _keys(tiny(attacks__0__surrogate={**surrogate, "min_steps": 50}))
+    changed = {label for label, key in _keys(tiny(attacks__0__surrogate=surrogate)).items()
+               if key not in floor.values()}
+    assert changed == {label for label in _keys(tiny()) if label.startswith("attack")}
+    with pytest.raises(ConfigError, match=r"attacks\[0\]\.surrogate\.min_steps"):
+        parse_config(tiny(attacks__0__surrogate={"min_steps": -1}))
+
 
 def test_shared_teacher_is_planned_once():
     stages = plan_stages(parse_config(tiny(seeds=[0, 1], fp32={"epochs": 3, "seed": 7})))

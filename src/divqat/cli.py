@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="surrogate architecture (default: resnet8)")
     a.add_argument("--epochs", type=_positive_int, default=30,
                    help="surrogate training epochs over the stored queries (default: 30)")
+    a.add_argument("--min-steps", type=int, default=0, metavar="N",
+                   help="at least N optimizer steps per surrogate: small budgets get more epochs "
+                        "(default: 0, --epochs as given)")
     a.add_argument("--batch-size", type=_positive_int, default=128, help="surrogate batch size (default: 128)")
     a.add_argument("--lr", type=float, default=0.1, help="surrogate peak learning rate, cosine (default: 0.1)")
     a.add_argument("--temperature", type=float, default=1.0,
@@ -305,7 +308,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, batch_size=args.batch_size,
-                                 lr=args.lr, temperature=args.temperature, seed=args.seed,
+                                 lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
+                                 seed=args.seed,
                                  device=args.device, progress=not args.no_progress)
     m = attack_victim(args.victim, args.attack, parse_params(args.attack_param), budgets=args.budget,
                       defense=args.defense, defense_params=parse_params(args.param),

@@ -179,6 +179,7 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     results = []
     for s in stolen:
         row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
+               **({"epochs": training.epochs_for(s.queries_used)} if thief.uses_transfer_set else {}),
                **surrogate_metrics(s.surrogate, test_images, labels, defended_pred, clean_pred, device),
                **({"info": s.info} if s.info else {})}
         results.append(row)
@@ -191,7 +192,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
         "victim": str(victim_dir), "victim_mode": meta.get("mode"), "victim_dataset": meta.get("dataset"),
         "victim_arch": meta.get("arch"), "victim_accuracy": defense_metrics["victim_accuracy"],
         "transfer_set": None if transfer_set is None else transfer_set.name,
-        "surrogate": training.arch, "epochs": training.epochs, "seed": training.seed,
+        "surrogate": training.arch, "epochs": training.epochs, "min_steps": training.min_steps,
+        "seed": training.seed,
         **{k: defense_metrics[k] for k in ("defender_accuracy", "l1_distance", "kl_divergence",
                                            "argmax_changed", "ms_per_query_clean",
                                            "ms_per_query_defended")},

@@ -26,7 +26,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
         labels_only: [false, true]
         budgets: [500, 2000, 10000]                 # one surrogate per budget
         surrogate: {arch: resnet8, epochs: 30, batch_size: 128, lr: 0.1,
-                    weight_decay: 0.0005, temperature: 1.0}
+                    weight_decay: 0.0005, temperature: 1.0,
+                    min_steps: 0}            # at least this many SGD steps per surrogate
         defenses: null           # restrict to these defense names (default: every defense)
 """
 
@@ -114,6 +115,7 @@ class SurrogateSpec:
     lr: float = 0.1
     weight_decay: float = 5e-4
     temperature: float = 1.0
+    min_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -426,18 +428,23 @@ def _surrogate(raw: Any, where: str) -> SurrogateSpec:
     from divqat.models import model_names
 
     d = SurrogateSpec()
-    m = _Mapping(raw, where, ("arch", "epochs", "batch_size", "lr", "weight_decay", "temperature"))
+    m = _Mapping(raw, where, ("arch", "epochs", "batch_size", "lr", "weight_decay", "temperature",
+                              "min_steps"))
     return SurrogateSpec(arch=m.choice("arch", d.arch, model_names()),
                          epochs=m.int("epochs", d.epochs, 1),
                          batch_size=m.int("batch_size", d.batch_size, 1),
                          lr=m.number("lr", d.lr, 0, low_open=True),
                          weight_decay=m.number("weight_decay", d.weight_decay, 0),
-                         temperature=m.number("temperature", d.temperature, 0, low_open=True))
+                         temperature=m.number("temperature", d.temperature, 0, low_open=True),
+                         min_steps=m.int("min_steps", d.min_steps, 0))
 
 
-def _surrogate_fields(spec: SurrogateSpec) -> dict[str, Any]:
-    return {"arch": spec.arch, "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
-            "weight_decay": spec.weight_decay, "temperature": spec.temperature}
+def surrogate_fields(spec: SurrogateSpec) -> dict[str, Any]:
+    fields = {"arch": spec.arch, "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
+              "weight_decay": spec.weight_decay, "temperature": spec.temperature}
+    if spec.min_steps:  # only when set: the stage keys of configs written before it stay valid
+        fields["min_steps"] = spec.min_steps
+    return fields
 
 
 def _params_text(params: dict[str, Any]) -> str:
@@ -500,7 +507,7 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
         if a.transfer != (None,):
             out["transfer"] = list(a.transfer)
         out.update(labels_only=list(a.labels_only), budgets=list(a.budgets),
-                   surrogate=_surrogate_fields(a.surrogate))
+                   surrogate=surrogate_fields(a.surrogate))
         if a.defenses is not None:
             out["defenses"] = list(a.defenses)
         return out

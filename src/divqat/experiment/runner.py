@@ -17,7 +17,6 @@ attack stages, which the plan keeps together; transfer sets are loaded once per 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from divqat.defenses.build import build_defense
 from divqat.defenses.evaluate import evaluate_defense
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.experiment.cache import StageCache, stage_key, write_text_atomic
-from divqat.experiment.config import HOLDOUT, ExperimentConfig, config_dict
+from divqat.experiment.config import HOLDOUT, ExperimentConfig, config_dict, surrogate_fields
 from divqat.train.losses import DivQATSettings
 from divqat.train.victims import TrainRequest, train_victim
 from divqat.victim import load_victim, write_json
@@ -134,7 +133,7 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                         for labels_only in a.labels_only:
                             spec = {"name": a.name, "params": a.params, "transfer": transfer,
                                     "labels_only": labels_only, "budgets": list(a.budgets),
-                                    "surrogate": dataclasses.asdict(a.surrogate), "seed": seed}
+                                    "surrogate": surrogate_fields(a.surrogate), "seed": seed}
                             inputs = (victim.key, defense.key)
                             label = (f"attack {attack_label(a.name, a.params, transfer, labels_only)} "
                                      f"| {who} | {dlabel} | seed {seed}")

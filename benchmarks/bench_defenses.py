@@ -1,19 +1,17 @@
 """What each defense adds to one batch-256 query of an int8 victim, as a ratio to the undefended query.
 
-    python benchmarks/bench_defenses.py [--victim DIR] [--repeats 7] [--out benchmarks/results/defenses.json]
+    python benchmarks/bench_defenses.py [--victim DIR] [--repeats 7] [--iters 10] [--out benchmarks/results/defenses.json]
 
 The undefended query is the victim alone (``victim(images) -> logits``); the defended one is the
-whole served path, ``DefendedVictim(victim, defense)(images)``: input checks, the victim, the
-softmax and the defense. Both are timed in the same run, interleaved (every repetition times the
-victim alone and then each defense, in an order rotated per repetition), and each is the best of
-``--repeats`` repetitions of ``--iters`` queries. Two ratios against the best undefended time of
-the whole run:
-
-- ``ratio``: the best defended time over it, as measured;
-- ``ratio_in_call`` (the verdict): ``(undefended + added) / undefended``, where ``added`` is the
-  best time of a defended call minus the victim's own time inside that same call. The two share
-  the victim's run, so load from other processes mostly cancels; under load the plain ratio can
-  swing by more than the 5% it is meant to resolve.
+whole served path, ``DefendedVictim(victim, defense)(images)``: the input check, the victim, the
+softmax and the defense, which for none, top-k, rounding, reverse-sigmoid and dcp run inside the
+victim's compiled int8 program (``Defense.epilogue``). Timed in pairs of blocks: ``--iters``
+queries to the victim alone, then ``--iters`` served ones (each block warm, as in a deployment
+that serves one way), a fraction of a second apart so that load from other processes mostly
+cancels; ``--repeats`` rounds, the defenses in an order rotated per round. The verdict ``ratio``
+is the median over the rounds of (median served ms / median alone ms). For the fusable defenses the
+``eager`` column is the same ratio with the defense run eagerly after the victim
+(``fuse=False``), the path that missed the target before the fusion.
 
 With ``--components ROUNDS`` (default 200) it also times each step of the served path (the
 input check, the softmax, each formula defense's ``serve``) right after a victim call, as when
@@ -80,23 +78,27 @@ def make_defense(name: str, params: dict, victim_dir: Path):
     return build_defense(name, params, victim_dir)
 
 
-def ms_per_query(call, images: torch.Tensor, iters: int) -> float:
-    start = time.perf_counter()
-    for _ in range(iters):
-        call(images)
-    return 1000 * (time.perf_counter() - start) / iters
-
-
-def served_ms(served: DefendedVictim, images: torch.Tensor, iters: int) -> tuple[float, float]:
-    """Milliseconds per defended query, and of it the part outside the victim's forward pass."""
-    total = added = 0.0
+def _block_ms(call, images: torch.Tensor, iters: int) -> list[float]:
+    times = []
     for _ in range(iters):
         start = time.perf_counter()
-        batch = served(images)
-        seconds = time.perf_counter() - start
-        total += seconds
-        added += seconds - batch.victim_seconds
-    return 1000 * total / iters, 1000 * added / iters
+        call(images)
+        times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def paired_blocks(victim, served: DefendedVictim, images: torch.Tensor, iters: int) -> tuple[float, list[float]]:
+    """A block of ``iters`` queries to the victim alone, then a block of ``iters`` served ones,
+    each block warm as in a deployment that serves one way: (median served / median alone, the
+    served milliseconds). The two blocks run a fraction of a second apart, so load from other
+    processes mostly cancels in the ratio."""
+    alone = _block_ms(victim, images, iters)
+    defended = _block_ms(served, images, iters)
+    return _median(defended) / _median(alone), defended
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def _median_ms(times: list[float]) -> float:
@@ -136,36 +138,46 @@ def components(victim, served: dict[str, DefendedVictim], images: torch.Tensor, 
 def bench(victim_dir: Path, batch: int, repeats: int, iters: int, component_rounds: int = 0) -> dict:
     victim = load_victim(victim_dir)
     images = torch.rand(batch, *victim.input_shape, generator=torch.Generator().manual_seed(0))
-    served = {name: DefendedVictim(victim, make_defense(name, params, victim_dir))
-              for name, params, _ in DEFENSES}
-    for _ in range(3):
-        victim(images)  # warm-up; the first call compiles the int8 program
-    for call in served.values():
-        call(images)
-    clean = float("inf")
-    best = dict.fromkeys(served, float("inf"))
-    added = dict.fromkeys(served, float("inf"))
+    # The served path (fused into the int8 program where the defense allows it), and for the
+    # fusable defenses the same defense run eagerly after the victim, for comparison.
+    served = {}
+    for name, params, _ in DEFENSES:
+        served[name] = DefendedVictim(victim, make_defense(name, params, victim_dir))
+        if served[name].defense.fusable:
+            served[f"{name} (eager)"] = DefendedVictim(victim, served[name].defense, fuse=False)
+    with torch.no_grad():
+        for _ in range(3):
+            victim(images)  # warm-up; the first call compiles the int8 program
+        for call in served.values():
+            call(images)  # the first call of a fused one compiles it
+    ratios: dict[str, list[float]] = {name: [] for name in served}
+    ms: dict[str, list[float]] = {name: [] for name in served}
+    alone: list[float] = []
     names = list(served)
     with torch.no_grad():
         for rep in range(repeats):
             order = names[rep % len(names):] + names[:rep % len(names)]
             for name in order:
-                clean = min(clean, ms_per_query(victim, images, iters))
-                total, extra = served_ms(served[name], images, iters)
-                best[name], added[name] = min(best[name], total), min(added[name], extra)
+                r, m = paired_blocks(victim, served[name], images, iters)
+                ratios[name].append(r)
+                ms[name] += m
+            alone += _block_ms(victim, images, iters)
     results = []
     for name, given, held in DEFENSES:
-        in_call = (clean + added[name]) / clean
-        results.append({"defense": name, "given_params": given, "params": served[name].defense.params(),
-                        "ms_defended": best[name], "ms_added_in_call": added[name],
-                        "ratio": best[name] / clean, "ratio_in_call": in_call,
-                        "target": TARGET if held else None,
-                        "meets_target": (in_call <= TARGET) if held else None})
+        ratio = _median(ratios[name])
+        row = {"defense": name, "given_params": given, "params": served[name].defense.params(),
+               "fused": served[name].fused, "ms_defended": _median(ms[name]), "ratio": ratio,
+               "target": TARGET if held else None, "meets_target": (ratio <= TARGET) if held else None}
+        if f"{name} (eager)" in served:
+            row["ratio_eager"] = _median(ratios[f"{name} (eager)"])
+            row["ms_defended_eager"] = _median(ms[f"{name} (eager)"])
+        results.append(row)
     r = {"victim": str(victim_dir), "victim_mode": victim.mode, "arch": victim.metadata.get("arch"),
-         "input_shape": list(victim.input_shape), "batch": batch, "ms_undefended": clean,
+         "input_shape": list(victim.input_shape), "batch": batch, "ms_undefended": _median(alone),
          "results": results}
     if component_rounds:
-        r["components"] = components(victim, served, images, component_rounds)
+        r["components"] = components(victim, {k: v for k, v in served.items() if "(eager)" not in k},
+                                     images, component_rounds)
     return r
 
 
@@ -173,8 +185,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--victim", type=Path, help="an int8 victim directory (default: build a quick one)")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=7, help="best of this many repetitions")
-    parser.add_argument("--iters", type=int, default=5, help="queries per timing")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds over all defenses")
+    parser.add_argument("--iters", type=int, default=10, help="queries per timed block")
     parser.add_argument("--components", type=int, default=200, metavar="ROUNDS",
                         help="also time each step of the served path right after a victim call and "
                              "alone, median of ROUNDS (0: skip)")
@@ -189,16 +201,21 @@ def main() -> None:
     if args.victim is None:
         r["victim"] = "quick untrained int8 resnet8 (1x28x28, 10 classes)"
 
-    print(f"{r['victim']} ({r['victim_mode']}): undefended {r['ms_undefended']:.2f} ms per batch of {args.batch}")
-    print(f"{'defense':<24} {'params':<20} {'ms/batch':>9} {'ratio':>7} {'added ms':>9} "
-          f"{'in-call':>8}  target (in-call ratio)")
+    print(f"{r['victim']} ({r['victim_mode']}): undefended {r['ms_undefended']:.2f} ms per batch of "
+          f"{args.batch} (median)")
+    print(f"{'defense':<24} {'params':<20} {'path':<6} {'ms/batch':>9} {'ratio':>7}  "
+          f"{'eager':>7}  target (ratio)")
     for row in r["results"]:
         params = ", ".join(f"{k}={v}" for k, v in row["given_params"].items())
         verdict = ("reported" if row["target"] is None
                    else f"<= {row['target']:.2f} {'ok' if row['meets_target'] else 'MISSED'}")
-        print(f"{row['defense']:<24} {params:<20} {row['ms_defended']:>9.2f} {row['ratio']:>6.3f}x "
-              f"{row['ms_added_in_call']:>9.3f} {row['ratio_in_call']:>7.3f}x  {verdict}")
-    print(f"(best of {args.repeats} x {args.iters} queries, interleaved; {args.threads} threads)")
+        eager = f"{row['ratio_eager']:>6.3f}x" if "ratio_eager" in row else f"{'':>7}"
+        print(f"{row['defense']:<24} {params:<20} {'fused' if row['fused'] else 'eager':<6} "
+              f"{row['ms_defended']:>9.2f} {row['ratio']:>6.3f}x  {eager}  {verdict}")
+    print(f"(ratio: median over {args.repeats} rounds of (served / victim alone), medians of blocks "
+          f"of {args.iters} queries, "
+          f"interleaved; eager: the same defense run after the victim instead of fused into its "
+          f"program; {args.threads} threads)")
     if "components" in r:
         print(f"served-path steps, median ms of {args.components}: right after a victim call / alone")
         for name, c in r["components"].items():

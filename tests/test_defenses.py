@@ -143,6 +143,25 @@ def test_served_path_gives_what_the_validated_call_gives(logits):
         assert torch.equal(served, called), (name, params)
 
 
+@FEW
+@given(logits=arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(1, 12)),
+                     elements=st.floats(-60, 60, width=32)))
+def test_epilogue_computes_what_the_served_path_computes(logits):
+    """``epilogue`` (the served path written to be compiled into a victim's program, branch-free)
+    gives ``serve``'s answer from the logits alone, for every defense that declares ``fusable``."""
+    logits = torch.from_numpy(logits)
+    y = torch.softmax(logits, dim=1)
+    fusable = [(name, params) for name, params in CONFIGS if DEFENSES.get(name).fusable]
+    assert {name for name, _ in fusable} == {"none", "top-k", "rounding", "reverse-sigmoid", "dcp"}
+    for name, params in fusable:
+        defense = build(name, y.shape[1], **params)
+        clean, defended, nonfinite = defense.epilogue(logits)
+        assert torch.equal(clean, y) and int(nonfinite) == 0
+        assert_distribution(defended, y)
+        assert torch.allclose(defended, defense.serve(y, logits, images_for(len(y))), atol=1e-7, rtol=0), \
+            (name, params)
+
+
 def test_every_registered_defense_is_covered():
     assert {name for name, _ in CONFIGS} == set(DEFENSES.names()) == {
         "none", "top-k", "rounding", "random-noise", "reverse-sigmoid", "dcp",

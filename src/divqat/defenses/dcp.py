@@ -51,6 +51,7 @@ class DCP(Defense):
     """
 
     name = "dcp"
+    fusable = True
 
     def __init__(self, beta: float = 0.5, tau: float | None = None, gamma: float = 0.2,
                  nu: float = 1000.0, clamp_odds: bool = True) -> None:

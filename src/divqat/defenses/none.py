@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from divqat.defenses.base import DEFENSES, Defense
@@ -20,6 +21,7 @@ class NoDefense(Defense):
     """
 
     name = "none"
+    fusable = True
 
     def __call__(self, posteriors: Tensor, *, logits: Tensor | None = None,
                  images: Tensor | None = None) -> Tensor:
@@ -30,6 +32,10 @@ class NoDefense(Defense):
 
     def serve(self, posteriors: Tensor, logits: Tensor, images: Tensor) -> Tensor:
         return posteriors.detach().clone()
+
+    def epilogue(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        clean = torch.softmax(logits.float(), dim=1)
+        return clean, clean.clone(), torch.zeros((), dtype=torch.int64, device=clean.device)
 
     def forward(self, y: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
         return y

@@ -65,6 +65,7 @@ class ReverseSigmoid(Defense):
     """
 
     name = "reverse-sigmoid"
+    fusable = True
 
     def __init__(self, beta: float = 0.5, gamma: float = 0.2, clamp_odds: bool = True) -> None:
         self.beta = check_number(self.name, "beta", beta, low=0.0)

@@ -32,6 +32,7 @@ class Rounding(Defense):
     """
 
     name = "rounding"
+    fusable = True
 
     def __init__(self, decimals: int = 2) -> None:
         self.decimals = check_int(self.name, "decimals", decimals, low=0)
@@ -39,6 +40,7 @@ class Rounding(Defense):
     def forward(self, y: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
         rounded = torch.round(y, decimals=self.decimals)
         dead = rounded.amax(dim=1, keepdim=True) <= 0
-        if dead.any():
+        # Eagerly the rare dead row is worth a check; compiled, the branch-free form fuses.
+        if torch.compiler.is_compiling() or dead.any():
             rounded = torch.where(dead, one_hot_argmax(y), rounded)
         return rounded  # renormalized by the base class

@@ -30,6 +30,7 @@ class TopK(Defense):
     """
 
     name = "top-k"
+    fusable = True
 
     def __init__(self, k: int = 1) -> None:
         self.k = check_int(self.name, "k", k, low=1)

@@ -177,6 +177,18 @@ def test_cli_defend_int8_victim_on_its_own_test_split(tiny_victims, tmp_path, ca
     assert metrics["l1_distance"] == 0 and metrics["argmax_changed"] == 0
 
 
+def test_cli_defend_times_warm_victim_and_served_path(tiny_victims, tmp_path, capsys):
+    """Both sides of the latency ratio are timed after their compilation: a victim alone whose
+    first call per batch size were timed would look hundreds of times slower than served."""
+    out_dir = tmp_path / "dcp"
+    code, _, _ = run(["defend", "--victim", str(tiny_victims["qat"]), "--defense", "dcp", "--param", "beta=0.9",
+                      "--queries", "tiny-bars:train", "--no-progress", "--out", str(out_dir)], capsys)
+    assert code == 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["queries"] == 384  # batches of 256 and 128: two sizes, each warmed up
+    assert 0.2 < metrics["latency_ratio"] < 5, metrics
+
+
 def test_cli_defend_model_backed_defenses(victim_dir, misinformation, tmp_path, capsys):
     code, _, err = run(["defend", "--victim", str(victim_dir), "--defense", "adaptive-misinformation",
                         "--param", "tau=0.99", "--misinformation-epochs", "2", "--limit", "40",

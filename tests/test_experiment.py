@@ -104,7 +104,7 @@ def test_config_defaults_grid_and_none_always_included(tmp_path):
     config = parse_config(tiny(defenses=[{"name": "dcp", "params": {"beta": [0.3, 0.5], "gamma": 0.2}}]))
     assert [d.name for d in config.defenses] == ["none", "dcp"]
     assert config.defenses[1].grid() == [{"beta": 0.3, "gamma": 0.2}, {"beta": 0.5, "gamma": 0.2}]
-    assert config.divqat.divergence == "kl" and config.divqat.cap == 0.2  # RECOMMENDED's
+    assert config.divqat.divergence == "kl" and config.divqat.cap == 0.15  # RECOMMENDED's
     assert parse_config(tiny(divqat__divergence="js")).divqat.cap is None  # the cap belongs to kl
     assert config.attacks[0].transfer == ("holdout",) and config.attacks[0].budgets == (40, 80)
     path = tmp_path / "bad.yaml"

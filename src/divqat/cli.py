@@ -22,7 +22,7 @@ kl_to_teacher, l1_to_teacher, train_seconds, per-epoch history).
 example:
   divqat train --dataset fashion-mnist --arch resnet8 --mode fp32 --epochs 15 --out runs/fp32
   divqat train --dataset fashion-mnist --arch resnet8 --mode divqat --teacher runs/fp32 \\
-      --epochs 1 --out runs/divqat          # kl, alpha 2, cap 0.2 (the measured default)
+      --epochs 1 --out runs/divqat          # kl, alpha 2, cap 0.15 (the measured default)
   divqat train ... --mode divqat --divergence kl --alpha 0.5 ...  # the paper's plain KL, no cap
 """
 

@@ -14,7 +14,7 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
       batch_size: 128
     fp32:    {epochs: 10, lr: 0.1, seed: null}     # seed null: one teacher per run seed
     qat:     {epochs: 1, lr: 0.01}
-    divqat:  {alphas: [2.0], divergence: kl, cap: 0.2, ramp: 0.0, temperature: 1.0,
+    divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
               epochs: 1, lr: 0.01}                  # divergence and cap: RECOMMENDED's
     defenses:                    # "none" is always included
       - none

@@ -79,14 +79,9 @@ class Defense:
         """
         clean = torch.softmax(logits.float(), dim=1)
         y = clean.to(torch.float64)
-        raw = self.forward(y / y.sum(dim=1, keepdim=True), None, None)
-        out = raw.clamp_min(0.0)
-        total = out.sum(dim=1, keepdim=True)
-        # normalize_rows without its branch: a row that clipping left all zero is a one-hot.
-        dead = total <= 0
-        out = torch.where(dead, one_hot_argmax(raw), out)
-        total = torch.where(dead, 1.0, total)
-        return clean, (out / total).to(clean.dtype), (~torch.isfinite(total)).sum()
+        out = normalize_rows(self.forward(y / y.sum(dim=1, keepdim=True), None, None))
+        # A NaN or +inf score leaves its whole row non-finite after N(.).
+        return clean, out.to(clean.dtype), (~torch.isfinite(out)).any(dim=1).sum()
 
     def _answer(self, y: Tensor, posteriors: Tensor, logits: Tensor | None,
                 images: Tensor | None) -> Tensor:
@@ -156,7 +151,9 @@ def normalize_rows(v: Tensor, fallback: Tensor | None = None) -> Tensor:
     clipped = v.clamp_min(0.0)
     total = clipped.sum(dim=1, keepdim=True)
     dead = total <= 0
-    if dead.any():
+    # Eagerly the rare dead row is worth a check; compiled (Defense.epilogue), the branch-free
+    # form fuses.
+    if torch.compiler.is_compiling() or dead.any():
         if fallback is None:
             fallback = one_hot_argmax(v)
         clipped = torch.where(dead, fallback.to(clipped.dtype), clipped)

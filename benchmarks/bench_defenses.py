@@ -39,9 +39,10 @@ import torch
 
 from divqat.blackbox import DefendedVictim
 from divqat.defenses import create_defense
-from divqat.defenses.build import build_defense, random_surrogate
+from divqat.models import VictimNet
+from divqat.pipelines.defense_models import build_defense, random_surrogate
 from divqat.quant import convert_to_int8, prepare_qat
-from divqat.victim import VictimNet, load_victim, save_victim
+from divqat.victim import load_victim, save_victim
 
 SHAPE, CLASSES = (1, 28, 28), 10
 TARGET = 1.05

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from divqat.models import VictimNet
 from divqat.quant import convert_to_int8, export_dynamic, prepare_qat
 from divqat.train import CrossEntropy, DivQATLoss, DivQATSettings, FitConfig, fit
-from divqat.victim import VictimNet, load_victim, save_victim
+from divqat.victim import load_victim, save_victim
 
 SHAPE, CLASSES = (1, 28, 28), 10
 

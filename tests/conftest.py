@@ -53,7 +53,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def tiny_victims(tmp_path_factory):
     """Paths of a tiny fp32 teacher and its QAT int8 victim, trained once for the session."""
-    from divqat.train.victims import TrainRequest, train_victim
+    from divqat.pipelines.train import TrainRequest, train_victim
 
     root = tmp_path_factory.mktemp("victims")
     fp32 = root / "fp32"

@@ -18,11 +18,11 @@ from divqat.attacks import (
     soft_cross_entropy,
     train_surrogate,
 )
-from divqat.attacks.run import attack_victim, load_transfer_set
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.cli import main
 from divqat.errors import ConfigError
-from divqat.train.victims import TrainRequest, train_victim
+from divqat.pipelines.attack import attack_victim, load_transfer_set
+from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.victim import read_metadata
 
 ATTACK_METRICS = {"adversary_accuracy", "adversary_error", "agreement", "queries_used",

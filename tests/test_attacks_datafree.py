@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from divqat.attacks import DFME, MAZE, SurrogateTraining, create_attack
-from divqat.attacks.dfme import QueryGenerator, pseudo_logits
+from divqat.attacks.data_free import QueryGenerator, pseudo_logits
 from divqat.attacks.maze import ReplayBuffer, kl_per_image
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.errors import ConfigError

@@ -14,7 +14,9 @@ from divqat import load_victim
 from divqat.cli import main
 from divqat.data import to_float
 from divqat.defenses import DCP, DEFENSES, MAD, AdaptiveMisinformation
-from divqat.defenses.build import (
+from divqat.errors import ArtifactError, ConfigError
+from divqat.models import VictimNet
+from divqat.pipelines.defense_models import (
     MISINFORMATION_DIR,
     build_defense,
     ensure_misinformation_model,
@@ -23,8 +25,7 @@ from divqat.defenses.build import (
     random_surrogate,
     victim_training_images,
 )
-from divqat.errors import ArtifactError, ConfigError
-from divqat.victim import VictimNet, read_metadata
+from divqat.victim import read_metadata
 
 METRICS = {"defender_accuracy", "l1_distance", "kl_divergence", "argmax_changed", "ms_per_query_clean",
            "ms_per_query_defended", "defense", "params", "victim", "victim_mode", "query_set", "queries"}

@@ -26,9 +26,9 @@ from divqat.defenses import (
     create_defense,
     describe_defenses,
     misinformation_loss,
-    parse_params,
 )
 from divqat.errors import ConfigError
+from divqat.registry import parse_params
 
 FEW = settings(max_examples=60, deadline=None)
 IMAGE_SHAPE = (1, 4, 4)

@@ -12,14 +12,14 @@ from conftest import TINY, _load_tiny, make_bars
 from divqat import load_victim
 from divqat.data import adapt, load_dataset, to_float
 from divqat.defenses import Defense, create_defense
-from divqat.defenses.evaluate import (
+from divqat.errors import ConfigError, DatasetError
+from divqat.pipelines.defend import (
     KL_CLAMP,
     evaluate_defense,
     load_queries,
     parse_query_set,
     posterior_distances,
 )
-from divqat.errors import ConfigError, DatasetError
 
 KEYS = {"defense", "params", "defender_accuracy", "victim_accuracy", "test_images", "l1_distance",
         "kl_divergence", "argmax_changed", "queries", "ms_per_query_clean", "ms_per_query_defended",

@@ -26,7 +26,8 @@ from divqat.experiment import (
 )
 from divqat.experiment import runner as runner_module
 from divqat.experiment.cache import DONE, StageCache, stage_key
-from divqat.experiment.report import delta_cell, with_adaptive
+from divqat.experiment.report import delta_cell
+from divqat.experiment.results import with_adaptive
 
 TINY_CONFIG = {
     "name": "tiny",

@@ -12,8 +12,9 @@ from torch import Tensor
 from divqat import load_victim
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.defenses import Defense, create_defense
+from divqat.models import VictimNet
 from divqat.quant import convert_to_int8, prepare_qat
-from divqat.victim import Victim, VictimNet
+from divqat.victim import Victim
 
 SHAPE = (1, 16, 16)
 

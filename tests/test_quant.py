@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import make_bars
 
+from divqat.models import VictimNet
 from divqat.quant import compile_int8, convert_to_int8, prepare_qat
 from divqat.quant.flow import _bn_nodes
 from divqat.train import CrossEntropy, FitConfig, fit
-from divqat.victim import VictimNet
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from divqat import load_victim
 from divqat.cli import main
 from divqat.data import to_float
 from divqat.errors import ArtifactError, ConfigError, TrainingCollapsed
+from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.train import DivQATSettings
 from divqat.train.losses import RECOMMENDED
-from divqat.train.victims import TrainRequest, train_victim
 
 METRIC_KEYS = {"test_accuracy", "int8_test_accuracy", "kl_to_teacher", "l1_to_teacher", "train_seconds"}
 

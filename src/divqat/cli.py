@@ -98,8 +98,8 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from divqat.data import dataset_names
     from divqat.models import model_names
+    from divqat.pipelines.train import MODES
     from divqat.train.losses import DIVERGENCES, RECOMMENDED
-    from divqat.train.victims import MODES
 
     parser = argparse.ArgumentParser(prog="divqat", description=__doc__.split(":")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -238,8 +238,8 @@ def _set_threads(threads: int | None) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from divqat.pipelines.train import TrainRequest, train_victim
     from divqat.train.losses import RECOMMENDED, DivQATSettings
-    from divqat.train.victims import TrainRequest, train_victim
 
     _set_threads(args.threads)
     if args.mode == "divqat":
@@ -266,8 +266,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
-    from divqat.defenses import parse_params
-    from divqat.defenses.evaluate import defend_victim
+    from divqat.pipelines.defend import defend_victim
+    from divqat.registry import parse_params
 
     _set_threads(args.threads)
     m = defend_victim(args.victim, args.defense, parse_params(args.param), queries=args.queries,
@@ -288,7 +288,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
 
 def cmd_defenses(args: argparse.Namespace) -> int:
-    from divqat.defenses.build import list_defenses
+    from divqat.pipelines.defense_models import list_defenses
 
     rows = list_defenses()
     width = max(len(r["name"]) for r in rows)
@@ -303,8 +303,8 @@ def cmd_defenses(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from divqat.attacks import SurrogateTraining
-    from divqat.attacks.run import attack_victim
-    from divqat.defenses import parse_params
+    from divqat.pipelines.attack import attack_victim
+    from divqat.registry import parse_params
 
     _set_threads(args.threads)
     training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, batch_size=args.batch_size,

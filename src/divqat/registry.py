@@ -77,3 +77,37 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+# ---------------------------------------------------------------- --param key=value
+
+def _convert(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Parse CLI ``--param key=value`` items: ``["beta=0.5", "k=1"] -> {"beta": 0.5, "k": 1}``.
+
+    Values become int, float, bool (true/false) or None (none/null) where they parse, else stay
+    strings. A missing ``=``, an empty or non-identifier key, or a repeated key is a ConfigError.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"bad parameter {item!r}: expected key=value, e.g. beta=0.5")
+        if key in out:
+            raise ConfigError(f"parameter {key!r} given twice")
+        out[key] = _convert(value.strip())
+    return out

@@ -16,8 +16,6 @@ freezing, so they run on real int8 kernels.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import types
 import warnings
 import zipfile
@@ -27,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from divqat.data import Normalize
 from divqat.errors import ArtifactError
-from divqat.models import create_model
+from divqat.io import atomic_write, write_json
+from divqat.models.normalized import VictimNet, build_net
 from divqat.quant import compile_int8, quiet_torchao
 
 FORMAT = "divqat-victim"
@@ -41,42 +39,6 @@ INT8_MODES = ("qat", "divqat")
 BUCKETS = (16, 64, 256)
 
 
-class VictimNet(nn.Module):
-    """Normalization followed by a registered architecture: the whole deployed model."""
-
-    def __init__(self, arch: str, in_channels: int, num_classes: int,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.net = create_model(arch, in_channels=in_channels, num_classes=num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
-
-
-def build_net(meta: dict) -> VictimNet:
-    c = meta["input_shape"][0]
-    return VictimNet(meta["arch"], c, len(meta["classes"]), tuple(meta["mean"]), tuple(meta["std"]))
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """JSON written atomically (temp file + rename): an interrupted run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
 def save_victim(out: str | Path, program: torch.export.ExportedProgram, metadata: dict,
                 weights: dict | None = None) -> Path:
     """Write a victim directory (program, metadata and, for fp32, the weights). Returns the path."""
@@ -84,9 +46,9 @@ def save_victim(out: str | Path, program: torch.export.ExportedProgram, metadata
     out.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "No complete tensor found in the group": CPU weights, harmless
-        _atomic_write_bytes(out / PROGRAM, lambda tmp: torch.export.save(program, tmp))
+        atomic_write(out / PROGRAM, lambda tmp: torch.export.save(program, tmp))
     if weights is not None:
-        _atomic_write_bytes(out / WEIGHTS, lambda tmp: torch.save(weights, tmp))
+        atomic_write(out / WEIGHTS, lambda tmp: torch.save(weights, tmp))
     # Metadata last: a directory with a victim.json is a complete artifact.
     write_json(out / METADATA, {"format": FORMAT, "format_version": FORMAT_VERSION, **metadata})
     return out

@@ -5,7 +5,7 @@ Attacks see only a ``divqat.blackbox.BlackBox``::
     >>> from divqat.attacks import SurrogateTraining, create_attack
     >>> stolen = create_attack("knockoff").steal(box, [1000, 10000], SurrogateTraining(), transfer=ts)
 
-``divqat.attacks.run.attack_victim`` is the whole ``divqat attack`` command (load the victim, put
+``divqat.pipelines.attack.attack_victim`` is the whole ``divqat attack`` command (load the victim, put
 the defense and the black box around it, run the attack, measure the surrogates).
 """
 

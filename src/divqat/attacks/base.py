@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divqat.blackbox import BlackBox
+from divqat.checks import check_bool, check_choice, check_int, check_number
 from divqat.data import to_float
-from divqat.defenses.base import check_bool, check_choice, check_int, check_number  # noqa: F401
 from divqat.errors import ConfigError
 from divqat.registry import Registry
 from divqat.train.trainer import FitConfig, fit
@@ -192,7 +192,7 @@ def build_surrogate(arch: str, input_shape: tuple[int, int, int], num_classes: i
                     seed: int = 0) -> nn.Module:
     """A fresh surrogate: normalization (the thief's own ``stats`` = (mean, std) per channel)
     followed by a registered architecture, like a victim."""
-    from divqat.victim import VictimNet
+    from divqat.models import VictimNet
 
     mean, std = stats if stats is not None else DEFAULT_STATS
     c = input_shape[0]

@@ -22,12 +22,11 @@ from divqat.attacks.base import (
     Stolen,
     SurrogateTraining,
     TransferSet,
-    check_int,
-    check_number,
     train_per_budget,
     train_surrogate,
 )
 from divqat.blackbox import BlackBox
+from divqat.checks import check_int, check_number
 from divqat.data import to_float
 
 

@@ -19,11 +19,11 @@ from divqat.attacks.base import (
     Stolen,
     SurrogateTraining,
     TransferSet,
-    check_int,
     query_in_batches,
     train_per_budget,
 )
 from divqat.blackbox import BlackBox
+from divqat.checks import check_int
 
 
 @ATTACKS.register("knockoff")

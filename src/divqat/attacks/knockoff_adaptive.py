@@ -24,12 +24,10 @@ from divqat.attacks.base import (
     SurrogateTraining,
     TransferSet,
     build_surrogate,
-    check_choice,
-    check_int,
-    check_number,
     train_per_budget,
 )
 from divqat.blackbox import BlackBox
+from divqat.checks import check_choice, check_int, check_number
 from divqat.data import to_float
 
 REWARDS = ("cert", "div", "loss", "all")

@@ -1,7 +1,7 @@
 """MAZE (Kariyappa et al., "MAZE: Data-Free Model Stealing Attack Using Zeroth-Order Gradient
 Estimation", CVPR 2021).
 
-DFME's generator-versus-student game (``divqat.attacks.dfme``) with MAZE's choices: the
+DFME's generator-versus-student game (``divqat.attacks.dfme``, sharing ``divqat.attacks.data_free``) with MAZE's choices: the
 disagreement is KL(victim || student), the gradient estimate averages more directions, the first
 student step reuses the generator step's already-answered images, and the student also replays
 past queries, which costs no queries.
@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from divqat.attacks.base import ATTACKS, check_int
-from divqat.attacks.dfme import MIN_BATCH, DataFreeAttack, init_data_free
+from divqat.attacks.base import ATTACKS
+from divqat.attacks.data_free import MIN_BATCH, DataFreeAttack, init_data_free
 from divqat.blackbox import BlackBox
+from divqat.checks import check_int
 
 
 def kl_per_image(logits: Tensor, posteriors: Tensor) -> Tensor:

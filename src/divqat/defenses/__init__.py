@@ -1,12 +1,12 @@
 """Output-perturbation defenses: one file per defense, each registered by its CLI name.
 
-    >>> from divqat.defenses import create_defense, parse_params
-    >>> defense = create_defense("dcp", **parse_params(["beta=0.5"]))
+    >>> from divqat.defenses import create_defense
+    >>> defense = create_defense("dcp", beta=0.5)
     >>> defended = defense(posteriors)             # (N, K) -> (N, K)
 
 Defenses that run a model (``needs_inputs``) also take ``images=``; the black box passes them.
-For a saved victim, ``divqat.defenses.build.build_defense`` also builds that model (the
-misinformation model, MAD's surrogate), and ``divqat.defenses.evaluate`` measures a defense
+For a saved victim, ``divqat.pipelines.defense_models.build_defense`` also builds that model (the
+misinformation model, MAD's surrogate), and ``divqat.pipelines.defend`` measures a defense
 (defender accuracy, L1 and KL to the clean posteriors, argmax changes, latency). Neither is
 imported here: both sit above ``divqat.blackbox``, which imports this package.
 """
@@ -18,7 +18,6 @@ from divqat.defenses.base import (
     Defense,
     create_defense,
     describe_defenses,
-    parse_params,
 )
 from divqat.defenses.dcp import DCP
 from divqat.defenses.mad import MAD
@@ -42,6 +41,5 @@ __all__ = [
     "create_defense",
     "describe_defenses",
     "misinformation_loss",
-    "parse_params",
     "reverse_sigmoid_noise",
 ]

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from divqat.defenses.base import DEFENSES, Defense, check_number, module_device, uncertainty_gate
+from divqat.checks import check_number
+from divqat.defenses.base import DEFENSES, Defense, module_device, uncertainty_gate
 from divqat.errors import ConfigError
 
 

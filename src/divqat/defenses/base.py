@@ -14,7 +14,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from divqat.errors import ConfigError
 from divqat.registry import Registry
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
@@ -185,41 +184,6 @@ def module_device(module: Any) -> torch.device | None:
     return None
 
 
-# ---------------------------------------------------------------- parameter validation
-
-def check_number(owner: str, name: str, value: Any, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False) -> float:
-    """A finite real number in [low, high] (or (low, high] with ``low_open``), as float."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{owner}: {name} must be a finite number, got {value!r}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
-    if too_low or too_high:
-        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
-        hi = "inf)" if high is None else f"{high:g}]"
-        raise ConfigError(f"{owner}: {name} must be in {lo}, {hi}, got {value!r}")
-    return float(value)
-
-
-def check_int(owner: str, name: str, value: Any, *, low: int) -> int:
-    """An integer >= low (a float such as 2.0 is refused: it is likely a typo)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{owner}: {name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_bool(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{owner}: {name} must be true or false, got {value!r}")
-    return value
-
-
-def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{owner}: {name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------- registry front end
 
 def defense_defaults(cls: type[Defense]) -> dict[str, Any]:
@@ -230,38 +194,6 @@ def defense_defaults(cls: type[Defense]) -> dict[str, Any]:
 def create_defense(name: str, **params: Any) -> Defense:
     """Build a registered defense by its CLI name: ``create_defense("dcp", beta=0.5)``."""
     return DEFENSES.create(name, **params)
-
-
-def _convert(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """Parse CLI ``--param key=value`` items: ``["beta=0.5", "k=1"] -> {"beta": 0.5, "k": 1}``.
-
-    Values become int, float, bool (true/false) or None (none/null) where they parse, else stay
-    strings. A missing ``=``, an empty or non-identifier key, or a repeated key is a ConfigError.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = str(item).partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"bad parameter {item!r}: expected key=value, e.g. beta=0.5")
-        if key in out:
-            raise ConfigError(f"parameter {key!r} given twice")
-        out[key] = _convert(value.strip())
-    return out
 
 
 def describe_defenses() -> list[tuple[str, str, dict[str, Any]]]:

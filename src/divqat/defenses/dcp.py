@@ -4,13 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from divqat.defenses.base import (
-    DEFENSES,
-    Defense,
-    check_bool,
-    check_number,
-    uncertainty_gate,
-)
+from divqat.checks import check_bool, check_number
+from divqat.defenses.base import DEFENSES, Defense, uncertainty_gate
 from divqat.defenses.reverse_sigmoid import reverse_sigmoid_noise
 
 

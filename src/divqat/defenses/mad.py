@@ -7,15 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from divqat.defenses.base import (
-    DEFENSES,
-    Defense,
-    check_bool,
-    check_choice,
-    check_number,
-    module_device,
-    normalize_rows,
-)
+from divqat.checks import check_bool, check_choice, check_number
+from divqat.defenses.base import DEFENSES, Defense, module_device, normalize_rows
 from divqat.errors import ConfigError
 
 # The reference's argmax-preserving vertices put this much extra mass on the victim's argmax.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from divqat.defenses.base import DEFENSES, Defense, check_choice, check_int, check_number
+from divqat.checks import check_choice, check_int, check_number
+from divqat.defenses.base import DEFENSES, Defense
 
 
 @DEFENSES.register("random-noise")

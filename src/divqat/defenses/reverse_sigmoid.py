@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from divqat.defenses.base import DEFENSES, Defense, check_bool, check_number
+from divqat.checks import check_bool, check_number
+from divqat.defenses.base import DEFENSES, Defense
 
 # y is clamped into [_Y_MIN, 1 - _Y_MIN] before the logit, so y = 0 and y = 1 stay finite; this
 # is also the lower odds clamp (1e-12) of the reference code.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from divqat.defenses.base import DEFENSES, Defense, check_int, one_hot_argmax
+from divqat.checks import check_int
+from divqat.defenses.base import DEFENSES, Defense, one_hot_argmax
 
 
 @DEFENSES.register("top-k")

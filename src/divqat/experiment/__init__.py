@@ -15,7 +15,8 @@ from divqat.experiment.config import (
     parse_config,
     preset_names,
 )
-from divqat.experiment.report import build_report, load_results, main_table
+from divqat.experiment.report import build_report, main_table
+from divqat.experiment.results import load_results
 from divqat.experiment.runner import plan_stages, run_experiment
 
 __all__ = [

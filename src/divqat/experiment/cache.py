@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from divqat.victim import write_json
+from divqat.io import write_json
 
 DONE = "done.json"
 KEY_CHARS = 16  # of the sha256 hex digest, in folder names
@@ -33,20 +31,6 @@ def stage_key(kind: str, spec: dict[str, Any], inputs: list[str] | tuple[str, ..
     text = json.dumps({"kind": kind, "spec": spec, "inputs": list(inputs)}, sort_keys=True,
                       separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """A text file written to a temp file and renamed: readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class StageCache:
@@ -90,4 +74,4 @@ class StageCache:
         return record
 
 
-__all__ = ["DONE", "StageCache", "stage_key", "write_text_atomic"]
+__all__ = ["DONE", "StageCache", "stage_key"]

@@ -349,7 +349,7 @@ def _check_defense(name: str, params: dict[str, Any], where: str) -> None:
     """Build the defense once with these parameters (a stand-in for the model a model-backed
     defense runs) so a typo fails now, not after the victims are trained."""
     from divqat.defenses.base import DEFENSES, create_defense, defense_defaults
-    from divqat.defenses.build import MODEL_PARAMS
+    from divqat.pipelines.defense_models import MODEL_PARAMS
 
     model_param = MODEL_PARAMS.get(name, (None, ""))[0]
     if model_param is None:
@@ -410,7 +410,7 @@ def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[At
 
 
 def _transfer(value: Any, where: str, victim: VictimSpec) -> str:
-    from divqat.defenses.evaluate import parse_query_set
+    from divqat.pipelines.defend import parse_query_set
 
     if value == HOLDOUT:
         if victim.holdout < 1:

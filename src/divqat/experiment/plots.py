@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
-from divqat.experiment.report import (
+from divqat.experiment.results import (
     attack_settings,
     mean_std,
     setting_title,

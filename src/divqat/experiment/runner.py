@@ -28,16 +28,19 @@ from tqdm.auto import tqdm
 
 import divqat
 from divqat.attacks import SurrogateTraining
-from divqat.attacks.run import attack_victim, load_transfer_set
 from divqat.data import load_dataset
-from divqat.defenses.build import build_defense
-from divqat.defenses.evaluate import evaluate_defense
 from divqat.errors import ConfigError, TrainingCollapsed
-from divqat.experiment.cache import StageCache, stage_key, write_text_atomic
+from divqat.experiment.cache import StageCache, stage_key
 from divqat.experiment.config import HOLDOUT, ExperimentConfig, config_dict, surrogate_fields
+from divqat.experiment.report import build_report
+from divqat.experiment.results import write_results
+from divqat.io import write_json, write_text
+from divqat.pipelines.attack import attack_victim, load_transfer_set
+from divqat.pipelines.defend import evaluate_defense
+from divqat.pipelines.defense_models import build_defense
+from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.train.losses import DivQATSettings
-from divqat.train.victims import TrainRequest, train_victim
-from divqat.victim import load_victim, write_json
+from divqat.victim import load_victim
 
 KINDS = ("fp32", "victim", "defense", "attack")
 
@@ -185,7 +188,7 @@ class Runner:
     def run(self) -> dict[str, Any]:
         self.check_data()
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / "config.yaml",
+        write_text(self.out / "config.yaml",
                           yaml.safe_dump(config_dict(self.config), sort_keys=False))
         n = len(self.stages)
         width = len(str(n))
@@ -205,8 +208,6 @@ class Runner:
                 bar.update()
         finally:
             bar.close()
-        from divqat.experiment.report import build_report, write_results
-
         results = collect_results(self.config, self.stages, self.records)
         results["stages"] = {"total": n, **self.counts}
         write_results(results, self.out)

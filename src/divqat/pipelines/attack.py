@@ -8,7 +8,7 @@ surrogate on the victim's test split:
 - ``agreement``: fraction of test images where the surrogate's argmax equals the defended
   victim's (what the thief was shown); ``agreement_clean``: the same against the clean victim;
 - ``queries_used``, ``seconds``; and the defense's own metrics (``defender_accuracy``,
-  ``l1_distance``, ... over the thief's queries, see ``divqat.defenses.evaluate``).
+  ``l1_distance``, ... over the thief's queries, see ``divqat.pipelines.defend``).
 
     >>> record = attack_victim("runs/qat", "knockoff", transfer="mnist", budgets=[5000],
     ...                        defense="dcp", defense_params={"beta": 0.5}, out="runs/attack")
@@ -28,8 +28,9 @@ from divqat.attacks.base import ATTACKS, Stolen, SurrogateTraining, TransferSet,
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.data import dataset_spec, load_dataset
 from divqat.defenses.base import Defense
-from divqat.defenses.evaluate import _fit_victim, evaluate_defense, parse_query_set
 from divqat.errors import ConfigError
+from divqat.io import write_json
+from divqat.pipelines.defend import _fit_victim, evaluate_defense, parse_query_set
 
 HOLDOUT = "holdout"
 
@@ -119,8 +120,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     ``budget``, ``queries_used``, ``adversary_accuracy``, ``adversary_error``, ``agreement``,
     ``agreement_clean``, ``seconds``) and, at the top level, the largest budget's figures.
     """
-    from divqat.defenses.build import build_defense, victim_metadata
-    from divqat.victim import load_victim, write_json
+    from divqat.pipelines.defense_models import build_defense, victim_metadata
+    from divqat.victim import load_victim
 
     say = log or (lambda _msg: None)
     victim_dir = Path(victim_dir)

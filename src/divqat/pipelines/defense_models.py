@@ -34,6 +34,7 @@ from divqat.data import ImageDataset, load_dataset
 from divqat.defenses.adaptive_misinformation import misinformation_loss
 from divqat.defenses.base import DEFENSES, Defense, create_defense, defense_defaults
 from divqat.errors import ArtifactError, ConfigError, DatasetError
+from divqat.io import write_json
 
 MISINFORMATION_DIR = "misinformation"
 MISINFORMATION_ROLE = "misinformation-model"
@@ -78,7 +79,7 @@ def _fingerprint(victim_dir: Path) -> str:
 
 
 def _seeded_net(meta: dict, seed: int) -> nn.Module:
-    from divqat.victim import build_net
+    from divqat.models import build_net
 
     # Seeded without touching the caller's global random state.
     with torch.random.fork_rng():
@@ -128,7 +129,7 @@ def train_misinformation_model(victim_dir: str | Path, epochs: int = 5, seed: in
     """
     from divqat.quant import export_dynamic
     from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
-    from divqat.victim import save_victim, write_json
+    from divqat.victim import save_victim
 
     victim_dir = Path(victim_dir)
     meta = victim_metadata(victim_dir)

@@ -32,6 +32,7 @@ from divqat.data import ImageDataset, adapt, dataset_spec, load_dataset, to_floa
 from divqat.data.base import SPLITS
 from divqat.defenses.base import Defense
 from divqat.errors import ConfigError
+from divqat.io import write_json
 
 # Defended posteriors can hold exact zeros (top-k, rounding, MAD's vertices) where the clean one
 # does not, which makes KL(clean || defended) infinite. Clamping y' at 1e-12 caps each such class's
@@ -225,13 +226,13 @@ def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] |
     ``evaluate_defense`` plus ``victim``, ``victim_mode``, ``victim_dataset``, ``victim_arch``,
     ``test_set``, ``query_set``, ``batch_size`` and, for model-backed defenses, ``seed``.
     """
-    from divqat.defenses.build import (
+    from divqat.pipelines.defense_models import (
         MODEL_PARAMS,
         build_defense,
         misinformation_model_dir,
         victim_metadata,
     )
-    from divqat.victim import load_victim, write_json
+    from divqat.victim import load_victim
 
     victim_dir = Path(victim_dir)
     meta = victim_metadata(victim_dir)

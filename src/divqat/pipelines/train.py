@@ -17,17 +17,17 @@ import torch.nn.functional as F
 import divqat
 from divqat.data import DATASETS, channel_stats, load_dataset
 from divqat.errors import ConfigError, TrainingCollapsed
+from divqat.io import write_json
+from divqat.models import VictimNet
 from divqat.quant import convert_to_int8, prepare_qat
 from divqat.train.losses import CrossEntropy, DivQATLoss, DivQATSettings
 from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
 from divqat.victim import (
     INT8_MODES,
     Victim,
-    VictimNet,
     load_fp32_net,
     read_metadata,
     save_victim,
-    write_json,
 )
 
 MODES = ("fp32", "qat", "divqat")

@@ -25,14 +25,13 @@ $(DATA)/fashion-mnist/t10k-labels-idx1-ubyte.gz:
 
 data: $(DATA)/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-# The main job (until the experiment runner exists): a short real training on Fashion-MNIST,
-# an fp32 teacher and its QAT int8 victim, printing the int8 victim's accuracy.
 # The main job: the default experiment (resumable: run it again after an interruption).
 demo: install data
 	$(BIN)/divqat run --preset default --out runs/default
 
 test: install data
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/pytest
 
 bench: install data

@@ -79,6 +79,13 @@ def tiny(**changes) -> dict:
     ({"attacks__0__labels_only": ["yes"]}, ["attacks[0].labels_only[0]", "true or false"]),
     ({"attacks__0__transfer": "no-such-set"}, ["attacks[0].transfer[0]", "mnist", "fashion-mnist"]),
     ({"attacks__0__params": {"batchsize": 3}}, ["attacks[0].params", "batchsize", "batch_size"]),
+    # Values are checked too, for model-backed defenses without building their model.
+    ({"defenses": ["none", {"name": "mad", "params": {"eps": 5}}]}, ["defenses[1].params", "mad.eps", "[0, 2]"]),
+    ({"defenses": ["none", {"name": "adaptive-misinformation", "params": {"tau": -2}}]},
+     ["defenses[1].params", "adaptive-misinformation.tau", "[0, inf)"]),
+    ({"defenses": ["none", {"name": "mad", "params": {"surrogate": "x"}}]},
+     ["defenses[1].params", "built from the victim"]),
+    ({"attacks__0__params": {"batch_size": 2.5}}, ["attacks[0].params", "batch_size", "integer"]),
     ({"attacks__0__surrogate": {"arch": "vgg"}}, ["attacks[0].surrogate.arch", "resnet8"]),
     ({"attacks__0__surrogate": {"epochs": 0}}, ["attacks[0].surrogate.epochs", ">= 1"]),
     ({"attacks__0__defenses": ["dcp", "mad"]}, ["attacks[0].defenses[1]", "none", "dcp"]),
@@ -105,8 +112,11 @@ def test_config_defaults_grid_and_none_always_included(tmp_path):
     config = parse_config(tiny(defenses=[{"name": "dcp", "params": {"beta": [0.3, 0.5], "gamma": 0.2}}]))
     assert [d.name for d in config.defenses] == ["none", "dcp"]
     assert config.defenses[1].grid() == [{"beta": 0.3, "gamma": 0.2}, {"beta": 0.5, "gamma": 0.2}]
-    assert config.divqat.divergence == "kl" and config.divqat.cap == 0.15  # RECOMMENDED's
-    assert parse_config(tiny(divqat__divergence="js")).divqat.cap is None  # the cap belongs to kl
+    assert config.divqat.objective.divergence == "kl" and config.divqat.objective.cap == 0.15  # RECOMMENDED's
+    assert parse_config(tiny(divqat__divergence="js")).divqat.objective.cap is None  # the cap belongs to kl
+    # As `divqat train`: a divergence given without a cap runs uncapped (the paper's plain KL).
+    assert parse_config(tiny(divqat__divergence="kl")).divqat.objective.cap is None
+    assert parse_config(tiny(divqat__divergence="kl", divqat__cap=0.3)).divqat.objective.cap == 0.3
     assert config.attacks[0].transfer == ("holdout",) and config.attacks[0].budgets == (40, 80)
     path = tmp_path / "bad.yaml"
     path.write_text("victim:\n  dataset: [oops\n")

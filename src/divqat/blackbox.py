@@ -2,7 +2,7 @@
 
 Two views of one defended victim:
 
-- ``BlackBox``, handed to attacks: ``query(images) -> defended posteriors`` (or
+- ``BlackBox``, handed to attacks (a ``divqat.boundary.QueryBoundary``, the interface attacks see): ``query(images) -> defended posteriors`` (or
   ``query_labels(images) -> labels``), every image counted against a query budget. It holds the
   victim and the defense only inside a closure, so no attribute leads to the model, the defense or
   the counter, and its attributes cannot be assigned.
@@ -23,18 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from divqat.boundary import BudgetExceeded, QueryBoundary, QueryError
+from divqat.checks import check_bool, check_int
 from divqat.defenses.base import Defense
 from divqat.defenses.none import NoDefense
-from divqat.errors import ConfigError, DivqatError
-
-
-class BudgetExceeded(DivqatError):
-    """A query would take the black box past its query budget; it was refused, nothing counted."""
-
-
-class QueryError(DivqatError, ValueError):
-    """A query the black box refuses (bad images, or soft labels asked of a label-only box);
-    nothing was sent to the victim and nothing counted."""
+from divqat.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -121,8 +114,7 @@ class DefendedVictim:
         self._defense = defense
         self._input_shape, self._num_classes = _victim_shape(victim, input_shape, num_classes)
         self._device = None if device is None else torch.device(device)
-        if not isinstance(fuse, bool):
-            raise ConfigError(f"fuse must be true or false, got {fuse!r}")
+        check_bool("", "fuse", fuse)
         # The fused program is built on the first query (None until then, False when there is none).
         self._fused: Callable[[Tensor], tuple[Tensor, ...]] | bool | None = None if fuse else False
 
@@ -242,7 +234,7 @@ def _make_oracle(served: DefendedVictim, budget: int | None) -> tuple[Callable[[
     return answer, usage
 
 
-class BlackBox:
+class BlackBox(QueryBoundary):
     """The only view of the victim that an extraction attack gets.
 
     Arguments:
@@ -282,10 +274,8 @@ class BlackBox:
         else:
             served = DefendedVictim(victim, defense, input_shape=input_shape,
                                     num_classes=num_classes, device=device)
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
-            raise ConfigError(f"budget must be an integer >= 0 or None (unlimited), got {budget!r}")
-        if not isinstance(label_only, bool):
-            raise ConfigError(f"label_only must be true or false, got {label_only!r}")
+        check_int("", "budget", budget, low=0, optional=True)
+        check_bool("", "label_only", label_only)
         answer, usage = _make_oracle(served, budget)
         # Written around the read-only __setattr__ below; slot names are mangled by hand here.
         for slot, value in (("answer", answer), ("usage", usage), ("budget", budget),
@@ -310,10 +300,6 @@ class BlackBox:
     @property
     def budget(self) -> int | None:
         return self.__budget
-
-    @property
-    def queries_left(self) -> int | None:
-        return None if self.__budget is None else self.__budget - self.queries_used
 
     @property
     def label_only(self) -> bool:
@@ -345,3 +331,6 @@ class BlackBox:
         return (f"BlackBox(input_shape={self.__input_shape}, num_classes={self.__num_classes}, "
                 f"budget={self.__budget}, queries_used={self.queries_used}, "
                 f"label_only={self.__label_only})")
+
+
+__all__ = ["BlackBox", "BudgetExceeded", "DefendedBatch", "DefendedVictim", "QueryError"]

@@ -1,4 +1,4 @@
-"""The ``divqat`` command: parses, calls the library, prints. Errors a user can cause print one line."""
+"""The divqat command: parses, calls the library, prints. Errors a user can cause print one line."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 
 from divqat.errors import DivqatError
+from divqat.registry import params_text
 
 TRAIN_HELP = """\
 Train a victim on a registered dataset and save it as a loadable artifact.
@@ -95,18 +96,63 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DESCRIPTION = ("Protect quantized image classifiers against model stealing (DivQAT, output-perturbation "
+               "defenses) and measure it with real extraction attacks.")
+
+
+def _shared_options(device_help: str = "torch device (default: cpu)") -> argparse.ArgumentParser:
+    """The options every command that loads data and runs models takes (a parent parser)."""
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--data-root", metavar="DIR",
+                        help="folder holding the datasets that need one (cifar10, cifar100, svhn, "
+                             "gtsrb, image-folder)")
+    shared.add_argument("--device", default="cpu", help=device_help)
+    shared.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: all cores)")
+    shared.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return shared
+
+
+def _option(*flags: str, **kwargs) -> argparse.ArgumentParser:
+    """A parent parser with one option (--seed and --out: shared, with each command's help)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(*flags, **kwargs)
+    return parent
+
+
+def _defended_victim(required: bool) -> argparse.ArgumentParser:
+    """--victim, --defense and its --param items (defend needs a defense; attack defaults to none)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--victim", required=True, metavar="DIR",
+                        help="the victim directory (from `divqat train`)")
+    if required:
+        parent.add_argument("--defense", required=True, metavar="NAME",
+                            help="a defense name (see `divqat defenses`)")
+    else:
+        parent.add_argument("--defense", default="none", metavar="NAME",
+                            help="the defense behind the black box (see `divqat defenses`; default: none)")
+    parent.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a defense parameter, repeatable (e.g. --param beta=0.5)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     from divqat.data import dataset_names
     from divqat.models import model_names
     from divqat.pipelines.train import MODES
     from divqat.train.losses import DIVERGENCES, RECOMMENDED
 
-    parser = argparse.ArgumentParser(prog="divqat", description=__doc__.split(":")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog="divqat", description=DESCRIPTION)
+    training = _shared_options("torch device for training (default: cpu)")
+    shared = _shared_options()
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train an fp32, QAT or DivQAT victim", description=TRAIN_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[training, _option("--seed", type=int, default=0, help="(default: 0)"),
+                                _option("--out", required=True, metavar="DIR",
+                                        help="where to write the victim")])
     t.add_argument("--dataset", required=True, choices=dataset_names(), metavar="NAME",
                    help=f"dataset to train on: {', '.join(dataset_names())}")
     t.add_argument("--arch", default="resnet8", choices=model_names(), metavar="ARCH",
@@ -132,21 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="keep the last N training images out of training (an unseen in-distribution "
                         "transfer set for attacks) (default: 0)")
-    t.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    t.add_argument("--data-root", metavar="DIR", help="folder holding the dataset (needed for cifar10, cifar100, "
-                   "svhn, gtsrb, image-folder)")
-    t.add_argument("--device", default="cpu", help="torch device for training (default: cpu)")
-    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--out", required=True, metavar="DIR", help="where to write the victim")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("defend", help="evaluate a defense on a victim", description=DEFEND_HELP,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("--victim", required=True, metavar="DIR", help="the victim directory (from `divqat train`)")
-    d.add_argument("--defense", required=True, metavar="NAME", help="a defense name (see `divqat defenses`)")
-    d.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a defense parameter, repeatable (e.g. --param beta=0.5)")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[shared, _defended_victim(required=True),
+                                _option("--seed", type=int, default=0,
+                                        help="seed of the model a defense builds (MAD's surrogate, "
+                                             "the misinformation model) (default: 0)"),
+                                _option("--out", required=True, metavar="DIR",
+                                        help="where to write metrics.json")])
     d.add_argument("--queries", metavar="NAME[:SPLIT]",
                    help="query set: any dataset, adapted to the victim's input (default: the victim's "
                         "own test split)")
@@ -156,29 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adaptive-misinformation: epochs to train its model on first use (default: 5)")
     d.add_argument("--retrain-misinformation", action="store_true",
                    help="adaptive-misinformation: retrain its model even if one is saved")
-    d.add_argument("--seed", type=int, default=0,
-                   help="seed of the model a defense builds (MAD's surrogate, the misinformation model) "
-                        "(default: 0)")
-    d.add_argument("--data-root", metavar="DIR", help="folder holding the datasets that need one")
-    d.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    d.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.add_argument("--out", required=True, metavar="DIR", help="where to write metrics.json")
     d.set_defaults(func=cmd_defend)
 
     ds = sub.add_parser("defenses", help="list the defenses with their parameters and defaults")
     ds.set_defaults(func=cmd_defenses)
 
     a = sub.add_parser("attack", help="run an extraction attack against a (defended) victim",
-                       description=ATTACK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a.add_argument("--victim", required=True, metavar="DIR", help="the victim directory (from `divqat train`)")
+                       description=ATTACK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[shared, _defended_victim(required=False),
+                                _option("--seed", type=int, default=0,
+                                        help="seed of the thief (and of a defense's model) (default: 0)"),
+                                _option("--out", required=True, metavar="DIR",
+                                        help="where to write metrics.json")])
     a.add_argument("--attack", required=True, metavar="NAME", help="an attack name (see `divqat attacks`)")
     a.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack parameter, repeatable (e.g. --attack-param reward=cert)")
-    a.add_argument("--defense", default="none", metavar="NAME",
-                   help="the defense behind the black box (see `divqat defenses`; default: none)")
-    a.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a defense parameter, repeatable (e.g. --param beta=0.5)")
     a.add_argument("--transfer", metavar="SET", help="the thief's transfer set: holdout or NAME[:SPLIT]")
     a.add_argument("--budget", type=_positive_int, nargs="+", required=True, metavar="N",
                    help="query budget(s); one surrogate per budget")
@@ -194,12 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=float, default=0.1, help="surrogate peak learning rate, cosine (default: 0.1)")
     a.add_argument("--temperature", type=float, default=1.0,
                    help="temperature of the soft cross-entropy (default: 1)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the thief (and of a defense's model) (default: 0)")
-    a.add_argument("--data-root", metavar="DIR", help="folder holding the datasets that need one")
-    a.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    a.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
-    a.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a.add_argument("--out", required=True, metavar="DIR", help="where to write metrics.json")
     a.set_defaults(func=cmd_attack)
 
     al = sub.add_parser("attacks", help="list the attacks with their parameters and defaults")
@@ -208,15 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     from divqat.experiment.config import preset_names
 
     r = sub.add_parser("run", help="run (or resume) an experiment from a config or a preset",
-                       description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=RUN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[training])
     r.add_argument("config", nargs="?", metavar="CONFIG", help="a YAML experiment config")
     r.add_argument("--preset", choices=preset_names(), metavar="NAME",
                    help=f"a shipped config instead of CONFIG: {', '.join(preset_names())}")
     r.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME, NAME from the config)")
-    r.add_argument("--data-root", metavar="DIR", help="folder holding the datasets that need one")
-    r.add_argument("--device", default="cpu", help="torch device for training (default: cpu)")
-    r.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     r.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("report", help="rebuild report.md and the plots of an experiment from its results.json")
@@ -239,19 +263,14 @@ def _set_threads(threads: int | None) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from divqat.pipelines.train import TrainRequest, train_victim
-    from divqat.train.losses import RECOMMENDED, DivQATSettings
+    from divqat.train.losses import DivQATSettings, divqat_settings
 
     _set_threads(args.threads)
-    if args.mode == "divqat":
-        # Unset options take the recommended setting; the cap belongs to the default divergence.
-        divergence = args.divergence or RECOMMENDED.divergence
-        alpha = RECOMMENDED.alpha if args.alpha is None else args.alpha
-        cap = args.cap if args.cap is not None else (RECOMMENDED.cap if args.divergence is None else None)
-        cap = None if cap == 0 else cap
+    if args.mode == "divqat":  # unset options take the recommended setting
+        settings = divqat_settings(args.alpha, args.divergence, args.cap, args.ramp, args.temperature)
     else:
-        divergence, alpha, cap = "kl", args.alpha or 0.0, args.cap
-    settings = DivQATSettings(alpha=alpha, divergence=divergence, cap=cap, ramp=args.ramp,
-                              temperature=args.temperature)
+        settings = DivQATSettings(alpha=args.alpha or 0.0, cap=args.cap, ramp=args.ramp,
+                                  temperature=args.temperature)
     req = TrainRequest(dataset=args.dataset, arch=args.arch, mode=args.mode, out=args.out, epochs=args.epochs,
                        teacher=args.teacher, divqat=settings, limit=args.limit, holdout=args.holdout,
                        seed=args.seed, batch_size=args.batch_size, lr=args.lr, data_root=args.data_root,
@@ -276,7 +295,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
                       retrain_misinformation=args.retrain_misinformation, data_root=args.data_root,
                       device=args.device, progress=not args.no_progress,
                       log=lambda message: print(message, file=sys.stderr), out=args.out)
-    params = ", ".join(f"{k}={v}" for k, v in m["params"].items())
+    params = params_text(m["params"], ", ")
     print(f"{m['defense']}({params}) on {args.victim} ({m['victim_mode']} {m['victim_arch']}): "
           f"defender accuracy {m['defender_accuracy']:.2%} (undefended {m['victim_accuracy']:.2%}) "
           f"on {m['test_set']}")
@@ -294,7 +313,7 @@ def cmd_defenses(args: argparse.Namespace) -> int:
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         print(f"{r['name']:<{width}}  {r['summary']}")
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "none"
+        params = params_text(r["params"], ", ") or "none"
         print(f"{'':<{width}}  params: {params}")
         if r["model"]:
             print(f"{'':<{width}}  model: {r['model']}")
@@ -316,7 +335,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                       transfer=args.transfer, training=training, labels_only=args.labels_only,
                       data_root=args.data_root, device=args.device, progress=not args.no_progress,
                       log=lambda message: print(message, file=sys.stderr), out=args.out)
-    params = ", ".join(f"{k}={v}" for k, v in m["defense_params"].items())
+    params = params_text(m["defense_params"], ", ")
     kind = "label-only" if m["labels_only"] else "soft-label"
     for r in m["results"]:
         print(f"{m['attack']} ({kind}, {m['transfer_set'] or 'data-free'}) vs {m['victim_mode']} victim "
@@ -335,7 +354,7 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _, _ in rows)
     for name, summary, defaults in rows:
         print(f"{name:<{width}}  {summary}")
-        params = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "none"
+        params = params_text(defaults, ", ") or "none"
         print(f"{'':<{width}}  params: {params}")
     return 0
 

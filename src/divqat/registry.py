@@ -111,3 +111,9 @@ def parse_params(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"parameter {key!r} given twice")
         out[key] = _convert(value.strip())
     return out
+
+
+def params_text(params: dict[str, Any], sep: str = " ") -> str:
+    """Parameters as ``key=value`` items, the inverse of ``parse_params``:
+    ``{"beta": 0.5, "k": 1} -> "beta=0.5 k=1"``."""
+    return sep.join(f"{k}={v}" for k, v in params.items())

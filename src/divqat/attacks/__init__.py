@@ -1,6 +1,6 @@
 """Model extraction attacks: one file per attack, each registered by its CLI name.
 
-Attacks see only a ``divqat.blackbox.BlackBox``::
+Attacks see only a ``divqat.boundary.QueryBoundary``::
 
     >>> from divqat.attacks import SurrogateTraining, create_attack
     >>> stolen = create_attack("knockoff").steal(box, [1000, 10000], SurrogateTraining(), transfer=ts)

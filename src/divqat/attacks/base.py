@@ -1,6 +1,6 @@
 """The extraction-attack contract, its registry, and what every attack shares.
 
-An attack gets a ``BlackBox`` (nothing else of the victim), a list of query budgets and the recipe
+An attack gets a ``QueryBoundary`` (nothing else of the victim), a list of query budgets and the recipe
 for its surrogate, and returns one trained surrogate per budget (``Stolen``). Everything it learns
 about the victim comes through ``box.query`` / ``box.query_labels``, and every image it sends is
 counted by the box.
@@ -17,6 +17,7 @@ Shared here:
 
 from __future__ import annotations
 
+import abc
 import copy
 import inspect
 import math
@@ -30,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from divqat.blackbox import BlackBox
+from divqat.boundary import QueryBoundary
 from divqat.checks import check_bool, check_choice, check_int, check_number
-from divqat.data import to_float
+from divqat.data import channel_stats, to_float
 from divqat.errors import ConfigError
+from divqat.models import VictimNet, model_names
 from divqat.registry import Registry
 from divqat.train.trainer import FitConfig, fit
 
@@ -71,20 +73,43 @@ class SurrogateTraining:
     device: str = "cpu"
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        from divqat.models import model_names
+    # The fields that make up the recipe (what a config's ``surrogate:`` mapping and a stage key
+    # hold); seed, device and progress are set per run.
+    RECIPE: ClassVar[tuple[str, ...]] = ("arch", "epochs", "batch_size", "lr", "weight_decay",
+                                         "temperature", "min_steps")
 
-        check_choice("surrogate", "arch", self.arch, tuple(model_names()))
-        check_int("surrogate", "epochs", self.epochs, low=1)
-        check_int("surrogate", "batch_size", self.batch_size, low=1)
-        check_number("surrogate", "lr", self.lr, low=0, low_open=True)
-        check_number("surrogate", "weight_decay", self.weight_decay, low=0)
-        check_number("surrogate", "temperature", self.temperature, low=0, low_open=True)
-        check_int("surrogate", "min_steps", self.min_steps, low=0)
+    def __post_init__(self) -> None:
+        # Stored as the checks return them (lr 1 -> 1.0), so a stage key does not depend on how
+        # a config wrote a number.
+        for name, value in self.check(vars(self), "surrogate").items():
+            object.__setattr__(self, name, value)
         check_bool("surrogate", "augment", self.augment)
         check_bool("surrogate", "hflip", self.hflip)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"surrogate: seed must be an integer, got {self.seed!r}")
+        check_int("surrogate", "seed", self.seed)
+
+    @staticmethod
+    def check(fields: dict[str, Any], owner: str) -> dict[str, Any]:
+        """The recipe fields present in ``fields``, checked and converted; errors name
+        ``owner.field``."""
+        checks = {
+            "arch": lambda v: check_choice(owner, "arch", v, tuple(model_names())),
+            "epochs": lambda v: check_int(owner, "epochs", v, low=1),
+            "batch_size": lambda v: check_int(owner, "batch_size", v, low=1),
+            "lr": lambda v: check_number(owner, "lr", v, low=0, low_open=True),
+            "weight_decay": lambda v: check_number(owner, "weight_decay", v, low=0),
+            "temperature": lambda v: check_number(owner, "temperature", v, low=0, low_open=True),
+            "min_steps": lambda v: check_int(owner, "min_steps", v, low=0),
+        }
+        return {name: checks[name](fields[name]) for name in SurrogateTraining.RECIPE
+                if name in fields}
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe fields as plain data (a stage's settings); ``min_steps`` only when set, so
+        the stage keys of configs written before it existed stay valid."""
+        out = {k: getattr(self, k) for k in self.RECIPE}
+        if not out["min_steps"]:
+            del out["min_steps"]
+        return out
 
     def epochs_for(self, n_images: int) -> int:
         """The epochs a surrogate trains on ``n_images`` stored queries: ``epochs``, raised
@@ -125,8 +150,6 @@ class TransferSet:
     @property
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel (mean, std): the normalization a thief can compute from its own data."""
-        from divqat.data import channel_stats
-
         return channel_stats(self.images)
 
 
@@ -147,16 +170,17 @@ class Stolen:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_blackbox(box: Any) -> BlackBox:
-    """Attacks take a ``BlackBox`` and nothing else: a model, a victim or a defended victim
-    handed in by mistake would let the attack see more than a thief does."""
-    if not isinstance(box, BlackBox):
-        raise TypeError(f"attacks only take a divqat BlackBox (the query boundary), got "
+def check_blackbox(box: Any) -> QueryBoundary:
+    """Attacks take a query boundary (a ``BlackBox``, or a ``RemoteBlackBox`` over HTTP) and
+    nothing else: a model, a victim or a defended victim handed in by mistake would let the
+    attack see more than a thief does."""
+    if not isinstance(box, QueryBoundary):
+        raise TypeError(f"attacks only take a divqat query boundary (BlackBox, RemoteBlackBox), got "
                         f"{type(box).__name__}: wrap the victim with BlackBox(victim, defense, budget)")
     return box
 
 
-def check_budgets(budgets: Any, box: BlackBox) -> list[int]:
+def check_budgets(budgets: Any, box: QueryBoundary) -> list[int]:
     """Sorted distinct budgets, each >= 1, the largest within the box's budget."""
     if isinstance(budgets, int) and not isinstance(budgets, bool):
         budgets = [budgets]
@@ -192,8 +216,6 @@ def build_surrogate(arch: str, input_shape: tuple[int, int, int], num_classes: i
                     seed: int = 0) -> nn.Module:
     """A fresh surrogate: normalization (the thief's own ``stats`` = (mean, std) per channel)
     followed by a registered architecture, like a victim."""
-    from divqat.models import VictimNet
-
     mean, std = stats if stats is not None else DEFAULT_STATS
     c = input_shape[0]
     if len(mean) != c:  # gray statistics for an RGB victim or the reverse
@@ -232,7 +254,7 @@ class QueryCache:
         self._answers: list[Tensor] = []
         self.seconds = 0.0
 
-    def query(self, box: BlackBox, images: Tensor, stored: Tensor | None = None) -> Tensor:
+    def query(self, box: QueryBoundary, images: Tensor, stored: Tensor | None = None) -> Tensor:
         """Send ``images`` (float32 in [0, 1]) through ``box``, store ``stored`` (default: the
         images themselves; e.g. their uint8 originals) with the answers, and return the answers."""
         start = time.perf_counter()
@@ -254,7 +276,7 @@ class QueryCache:
         return (images, answers) if n is None else (images[:n], answers[:n])
 
 
-def query_in_batches(cache: QueryCache, box: BlackBox, images_uint8: torch.Tensor, batch_size: int,
+def query_in_batches(cache: QueryCache, box: QueryBoundary, images_uint8: torch.Tensor, batch_size: int,
                      progress: bool = True, desc: str = "querying") -> None:
     """Send uint8 images (N, C, H, W) through the box in batches, storing them in ``cache``."""
     from tqdm.auto import tqdm
@@ -266,7 +288,7 @@ def query_in_batches(cache: QueryCache, box: BlackBox, images_uint8: torch.Tenso
 
 
 def train_per_budget(cache: QueryCache, budgets: Sequence[int], training: SurrogateTraining,
-                     box: BlackBox, stats, collect_seconds: float, name: str,
+                     box: QueryBoundary, stats, collect_seconds: float, name: str,
                      info: dict | None = None) -> list[Stolen]:
     """A fresh surrogate for each budget, on the first ``budget`` cached queries (never
     continued from a smaller budget's surrogate)."""
@@ -283,7 +305,7 @@ def train_per_budget(cache: QueryCache, budgets: Sequence[int], training: Surrog
     return out
 
 
-class Attack:
+class Attack(abc.ABC):
     """Base of every extraction attack: ``attack.steal(box, budgets, training) -> [Stolen]``.
 
     Subclasses take their own parameters in ``__init__`` (validated there, with defaults in the
@@ -296,11 +318,12 @@ class Attack:
     # Whether the attack draws its queries from a transfer set (``steal(..., transfer=...)``).
     uses_transfer_set: ClassVar[bool] = False
 
-    def steal(self, box: BlackBox, budgets: Sequence[int], training: SurrogateTraining,
+    @abc.abstractmethod
+    def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               **kwargs: Any) -> list[Stolen]:
-        raise NotImplementedError
+        """Query ``box`` and return one trained surrogate per budget (ascending)."""
 
-    def _start(self, box: Any, budgets: Any, transfer: Any = None) -> tuple[BlackBox, list[int]]:
+    def _start(self, box: Any, budgets: Any, transfer: Any = None) -> tuple[QueryBoundary, list[int]]:
         """Validate the box, the budgets and, for attacks that use one, the transfer set (every
         attack calls this first)."""
         box = check_blackbox(box)
@@ -321,10 +344,6 @@ class Attack:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
-
-
-def attack_defaults(cls: type[Attack]) -> dict[str, Any]:
-    return ATTACKS.defaults(cls)
 
 
 def create_attack(name: str, **params: Any) -> Attack:

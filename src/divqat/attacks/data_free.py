@@ -6,6 +6,7 @@ Truong et al., "Data-Free Model Extraction", CVPR 2021; Kariyappa et al., "MAZE"
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import time
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divqat.attacks.base import Attack, Stolen, SurrogateTraining, build_surrogate
-from divqat.blackbox import BlackBox
+from divqat.boundary import QueryBoundary
 from divqat.checks import check_int, check_number
 
 # Posteriors are floored here before the log: a defense (or float32 softmax) may return exact
@@ -104,22 +105,23 @@ class DataFreeAttack(Attack):
     generator_width: int
 
     # ------------------------------------------------------------------ what subclasses define
+    @abc.abstractmethod
     def sample_loss(self, logits: Tensor, posteriors: Tensor) -> Tensor:
         """Per-image disagreement (N,) that the generator maximizes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def student_loss(self, logits: Tensor, posteriors: Tensor) -> Tensor:
         """Scalar loss the student minimizes."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def generator_optimizer(self, params, weight_decay: float) -> torch.optim.Optimizer:
-        raise NotImplementedError
+        """The generator's optimizer over ``params``."""
 
     def lr_factor(self, progress: float) -> float:
         """Learning-rate multiplier (student and generator) at ``progress`` in [0, 1] of the run."""
         return 1.0
 
-    def _begin(self, box: BlackBox, device: torch.device) -> Any:
+    def _begin(self, box: QueryBoundary, device: torch.device) -> Any:
         return None
 
     def _after_student_steps(self, state: Any, student: nn.Module, optimizer: torch.optim.Optimizer,
@@ -132,7 +134,7 @@ class DataFreeAttack(Attack):
         reuse = int(self.reuse_generator_batch and self.g_iter > 0)
         return self.g_iter * (self.directions + 1) + self.d_iter - reuse
 
-    def steal(self, box: BlackBox, budgets: Sequence[int], training: SurrogateTraining,
+    def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               **kwargs: Any) -> list[Stolen]:
         """One online run up to the largest budget; the student is snapshotted at each budget.
 
@@ -204,7 +206,7 @@ class DataFreeAttack(Attack):
             bar.close()
         return out
 
-    def _iteration(self, box: BlackBox, generator: QueryGenerator, student: nn.Module,
+    def _iteration(self, box: QueryBoundary, generator: QueryGenerator, student: nn.Module,
                    opt_g: torch.optim.Optimizer, opt_s: torch.optim.Optimizer, batch: int,
                    rng: torch.Generator, device: torch.device, state: Any) -> dict[str, float]:
         generator.train()
@@ -240,7 +242,7 @@ class DataFreeAttack(Attack):
         return torch.randn((n, self.nz), generator=rng).to(device)
 
     @torch.no_grad()
-    def _estimate_gradient(self, box: BlackBox, student: nn.Module, pre: Tensor,
+    def _estimate_gradient(self, box: QueryBoundary, student: nn.Module, pre: Tensor,
                            rng: torch.Generator) -> tuple[Tensor, float, tuple[Tensor, Tensor]]:
         """Forward-difference estimate of d mean_i L_i / d pre, L_i = ``sample_loss`` of image i.
 

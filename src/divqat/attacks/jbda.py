@@ -25,7 +25,7 @@ from divqat.attacks.base import (
     train_per_budget,
     train_surrogate,
 )
-from divqat.blackbox import BlackBox
+from divqat.boundary import QueryBoundary
 from divqat.checks import check_int, check_number
 from divqat.data import to_float
 
@@ -89,7 +89,7 @@ class JBDA(Attack):
         self.tau = None if tau is None else check_int("jbda", "tau", tau, low=1)
         self.batch_size = check_int("jbda", "batch_size", batch_size, low=1)
 
-    def steal(self, box: BlackBox, budgets: Sequence[int], training: SurrogateTraining,
+    def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               transfer: TransferSet | None = None, **kwargs) -> list[Stolen]:
         box, budgets = self._start(box, budgets, transfer)
         start = time.perf_counter()
@@ -119,6 +119,6 @@ class JBDA(Attack):
         return train_per_budget(cache, budgets, training, box, transfer.stats,
                                 time.perf_counter() - start, self.name, info)
 
-    def _query(self, cache: QueryCache, box: BlackBox, images: Tensor) -> None:
+    def _query(self, cache: QueryCache, box: QueryBoundary, images: Tensor) -> None:
         for start in range(0, len(images), self.batch_size):
             cache.query(box, images[start:start + self.batch_size].float().contiguous())

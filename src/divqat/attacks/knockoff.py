@@ -22,7 +22,7 @@ from divqat.attacks.base import (
     query_in_batches,
     train_per_budget,
 )
-from divqat.blackbox import BlackBox
+from divqat.boundary import QueryBoundary
 from divqat.checks import check_int
 
 
@@ -48,7 +48,7 @@ class Knockoff(Attack):
     def __init__(self, batch_size: int = 256) -> None:
         self.batch_size = check_int("knockoff", "batch_size", batch_size, low=1)
 
-    def steal(self, box: BlackBox, budgets: Sequence[int], training: SurrogateTraining,
+    def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               transfer: TransferSet | None = None, **kwargs) -> list[Stolen]:
         box, budgets = self._start(box, budgets, transfer)
         n = min(budgets[-1], len(transfer))

@@ -26,7 +26,7 @@ from divqat.attacks.base import (
     build_surrogate,
     train_per_budget,
 )
-from divqat.blackbox import BlackBox
+from divqat.boundary import QueryBoundary
 from divqat.checks import check_choice, check_int, check_number
 from divqat.data import to_float
 
@@ -102,7 +102,7 @@ class KnockoffAdaptive(Attack):
         self.batch_size = check_int("knockoff-adaptive", "batch_size", batch_size, low=1)
         self.lr = check_number("knockoff-adaptive", "lr", lr, low=0, low_open=True)
 
-    def steal(self, box: BlackBox, budgets: Sequence[int], training: SurrogateTraining,
+    def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               transfer: TransferSet | None = None, **kwargs) -> list[Stolen]:
         box, budgets = self._start(box, budgets, transfer)
         start = time.perf_counter()
@@ -115,7 +115,7 @@ class KnockoffAdaptive(Attack):
         return train_per_budget(cache, budgets, training, box, transfer.stats,
                                 time.perf_counter() - start, self.name, info)
 
-    def _collect(self, box: BlackBox, target: int, training: SurrogateTraining,
+    def _collect(self, box: QueryBoundary, target: int, training: SurrogateTraining,
                  transfer: TransferSet) -> tuple[QueryCache, dict]:
         from tqdm.auto import tqdm
 

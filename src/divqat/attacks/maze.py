@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from divqat.attacks.base import ATTACKS
 from divqat.attacks.data_free import MIN_BATCH, DataFreeAttack, init_data_free
-from divqat.blackbox import BlackBox
+from divqat.boundary import QueryBoundary
 from divqat.checks import check_int
 
 
@@ -125,7 +125,7 @@ class MAZE(DataFreeAttack):
     def lr_factor(self, progress: float) -> float:
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    def _begin(self, box: BlackBox, device: torch.device) -> ReplayBuffer | None:
+    def _begin(self, box: QueryBoundary, device: torch.device) -> ReplayBuffer | None:
         if self.replay_steps == 0:
             return None
         return ReplayBuffer(self.replay_size, box.input_shape, box.num_classes, device)

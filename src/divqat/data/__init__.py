@@ -19,8 +19,16 @@ from divqat.data.base import (
     dataset_spec,
     load_dataset,
     register_dataset,
+    training_split,
 )
-from divqat.data.transforms import Normalize, adapt, augment, channel_stats, to_float
+from divqat.data.transforms import (
+    Normalize,
+    adapt,
+    augment,
+    channel_stats,
+    to_float,
+    to_victim_input,
+)
 
 __all__ = [
     "DATASETS",
@@ -36,4 +44,6 @@ __all__ = [
     "load_dataset",
     "register_dataset",
     "to_float",
+    "to_victim_input",
+    "training_split",
 ]

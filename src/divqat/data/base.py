@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from divqat.data._io import as_path, env_root
-from divqat.errors import DatasetError
+from divqat.errors import ConfigError, DatasetError
 from divqat.registry import Registry
 
 SPLITS = ("train", "test")
@@ -58,6 +58,23 @@ class ImageDataset:
         if isinstance(indices, range):
             indices = slice(indices.start, indices.stop, indices.step)
         return ImageDataset(self.name, self.split, self.images[indices], self.labels[indices], self.classes)
+
+
+def training_split(train: ImageDataset, holdout: int = 0,
+                   limit: int | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """The one rule for which training images a victim sees: ``(trained on, held out)``.
+
+    The last ``holdout`` images of the training split are kept out of every victim trained with
+    them (the thief's unseen in-distribution transfer set, ``--transfer holdout``); of the rest,
+    the first ``limit`` are trained on (all when None). So a victim's training images are always
+    a prefix of the split, and its held-out images its tail.
+    """
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or not 0 <= holdout < len(train):
+        raise ConfigError(f"holdout must be an integer from 0 to {len(train) - 1} ({train.name} "
+                          f"has {len(train)} training images), got {holdout!r}")
+    n = len(train) - holdout
+    trained = train.subset(slice(0, n if limit is None else min(n, limit)))
+    return trained, train.subset(slice(n, len(train)))
 
 
 @dataclass(frozen=True)

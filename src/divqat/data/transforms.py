@@ -130,3 +130,12 @@ def augment(x: Tensor, pad: int = 4, hflip: bool = True,
     rows, cols = rows.to(x.device), cols.to(x.device)
     x = x.gather(2, rows.view(n, 1, h, 1).expand(n, c, h, x.shape[3]))
     return x.gather(3, cols.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+def to_victim_input(images: np.ndarray | Tensor, shape: Sequence[int]) -> Tensor:
+    """uint8 or float (N, C, H, W) images -> float32 in [0, 1] at a victim's input ``shape``
+    (C, H, W), through ``adapt``. Resizing can overshoot [0, 1] by a rounding error, which the
+    black box refuses, so the result is clamped."""
+    x = torch.as_tensor(images)
+    x = to_float(x) if x.dtype == torch.uint8 else x.float()
+    return adapt(x, shape[0], shape[1:]).clamp_(0.0, 1.0)

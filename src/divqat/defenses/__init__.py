@@ -5,17 +5,21 @@
     >>> defended = defense(posteriors)             # (N, K) -> (N, K)
 
 Defenses that run a model (``needs_inputs``) also take ``images=``; the black box passes them.
-For a saved victim, ``divqat.pipelines.defense_models.build_defense`` also builds that model (the
-misinformation model, MAD's surrogate), and ``divqat.pipelines.defend`` measures a defense
-(defender accuracy, L1 and KL to the clean posteriors, argmax changes, latency). Neither is
-imported here: both sit above ``divqat.blackbox``, which imports this package.
+A model-backed defense declares its model (``model_param``, ``model_help``, ``trains_model``);
+``check_defense`` checks its parameters without the model, and for a saved victim the driver
+``divqat.pipelines.defense_models.build_defense`` builds that model (the misinformation model,
+MAD's surrogate). ``divqat.pipelines.defend`` measures a defense (defender accuracy, L1 and KL to
+the clean posteriors, argmax changes, latency). This package is methods only: it imports no
+black box, training or attack (checked by ``lint-imports``).
 """
 
 # Importing each defense module registers it (the timm pattern); the classes are re-exported.
 from divqat.defenses.adaptive_misinformation import AdaptiveMisinformation, misinformation_loss
 from divqat.defenses.base import (
     DEFENSES,
+    PENDING_MODEL,
     Defense,
+    check_defense,
     create_defense,
     describe_defenses,
 )
@@ -30,6 +34,7 @@ from divqat.defenses.top_k import TopK
 __all__ = [
     "DCP",
     "DEFENSES",
+    "PENDING_MODEL",
     "MAD",
     "AdaptiveMisinformation",
     "Defense",
@@ -38,6 +43,7 @@ __all__ = [
     "ReverseSigmoid",
     "Rounding",
     "TopK",
+    "check_defense",
     "create_defense",
     "describe_defenses",
     "misinformation_loss",

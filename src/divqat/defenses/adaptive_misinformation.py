@@ -70,6 +70,11 @@ class AdaptiveMisinformation(Defense):
     """
 
     name = "adaptive-misinformation"
+    model_param = "misinformation_model"
+    model_help = ("a model of the victim's architecture trained to be wrong on the victim's training "
+                  "images; trained on first use (--misinformation-epochs), kept in "
+                  "VICTIM/misinformation/")
+    trains_model = True
     needs_inputs = True
 
     def __init__(self, misinformation_model: Callable[[Tensor], Tensor] | None = None,

@@ -7,6 +7,7 @@ no NaN or inf for any valid input, including one-hot rows, exact zeros and ties.
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from typing import Any, ClassVar
@@ -14,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from divqat.errors import ConfigError
 from divqat.registry import Registry
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
@@ -23,7 +25,7 @@ DEFENSES: Registry[type[Defense]] = Registry("defense")
 _SCALARS = (bool, int, float, str, type(None))
 
 
-class Defense:
+class Defense(abc.ABC):
     """Base of every defense: ``defense(posteriors, *, logits=None, images=None) -> posteriors``.
 
     Subclasses implement ``forward(y, logits, images)`` on float64 rows that are validated and
@@ -43,11 +45,18 @@ class Defense:
     name: ClassVar[str] = ""
     needs_logits: ClassVar[bool] = False
     needs_inputs: ClassVar[bool] = False
+    # A model-backed defense names the constructor argument that takes its model and says how
+    # divqat builds it for a saved victim (``divqat defenses`` shows it); the driver that builds
+    # defenses (``divqat.pipelines.defense_models``) reads these, never the defense's name.
+    model_param: ClassVar[str | None] = None
+    model_help: ClassVar[str] = ""
+    # The model is trained (minutes, once per victim, kept with it) rather than just initialized.
+    trains_model: ClassVar[bool] = False
     # ``forward`` is a deterministic tensor formula of ``y`` alone (no logits, images, model or
     # random state), so ``epilogue`` can be compiled into an int8 victim's program.
     fusable: ClassVar[bool] = False
 
-    def __init__(self) -> None:
+    def __init__(self) -> None:  # noqa: B027  (not abstract: parameterless defenses keep it)
         """A defense without parameters (so ``params()`` is empty, not object's *args)."""
 
     def __call__(self, posteriors: Tensor, *, logits: Tensor | None = None,
@@ -100,10 +109,10 @@ class Defense:
             return normalize_rows(raw).to(posteriors.dtype)
         return (out / total).to(posteriors.dtype)
 
+    @abc.abstractmethod
     def forward(self, y: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
         """Defend float64 posteriors ``y`` (N, K), rows already non-negative and summing to 1;
         return (N, K) scores that the caller clips at 0 and renormalizes."""
-        raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
         """The constructor arguments as recorded values (models by their type name)."""
@@ -186,9 +195,34 @@ def module_device(module: Any) -> torch.device | None:
 
 # ---------------------------------------------------------------- registry front end
 
-def defense_defaults(cls: type[Defense]) -> dict[str, Any]:
-    """The constructor parameters of a defense class with their defaults."""
-    return DEFENSES.defaults(cls)
+class _PendingModel:
+    """Stands for the model of a model-backed defense before a driver builds it: the defense
+    checks its other parameters and skips the checks of the model (``check_defense``)."""
+
+    def __call__(self, images: Tensor) -> Tensor:
+        raise RuntimeError("a defense built for parameter checking only was asked to answer")
+
+    def __repr__(self) -> str:
+        return "<model built by divqat>"
+
+
+PENDING_MODEL = _PendingModel()
+
+
+def check_defense(name: str, params: dict[str, Any]) -> type[Defense]:
+    """Build the defense ``name`` once with ``params`` (a model-backed defense with
+    ``PENDING_MODEL`` for its model) so that an unknown name, an unknown parameter or a bad value
+    is a ``ConfigError`` before any model is trained. Returns the defense's class."""
+    try:
+        cls = DEFENSES.get(name)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    if cls.model_param is not None and cls.model_param in params:
+        raise ConfigError(f"defense {name!r}: {cls.model_param} is built from the victim by divqat, "
+                          "not given as a parameter")
+    model = {cls.model_param: PENDING_MODEL} if cls.model_param is not None else {}
+    DEFENSES.create(name, **model, **params)
+    return cls
 
 
 def create_defense(name: str, **params: Any) -> Defense:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from divqat.checks import check_bool, check_choice, check_number
-from divqat.defenses.base import DEFENSES, Defense, module_device, normalize_rows
+from divqat.defenses.base import DEFENSES, PENDING_MODEL, Defense, module_device, normalize_rows
 from divqat.errors import ConfigError
 
 # The reference's argmax-preserving vertices put this much extra mass on the victim's argmax.
@@ -94,18 +94,25 @@ class MAD(Defense):
 
     name = "mad"
     needs_inputs = True
+    model_param = "surrogate"
+    model_help = "a randomly initialized model of the victim's architecture (--seed)"
 
     def __init__(self, surrogate: nn.Module | None = None, eps: float = 0.5,
                  argmax_preserving: bool = False, select: str = "vertex",
                  last_layer: str | None = None) -> None:
+        self.eps = check_number(self.name, "eps", eps, low=0.0, high=2.0)
+        self.argmax_preserving = check_bool(self.name, "argmax_preserving", argmax_preserving)
+        self.select = check_choice(self.name, "select", select, ("vertex", "feasible"))
+        if last_layer is not None and not isinstance(last_layer, str):
+            raise ConfigError(f"{self.name}.last_layer must be a module name or null, got {last_layer!r}")
+        if surrogate is PENDING_MODEL:  # parameters checked; the driver builds the surrogate
+            self.surrogate, self.last_layer = surrogate, last_layer
+            return
         if not isinstance(surrogate, nn.Module):
             raise ConfigError(
                 f"{self.name}: needs surrogate, an nn.Module images -> logits ending in an "
                 f"nn.Linear (e.g. a randomly initialized model of the victim's architecture); "
                 f"got {surrogate!r}")
-        self.eps = check_number(self.name, "eps", eps, low=0.0, high=2.0)
-        self.argmax_preserving = check_bool(self.name, "argmax_preserving", argmax_preserving)
-        self.select = check_choice(self.name, "select", select, ("vertex", "feasible"))
         layers = dict(surrogate.named_modules())
         if last_layer is None:
             linear_names = [n for n, m in layers.items() if isinstance(m, nn.Linear)]

@@ -15,7 +15,7 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
     fp32:    {epochs: 10, lr: 0.1, seed: null}     # seed null: one teacher per run seed
     qat:     {epochs: 1, lr: 0.01}
     divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
-              epochs: 1, lr: 0.01}                  # divergence and cap: RECOMMENDED's
+              epochs: 1, lr: 0.01}       # unset: kl, cap 0.15; a divergence given without a cap: uncapped
     defenses:                    # "none" is always included
       - none
       - {name: dcp, params: {beta: [0.3, 0.5]}}     # a list is a grid axis
@@ -33,8 +33,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -43,10 +43,17 @@ from typing import Any
 
 import yaml
 
+from divqat.attacks import ATTACKS, SurrogateTraining, create_attack
+from divqat.checks import check_bool, check_choice, check_int, check_number
+from divqat.data import dataset_names
+from divqat.defenses import DEFENSES
 from divqat.errors import ConfigError, DivqatError
-from divqat.train.losses import DIVERGENCES, RECOMMENDED, DivQATSettings
+from divqat.models import model_names
+from divqat.pipelines.attack import HOLDOUT, parse_transfer
+from divqat.pipelines.defense_models import check_defense
+from divqat.registry import params_text
+from divqat.train.losses import RECOMMENDED, DivQATSettings, divqat_settings
 
-HOLDOUT = "holdout"
 _REQUIRED = object()
 
 
@@ -75,19 +82,16 @@ class TrainingSpec:
 
 @dataclass(frozen=True)
 class DivQATSpec:
-    """The DivQAT victims: one per alpha, all with the same divergence settings."""
+    """The DivQAT victims: one per alpha, all with the same objective otherwise (``objective``,
+    whose own alpha is ignored), fine-tuned for ``epochs`` at peak ``lr``."""
 
     alphas: tuple[float, ...] = (RECOMMENDED.alpha,)
-    divergence: str = RECOMMENDED.divergence
-    cap: float | None = RECOMMENDED.cap
-    ramp: float = RECOMMENDED.ramp
-    temperature: float = RECOMMENDED.temperature
+    objective: DivQATSettings = RECOMMENDED
     epochs: int = 1
     lr: float = 0.01
 
     def settings(self, alpha: float) -> DivQATSettings:
-        return DivQATSettings(alpha=alpha, divergence=self.divergence, cap=self.cap,
-                              ramp=self.ramp, temperature=self.temperature)
+        return dataclasses.replace(self.objective, alpha=alpha)
 
 
 @dataclass(frozen=True)
@@ -106,19 +110,6 @@ class DefenseSpec:
 
 
 @dataclass(frozen=True)
-class SurrogateSpec:
-    """The thief's surrogate recipe (``divqat.attacks.SurrogateTraining`` without seed/device)."""
-
-    arch: str = "resnet8"
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    temperature: float = 1.0
-    min_steps: int = 0
-
-
-@dataclass(frozen=True)
 class AttackSpec:
     """One attack run against every victim x defense setting, for each transfer set and
     label-only flag; ``budgets`` share one attack stage (one surrogate per budget)."""
@@ -128,7 +119,7 @@ class AttackSpec:
     transfer: tuple[str | None, ...] = (None,)
     labels_only: tuple[bool, ...] = (False,)
     budgets: tuple[int, ...] = (1000,)
-    surrogate: SurrogateSpec = field(default_factory=SurrogateSpec)
+    surrogate: SurrogateTraining = field(default_factory=SurrogateTraining)
     defenses: tuple[str, ...] | None = None
 
 
@@ -207,40 +198,23 @@ def _shown(value: Any) -> str:
     return "nothing" if value is None else f"{type(value).__name__} {value!r}"
 
 
+# One line each over ``divqat.checks``, so a config error names its key like every other error.
+
 def _int(value: Any, where: str, low: int, optional: bool = False) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = " or null" if optional else ""
-        raise ConfigError(f"{where}: must be an integer >= {low}{extra}; got {value!r}")
-    return int(value)
+    return check_int(where, "", value, low=low, optional=optional)
 
 
 def _number(value: Any, where: str, low: float | None = None, low_open: bool = False,
             high: float | None = None, optional: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if ok:
-        ok = (low is None or (value > low if low_open else value >= low)) and (high is None or value <= high)
-    if not ok:
-        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
-        hi = "inf)" if high is None else f"{high:g}]"
-        extra = " or null" if optional else ""
-        raise ConfigError(f"{where}: must be a number in {lo}, {hi}{extra}; got {value!r}")
-    return float(value)
+    return check_number(where, "", value, low=low, low_open=low_open, high=high, optional=optional)
 
 
 def _bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: must be true or false; got {value!r}")
-    return value
+    return check_bool(where, "", value)
 
 
 def _choice(value: Any, where: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{where}: unknown {value!r}; choose one of: {', '.join(choices)}")
-    return value
+    return check_choice(where, "", value, choices)
 
 
 def _wrapped(where: str, check: Callable[[], Any]) -> Any:
@@ -257,7 +231,10 @@ TOP_KEYS = ("name", "seeds", "victim", "fp32", "qat", "divqat", "defenses", "att
 
 
 def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
-    """Validate a loaded YAML document and return the ``ExperimentConfig``."""
+    """Validate a loaded YAML document and return the ``ExperimentConfig``.
+
+    Every defense and attack is built once with its real parameters (a model-backed defense
+    without its model), so a bad value anywhere is one line here, before anything trains."""
     top = _Mapping(raw, "", TOP_KEYS)
     name = top.get("name", Path(source).stem if source != "<dict>" else "experiment")
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
@@ -276,9 +253,6 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
 
 
 def _victim(raw: Any) -> VictimSpec:
-    from divqat.data import dataset_names
-    from divqat.models import model_names
-
     m = _Mapping(raw, "victim", ("dataset", "arch", "limit", "holdout", "batch_size"))
     return VictimSpec(dataset=m.choice("dataset", "fashion-mnist", dataset_names()),
                       arch=m.choice("arch", "resnet8", model_names()),
@@ -295,29 +269,25 @@ def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = Fal
                         seed=seed)
 
 
+# The DivQAT objective's own fields (all but alpha, which is the grid axis ``alphas``).
+_OBJECTIVE_KEYS = tuple(k for k in DivQATSettings.USER_FIELDS if k != "alpha")
+
+
 def _divqat(raw: Any) -> DivQATSpec:
-    m = _Mapping(raw, "divqat", ("alphas", "divergence", "cap", "ramp", "temperature", "epochs", "lr"))
-    divergence = m.choice("divergence", RECOMMENDED.divergence, DIVERGENCES)
-    # The recommended cap belongs to the recommended divergence (as in `divqat train`); 0 = none.
-    cap = RECOMMENDED.cap if divergence == RECOMMENDED.divergence else None
-    if "cap" in m.raw:
-        cap = _number(m.raw["cap"], m.where("cap"), 0, optional=True) or None
+    m = _Mapping(raw, "divqat", ("alphas", *_OBJECTIVE_KEYS, "epochs", "lr"))
+    given = {k: m.raw[k] for k in _OBJECTIVE_KEYS if m.raw.get(k) is not None}
+    # Unset fields take the recommended setting, as `divqat train` does (DivQATSettings checks
+    # each value and names it: divqat.cap, divqat.ramp, ...).
+    objective = divqat_settings(**given)
     spec = DivQATSpec(
         alphas=m.list("alphas", [RECOMMENDED.alpha], lambda v, w: _number(v, w, 0, low_open=True)),
-        divergence=divergence, cap=cap,
-        ramp=m.number("ramp", RECOMMENDED.ramp, 0, high=1),
-        temperature=m.number("temperature", RECOMMENDED.temperature, 0, low_open=True),
-        epochs=m.int("epochs", 1, 1), lr=m.number("lr", 0.01, 0, low_open=True))
+        objective=objective, epochs=m.int("epochs", 1, 1), lr=m.number("lr", 0.01, 0, low_open=True))
     if len(set(spec.alphas)) != len(spec.alphas):
         raise ConfigError(f"divqat.alphas: each alpha once; got {list(spec.alphas)}")
-    for i, alpha in enumerate(spec.alphas):
-        _wrapped(f"divqat.alphas[{i}]", lambda a=alpha: spec.settings(a))
     return spec
 
 
 def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
-    from divqat.defenses.base import DEFENSES
-
     if not isinstance(raw, list):
         raise ConfigError(f"defenses: expected a list of defenses (a name, or a mapping with name, "
                           f"params, misinformation_epochs); got {_shown(raw)}")
@@ -334,40 +304,18 @@ def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
                               f"a grid); got {_shown(params)}")
         spec = DefenseSpec(name, dict(params), m.int("misinformation_epochs", 5, 1))
         for setting in spec.grid():
-            _check_defense(name, setting, f"{where}.params")
+            _wrapped(f"{where}.params", lambda n=name, s=setting: check_defense(n, s))
         out.append(spec)
     settings = [(d.name, s) for d in out for s in d.grid()]
     for j, (name, s) in enumerate(settings):
         if (name, s) in settings[:j]:
-            raise ConfigError(f"defenses: {name} {_params_text(s) or '(defaults)'} is listed twice")
+            raise ConfigError(f"defenses: {name} {params_text(s) or '(defaults)'} is listed twice")
     if not any(d.name == "none" for d in out):
         out.insert(0, DefenseSpec("none"))  # the undefended victim is the reference of every table
     return tuple(out)
 
 
-def _check_defense(name: str, params: dict[str, Any], where: str) -> None:
-    """Build the defense once with these parameters (a stand-in for the model a model-backed
-    defense runs) so a typo fails now, not after the victims are trained."""
-    from divqat.defenses.base import DEFENSES, create_defense, defense_defaults
-    from divqat.pipelines.defense_models import MODEL_PARAMS
-
-    model_param = MODEL_PARAMS.get(name, (None, ""))[0]
-    if model_param is None:
-        _wrapped(where, lambda: create_defense(name, **params))
-        return
-    allowed = {k: v for k, v in defense_defaults(DEFENSES.get(name)).items() if k != model_param}
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        shown = ", ".join(f"{k}={v!r}" for k, v in allowed.items()) or "none"
-        raise ConfigError(f"{where}: defense {name!r} has no parameter {', '.join(map(repr, unknown))}; "
-                          f"allowed (with defaults): {shown}")
-    if name == "adaptive-misinformation":
-        _wrapped(where, lambda: create_defense(name, **{model_param: lambda x: x}, **params))
-
-
 def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[AttackSpec, ...]:
-    from divqat.attacks import ATTACKS, create_attack
-
     if not isinstance(raw, list):
         raise ConfigError(f"attacks: expected a list of attacks (mappings with name, params, "
                           f"transfer, labels_only, budgets, surrogate, defenses); got {_shown(raw)}")
@@ -410,45 +358,19 @@ def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[At
 
 
 def _transfer(value: Any, where: str, victim: VictimSpec) -> str:
-    from divqat.pipelines.defend import parse_query_set
-
-    if value == HOLDOUT:
-        if victim.holdout < 1:
-            raise ConfigError(f"{where}: the {HOLDOUT!r} transfer set needs victim.holdout >= 1 "
-                              "(training images kept out of every victim); set it, or name a dataset")
-        return HOLDOUT
+    if value == HOLDOUT and victim.holdout < 1:
+        raise ConfigError(f"{where}: the {HOLDOUT!r} transfer set needs victim.holdout >= 1 "
+                          "(training images kept out of every victim); set it, or name a dataset")
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected {HOLDOUT!r} or NAME[:SPLIT]; got {value!r}")
-    text = value if ":" in value else f"{value}:train"
-    name, split = _wrapped(where, lambda: parse_query_set(text))
-    return f"{name}:{split}"
+    return _wrapped(where, lambda: parse_transfer(value))
 
 
-def _surrogate(raw: Any, where: str) -> SurrogateSpec:
-    from divqat.models import model_names
-
-    d = SurrogateSpec()
-    m = _Mapping(raw, where, ("arch", "epochs", "batch_size", "lr", "weight_decay", "temperature",
-                              "min_steps"))
-    return SurrogateSpec(arch=m.choice("arch", d.arch, model_names()),
-                         epochs=m.int("epochs", d.epochs, 1),
-                         batch_size=m.int("batch_size", d.batch_size, 1),
-                         lr=m.number("lr", d.lr, 0, low_open=True),
-                         weight_decay=m.number("weight_decay", d.weight_decay, 0),
-                         temperature=m.number("temperature", d.temperature, 0, low_open=True),
-                         min_steps=m.int("min_steps", d.min_steps, 0))
-
-
-def surrogate_fields(spec: SurrogateSpec) -> dict[str, Any]:
-    fields = {"arch": spec.arch, "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
-              "weight_decay": spec.weight_decay, "temperature": spec.temperature}
-    if spec.min_steps:  # only when set: the stage keys of configs written before it stay valid
-        fields["min_steps"] = spec.min_steps
-    return fields
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items())
+def _surrogate(raw: Any, where: str) -> SurrogateTraining:
+    m = _Mapping(raw, where, SurrogateTraining.RECIPE)
+    given = {k: v for k, v in m.raw.items() if v is not None}
+    # Checked here so that an error names the key: attacks[0].surrogate.epochs.
+    return SurrogateTraining(**SurrogateTraining.check(given, where))
 
 
 # ---------------------------------------------------------------- files and presets
@@ -498,7 +420,7 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
     """The resolved config (defaults filled in) as plain data, loadable by ``parse_config``."""
     def defense(d: DefenseSpec) -> dict[str, Any]:
         out: dict[str, Any] = {"name": d.name, "params": d.params}
-        if d.name == "adaptive-misinformation":
+        if DEFENSES.get(d.name).trains_model:
             out["misinformation_epochs"] = d.misinformation_epochs
         return out
 
@@ -507,7 +429,7 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
         if a.transfer != (None,):
             out["transfer"] = list(a.transfer)
         out.update(labels_only=list(a.labels_only), budgets=list(a.budgets),
-                   surrogate=surrogate_fields(a.surrogate))
+                   surrogate=a.surrogate.recipe())
         if a.defenses is not None:
             out["defenses"] = list(a.defenses)
         return out
@@ -519,13 +441,14 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
                    "batch_size": v.batch_size},
         "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed},
         "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},
-        "divqat": {"alphas": list(d.alphas), "divergence": d.divergence, "cap": d.cap or 0,
-                   "ramp": d.ramp, "temperature": d.temperature, "epochs": d.epochs, "lr": d.lr},
+        "divqat": {"alphas": list(d.alphas),
+                   **{k: getattr(d.objective, k) for k in _OBJECTIVE_KEYS},
+                   "cap": d.objective.cap or 0, "epochs": d.epochs, "lr": d.lr},
         "defenses": [defense(x) for x in config.defenses],
         "attacks": [attack(x) for x in config.attacks],
     }
 
 
-__all__ = ["AttackSpec", "DefenseSpec", "DivQATSpec", "ExperimentConfig", "HOLDOUT", "SurrogateSpec",
+__all__ = ["AttackSpec", "DefenseSpec", "DivQATSpec", "ExperimentConfig", "HOLDOUT",
            "TrainingSpec", "VictimSpec", "config_dict", "load_config", "load_preset", "parse_config",
            "preset_names", "preset_text"]

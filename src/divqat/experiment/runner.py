@@ -28,21 +28,21 @@ from tqdm.auto import tqdm
 
 import divqat
 from divqat.attacks import SurrogateTraining
-from divqat.data import load_dataset
+from divqat.data import load_dataset, training_split
+from divqat.defenses import DEFENSES
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.experiment.cache import StageCache, stage_key
-from divqat.experiment.config import HOLDOUT, ExperimentConfig, config_dict, surrogate_fields
+from divqat.experiment.config import ExperimentConfig, config_dict
 from divqat.experiment.report import build_report
 from divqat.experiment.results import write_results
 from divqat.io import write_json, write_text
-from divqat.pipelines.attack import attack_victim, load_transfer_set
+from divqat.pipelines.attack import HOLDOUT, attack_victim, load_transfer_set
 from divqat.pipelines.defend import evaluate_defense
 from divqat.pipelines.defense_models import build_defense
 from divqat.pipelines.train import TrainRequest, train_victim
+from divqat.registry import params_text
 from divqat.train.losses import DivQATSettings
 from divqat.victim import load_victim
-
-KINDS = ("fp32", "victim", "defense", "attack")
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ class Stage:
 
 def victim_label(mode: str, alpha: float | None = None) -> str:
     return f"divqat a={alpha:g}" if mode == "divqat" else mode
-
-
-def params_text(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items())
 
 
 def defense_label(name: str, params: dict[str, Any]) -> str:
@@ -120,7 +116,7 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
             for d in config.defenses:
                 for params in d.grid():
                     spec = {"name": d.name, "params": params, "seed": seed}
-                    if d.name == "adaptive-misinformation":
+                    if DEFENSES.get(d.name).trains_model:
                         spec["misinformation_epochs"] = d.misinformation_epochs
                     label = defense_label(d.name, params)
                     defenses.append(Stage("defense", stage_key("defense", spec, [victim.key]),
@@ -136,7 +132,7 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                         for labels_only in a.labels_only:
                             spec = {"name": a.name, "params": a.params, "transfer": transfer,
                                     "labels_only": labels_only, "budgets": list(a.budgets),
-                                    "surrogate": surrogate_fields(a.surrogate), "seed": seed}
+                                    "surrogate": a.surrogate.recipe(), "seed": seed}
                             inputs = (victim.key, defense.key)
                             label = (f"attack {attack_label(a.name, a.params, transfer, labels_only)} "
                                      f"| {who} | {dlabel} | seed {seed}")
@@ -175,9 +171,10 @@ class Runner:
         v = self.config.victim
         train = load_dataset(v.dataset, "train", self.data_root)
         self._test = load_dataset(v.dataset, "test", self.data_root)
-        if v.holdout >= len(train):
-            raise ConfigError(f"victim.holdout: {v.holdout} leaves no training images ({v.dataset} "
-                              f"has {len(train)}); allowed: 0 to {len(train) - 1}")
+        try:
+            training_split(train, v.holdout, v.limit)
+        except ConfigError as e:
+            raise ConfigError(f"victim.{e}") from None
         for spec in self.config.transfer_specs():
             if spec != HOLDOUT:
                 name, split = spec.split(":")
@@ -423,4 +420,4 @@ def _defense_columns(stage: Stage, r: dict[str, Any]) -> dict[str, Any]:
             "ms_per_query_defended": r["ms_per_query_defended"], "latency_ratio": r["latency_ratio"]}
 
 
-__all__ = ["KINDS", "Runner", "Stage", "collect_results", "plan_stages", "run_experiment"]
+__all__ = ["Runner", "Stage", "collect_results", "plan_stages", "run_experiment"]

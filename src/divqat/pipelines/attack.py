@@ -24,15 +24,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from divqat.attacks.base import ATTACKS, Stolen, SurrogateTraining, TransferSet, create_attack
+from divqat.attacks import Stolen, SurrogateTraining, TransferSet, create_attack
 from divqat.blackbox import BlackBox, DefendedVictim
-from divqat.data import dataset_spec, load_dataset
+from divqat.checks import check_bool, check_int
+from divqat.data import dataset_spec, load_dataset, to_victim_input, training_split
 from divqat.defenses.base import Defense
 from divqat.errors import ConfigError
 from divqat.io import write_json
-from divqat.pipelines.defend import _fit_victim, evaluate_defense, parse_query_set
+from divqat.pipelines.defend import evaluate_defense, parse_query_set
+from divqat.pipelines.defense_models import build_defense, victim_metadata
+from divqat.victim import load_victim
 
+# The thief's unseen in-distribution transfer set: the victim's held-out training images.
 HOLDOUT = "holdout"
+
+
+def parse_transfer(spec: str) -> str:
+    """A transfer-set spec in canonical form: ``"holdout"``, or ``"NAME:SPLIT"`` of a registered
+    dataset (the split defaults to train: a thief's own images are not the victim's test set)."""
+    if spec == HOLDOUT:
+        return HOLDOUT
+    text = spec if ":" in str(spec) else f"{spec}:train"
+    name, split = parse_query_set(text)
+    return f"{name}:{split}"
 
 
 def load_transfer_set(spec: str, meta: dict, data_root: str | Path | None = None,
@@ -43,24 +57,22 @@ def load_transfer_set(spec: str, meta: dict, data_root: str | Path | None = None
     ``divqat train --holdout N``: in-distribution and unseen) or ``"NAME[:SPLIT]"`` of any
     registered dataset (split default: train).
     """
-    shape = tuple(meta["input_shape"])
+    spec = parse_transfer(spec)
     if spec == HOLDOUT:
         n = int(meta.get("holdout") or 0)
         if n <= 0:
             raise ConfigError(f"transfer set {HOLDOUT!r} needs a victim trained with --holdout N; "
                               f"this {meta.get('mode')} victim held no images out of its training")
-        data = load_dataset(meta["dataset"], "train", data_root)
-        data = data.subset(slice(len(data) - n, len(data)))
+        data = training_split(load_dataset(meta["dataset"], "train", data_root), n)[1]
         name = f"{dataset_spec(meta['dataset']).name}:train[-{n}:]"
     else:
-        text = spec if ":" in str(spec) else f"{spec}:train"
-        dataset, split = parse_query_set(text)
-        data = load_dataset(dataset, split, data_root)
-        name = f"{dataset}:{split}"
+        name, split = spec.split(":")
+        data = load_dataset(name, split, data_root)
+        name = spec
     images, labels = data.images, data.labels
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    x = _fit_victim(images, shape)
+    x = to_victim_input(images, tuple(meta["input_shape"]))
     # Stored as uint8 (a CIFAR-sized transfer set in float32 is 600 MB); the queries are these
     # exact uint8 values / 255, so the thief trains on what it sent.
     stored = x.mul_(255).round_().to(torch.uint8)
@@ -120,25 +132,21 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     ``budget``, ``queries_used``, ``adversary_accuracy``, ``adversary_error``, ``agreement``,
     ``agreement_clean``, ``seconds``) and, at the top level, the largest budget's figures.
     """
-    from divqat.pipelines.defense_models import build_defense, victim_metadata
-    from divqat.victim import load_victim
-
     say = log or (lambda _msg: None)
     victim_dir = Path(victim_dir)
     meta = victim_metadata(victim_dir)
     training = training if training is not None else SurrogateTraining(device=device, progress=progress)
     if not isinstance(training, SurrogateTraining):
         raise ConfigError(f"training must be a SurrogateTraining, got {type(training).__name__}")
-    if not isinstance(labels_only, bool):
-        raise ConfigError(f"labels_only must be true or false, got {labels_only!r}")
+    check_bool("", "labels_only", labels_only)
     thief = create_attack(attack, **dict(params or {}))
     if thief.soft_only and labels_only:
         raise ConfigError(f"attack {attack!r} needs posteriors: it cannot run label-only")
     if isinstance(budgets, int) and not isinstance(budgets, bool):
         budgets = [budgets]
-    budgets = sorted({int(b) for b in budgets}) if budgets else []
-    if not budgets or budgets[0] < 1:
-        raise ConfigError(f"budgets must be integers >= 1, got {budgets!r}")
+    if not budgets:
+        raise ConfigError("give at least one query budget")
+    budgets = sorted({check_int("", "budget", b, low=1) for b in budgets})
 
     # The data first: a missing dataset must not be found after minutes of work.
     test = load_dataset(meta["dataset"], "test", data_root)
@@ -153,7 +161,7 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     if victim is None:
         victim = load_victim(victim_dir, device=device)
 
-    test_images = _fit_victim(test.images, tuple(meta["input_shape"]))
+    test_images = to_victim_input(test.images, tuple(meta["input_shape"]))
     labels = torch.as_tensor(test.labels).long()
     served = DefendedVictim(victim, built_defense)
     clean_pred, defended_pred = [], []
@@ -174,8 +182,6 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     torch.manual_seed(training.seed)
     stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
     seconds = time.perf_counter() - start
-    if box.queries_used > budgets[-1]:  # the box refuses this; a guard against a future bug
-        raise RuntimeError(f"{attack} used {box.queries_used} queries of a {budgets[-1]} budget")
 
     results = []
     for s in stolen:
@@ -208,8 +214,4 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     return record
 
 
-def attack_names() -> list[str]:
-    return ATTACKS.names()
-
-
-__all__ = ["HOLDOUT", "attack_names", "attack_victim", "load_transfer_set", "predict", "surrogate_metrics"]
+__all__ = ["HOLDOUT", "attack_victim", "load_transfer_set", "parse_transfer", "predict", "surrogate_metrics"]

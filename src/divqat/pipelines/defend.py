@@ -28,24 +28,23 @@ import torch
 from torch import Tensor
 
 from divqat.blackbox import DefendedVictim
-from divqat.data import ImageDataset, adapt, dataset_spec, load_dataset, to_float
+from divqat.checks import check_int
+from divqat.data import ImageDataset, dataset_spec, load_dataset, to_float, to_victim_input
 from divqat.data.base import SPLITS
 from divqat.defenses.base import Defense
 from divqat.errors import ConfigError
 from divqat.io import write_json
+from divqat.pipelines.defense_models import (
+    build_defense,
+    misinformation_model_dir,
+    victim_metadata,
+)
+from divqat.victim import load_victim
 
 # Defended posteriors can hold exact zeros (top-k, rounding, MAD's vertices) where the clean one
 # does not, which makes KL(clean || defended) infinite. Clamping y' at 1e-12 caps each such class's
 # term at y_k * log(y_k / 1e-12) <= 27.6 nats: large, finite, and comparable between defenses.
 KL_CLAMP = 1e-12
-
-
-def _fit_victim(images: Any, shape: tuple[int, int, int]) -> Tensor:
-    """uint8 or float (N, C, H, W) images -> float32 in [0, 1] at the victim's input shape.
-    Resizing can overshoot [0, 1] by a rounding error, which the victim's boundary refuses."""
-    x = torch.as_tensor(images)
-    x = to_float(x) if x.dtype == torch.uint8 else x.float()
-    return adapt(x, shape[0], shape[1:]).clamp_(0.0, 1.0)
 
 
 def posterior_distances(clean: Tensor, defended: Tensor) -> dict[str, Tensor]:
@@ -98,8 +97,7 @@ def evaluate_defense(victim: Callable[[Tensor], Tensor], defense: Defense,
     the query set, each batch timed through the victim alone and then served, after one untimed
     warm-up call per batch size.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
+    check_int("", "batch size", batch_size, low=1)
     served = DefendedVictim(victim, defense)
     shape, k = served.input_shape, served.num_classes
     if len(test_set) == 0:
@@ -114,7 +112,7 @@ def evaluate_defense(victim: Callable[[Tensor], Tensor], defense: Defense,
         if len(query_images) == 0:
             raise ConfigError("the query set is empty")
 
-    test_images = _fit_victim(test_set.images, shape)
+    test_images = to_victim_input(test_set.images, shape)
     labels = torch.as_tensor(test_set.labels)
     timed = query_images is None  # the test pass is the query pass
     if timed:
@@ -198,14 +196,13 @@ def load_queries(query_set: str, input_shape: tuple[int, int, int], *, limit: in
     """The images of ``query_set`` ("NAME[:SPLIT]", any registered dataset) as float32 in [0, 1]
     adapted to ``input_shape`` (C, H, W), the first ``limit`` only if given. Returns the set's
     canonical "name:split" and the images (N, C, H, W)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"the query limit must be an integer >= 1, got {limit!r}")
+    check_int("", "the query limit", limit, low=1, optional=True)
     name, split = parse_query_set(query_set)
     data = load_dataset(name, split, data_root)
     images = data.images[:limit] if limit is not None else data.images
     if len(images) == 0:
         raise ConfigError(f"the query set {name}:{split} is empty")
-    return f"{name}:{split}", _fit_victim(images, input_shape)
+    return f"{name}:{split}", to_victim_input(images, input_shape)
 
 
 # ---------------------------------------------------------------- the `divqat defend` command
@@ -226,21 +223,12 @@ def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] |
     ``evaluate_defense`` plus ``victim``, ``victim_mode``, ``victim_dataset``, ``victim_arch``,
     ``test_set``, ``query_set``, ``batch_size`` and, for model-backed defenses, ``seed``.
     """
-    from divqat.pipelines.defense_models import (
-        MODEL_PARAMS,
-        build_defense,
-        misinformation_model_dir,
-        victim_metadata,
-    )
-    from divqat.victim import load_victim
 
     victim_dir = Path(victim_dir)
     meta = victim_metadata(victim_dir)
     query_set = queries if queries is not None else f"{meta['dataset']}:test"
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch size must be an integer >= 1, got {batch_size!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"the query limit must be an integer >= 1, got {limit!r}")
+    check_int("", "batch size", batch_size, low=1)
+    check_int("", "the query limit", limit, low=1, optional=True)
     # The data first: a missing dataset must not be found after minutes of training.
     test = load_dataset(meta["dataset"], "test", data_root)
     if queries is None and limit is None:
@@ -266,9 +254,9 @@ def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] |
         "batch_size": batch_size,
         "evaluation_seconds": time.perf_counter() - start,
     }
-    if defense in MODEL_PARAMS:
+    if built.model_param is not None:
         record["seed"] = seed
-    if defense == "adaptive-misinformation":
+    if built.trains_model:
         record["misinformation_model"] = str(misinformation_model_dir(victim_dir))
     if out is not None:
         write_json(Path(out) / "metrics.json", record)

@@ -1,7 +1,8 @@
 """Build a defense for a saved victim, including the model that some defenses run.
 
 Most defenses are a formula on the posteriors and come from ``create_defense`` alone. Two run a
-model of their own, which is built here from the victim artifact:
+model of their own (they declare it: ``Defense.model_param``, ``trains_model``), which is built
+here from the victim artifact:
 
 - ``adaptive-misinformation``: a misinformation model of the victim's architecture and
   normalization, trained with ``misinformation_loss`` on the images the victim was trained on
@@ -30,23 +31,19 @@ import torch
 from torch import nn
 
 import divqat
-from divqat.data import ImageDataset, load_dataset
+from divqat.checks import check_int
+from divqat.data import ImageDataset, load_dataset, training_split
 from divqat.defenses.adaptive_misinformation import misinformation_loss
-from divqat.defenses.base import DEFENSES, Defense, create_defense, defense_defaults
+from divqat.defenses.base import DEFENSES, Defense, check_defense, create_defense, describe_defenses
 from divqat.errors import ArtifactError, ConfigError, DatasetError
 from divqat.io import write_json
+from divqat.models import build_net
+from divqat.quant import export_dynamic
+from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
+from divqat.victim import load_fp32_net, read_metadata, save_victim
 
 MISINFORMATION_DIR = "misinformation"
 MISINFORMATION_ROLE = "misinformation-model"
-# The constructor argument each model-backed defense gets from this module, and how it is made
-# (shown by `divqat defenses`). These are never --param values.
-MODEL_PARAMS: dict[str, tuple[str, str]] = {
-    "adaptive-misinformation": (
-        "misinformation_model",
-        "a model of the victim's architecture trained to be wrong on the victim's training images; "
-        f"trained on first use (--misinformation-epochs), kept in VICTIM/{MISINFORMATION_DIR}/"),
-    "mad": ("surrogate", "a randomly initialized model of the victim's architecture (--seed)"),
-}
 _VICTIM_KEYS = ("dataset", "arch", "input_shape", "classes", "mean", "std")
 
 
@@ -62,8 +59,6 @@ class MisinformationObjective:
 def victim_metadata(victim_dir: str | Path) -> dict:
     """A victim's metadata, refused (``ArtifactError``) without what defenses and their
     evaluation need: dataset, arch, input shape, classes and normalization."""
-    from divqat.victim import read_metadata
-
     meta = read_metadata(victim_dir)
     missing = [k for k in _VICTIM_KEYS if k not in meta]
     if missing:
@@ -79,8 +74,6 @@ def _fingerprint(victim_dir: Path) -> str:
 
 
 def _seeded_net(meta: dict, seed: int) -> nn.Module:
-    from divqat.models import build_net
-
     # Seeded without touching the caller's global random state.
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -95,19 +88,17 @@ def random_surrogate(victim_dir: str | Path, seed: int = 0) -> nn.Module:
 
 
 def victim_training_images(meta: dict, data_root: str | Path | None = None) -> ImageDataset:
-    """The images the victim was trained on: the first ``train_images`` of its dataset's
-    training split (``divqat train`` drops the last ``holdout`` images, then keeps the first
-    ``limit``, so its training set is always such a prefix)."""
+    """The images the victim was trained on (``training_split`` with its holdout and limit)."""
     train = load_dataset(meta["dataset"], "train", data_root)
     n = meta.get("train_images")
-    if n is None:  # written before train_images was recorded: redo the holdout and limit
-        n = len(train) - int(meta.get("holdout") or 0)
-        if meta.get("limit") is not None:
-            n = min(n, int(meta["limit"]))
-    if not 0 < n <= len(train):
+    try:
+        trained = training_split(train, int(meta.get("holdout") or 0), meta.get("limit"))[0]
+    except ConfigError:
+        trained = None
+    if trained is None or (n is not None and len(trained) != n):
         raise DatasetError(f"the victim was trained on {n} images of {meta['dataset']} but its "
                            f"training split now has {len(train)}; is --data-root the same dataset?")
-    return train.subset(slice(0, n))
+    return trained
 
 
 def misinformation_model_dir(victim_dir: str | Path) -> Path:
@@ -127,10 +118,6 @@ def train_misinformation_model(victim_dir: str | Path, epochs: int = 5, seed: in
     metadata says ``"role": "misinformation-model"``, with its test accuracy (near 0 when it
     works) and the fingerprint of the victim it belongs to. Returns the directory.
     """
-    from divqat.quant import export_dynamic
-    from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
-    from divqat.victim import save_victim
-
     victim_dir = Path(victim_dir)
     meta = victim_metadata(victim_dir)
     cfg = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, schedule="onecycle",
@@ -177,8 +164,6 @@ def load_misinformation_model(victim_dir: str | Path, device: str = "cpu") -> tu
     Raises ``ArtifactError`` when there is none, it is damaged, or it belongs to another
     version of the victim (the victim was retrained since).
     """
-    from divqat.victim import load_fp32_net
-
     where = misinformation_model_dir(victim_dir)
     model, meta = load_fp32_net(where)
     if meta.get("role") != MISINFORMATION_ROLE:
@@ -221,10 +206,6 @@ def ensure_misinformation_model(victim_dir: str | Path, epochs: int = 5, seed: i
     return model, True
 
 
-def _not_a_model(images: torch.Tensor) -> torch.Tensor:
-    raise AssertionError("placeholder for parameter validation; never called")
-
-
 def build_defense(name: str, params: dict[str, Any] | None = None,
                   victim_dir: str | Path | None = None, *, seed: int = 0,
                   misinformation_epochs: int = 5, retrain_misinformation: bool = False,
@@ -236,10 +217,10 @@ def build_defense(name: str, params: dict[str, Any] | None = None,
         name (str): the registry name ("dcp", "top-k", "mad", ...).
         params (dict, optional): the defense's parameters, e.g. from ``parse_params``; unknown
             names and out-of-range values are ``ConfigError``, raised before any model is
-            trained. The model arguments (``misinformation_model``, ``surrogate``) are built
-            here and cannot be passed. (Default: None, the defense's defaults.)
-        victim_dir (path, optional): the victim artifact; required by ``adaptive-misinformation``
-            and ``mad``.
+            trained. The model argument a model-backed defense declares (``model_param``:
+            ``misinformation_model``, ``surrogate``) is built here and cannot be passed.
+            (Default: None, the defense's defaults.)
+        victim_dir (path, optional): the victim artifact; required by model-backed defenses.
         seed (int): seed of the model built (MAD's surrogate; the misinformation model's
             initialization and batches). (Default: 0.)
         misinformation_epochs (int), retrain_misinformation (bool): see
@@ -248,57 +229,39 @@ def build_defense(name: str, params: dict[str, Any] | None = None,
             progress bars while training; a callable told what is happening (e.g. ``print``).
     """
     params = dict(params or {})
-    try:
-        cls = DEFENSES.get(name)
-    except KeyError as exc:
-        raise ConfigError(exc.args[0]) from None
-    model_param = MODEL_PARAMS.get(name, (None, ""))[0]
-    if model_param is not None and model_param in params:
-        raise ConfigError(f"defense {name!r}: {model_param} is built from the victim by divqat, "
-                          "not given as a parameter")
-    if model_param is None:
+    cls = check_defense(name, params)  # every parameter checked before minutes of training
+    if cls.model_param is None:
         return create_defense(name, **params)
-    if model_param not in defense_defaults(cls):  # a model-backed defense renamed its argument
-        raise RuntimeError(f"defense {name!r} takes no {model_param!r}; update MODEL_PARAMS")
     if victim_dir is None:
         raise ConfigError(f"defense {name!r} runs a model built from the victim: give the victim "
                           "directory")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
-
-    if name == "mad":
-        return create_defense(name, surrogate=random_surrogate(victim_dir, seed).to(device), **params)
-
-    if isinstance(misinformation_epochs, bool) or not isinstance(misinformation_epochs, int) \
-            or misinformation_epochs < 1:
-        raise ConfigError(f"misinformation epochs must be an integer >= 1, got {misinformation_epochs!r}")
-    # Every other parameter is checked before minutes of training, with a stand-in model.
-    create_defense(name, **{model_param: _not_a_model}, **params)
+    seed = check_int("", "seed", seed)
     victim_metadata(victim_dir)
-    model, _ = ensure_misinformation_model(victim_dir, misinformation_epochs, seed,
-                                           retrain=retrain_misinformation, data_root=data_root,
-                                           device=device, progress=progress, log=log)
-    return create_defense(name, **{model_param: model}, **params)
+    if cls.trains_model:
+        check_int("", "misinformation epochs", misinformation_epochs, low=1)
+        model, _ = ensure_misinformation_model(victim_dir, misinformation_epochs, seed,
+                                               retrain=retrain_misinformation, data_root=data_root,
+                                               device=device, progress=progress, log=log)
+    else:
+        model = random_surrogate(victim_dir, seed).to(device)
+    return create_defense(name, **{cls.model_param: model}, **params)
 
 
 def list_defenses() -> list[dict[str, Any]]:
     """Every registered defense as ``{"name", "summary", "params": {name: default}, "model"}``;
     ``params`` are the ones a user sets, ``model`` says what model ``build_defense`` makes for it
     (None for a formula on the posteriors)."""
-    from divqat.defenses.base import describe_defenses
-
     rows = []
     for name, summary, defaults in describe_defenses():
-        model_param, how = MODEL_PARAMS.get(name, (None, None))
+        cls = DEFENSES.get(name)
         rows.append({"name": name, "summary": summary,
-                     "params": {k: v for k, v in defaults.items() if k != model_param},
-                     "model": how})
+                     "params": {k: v for k, v in defaults.items() if k != cls.model_param},
+                     "model": cls.model_help or None})
     return rows
 
 
 __all__ = [
     "MISINFORMATION_DIR",
-    "MODEL_PARAMS",
     "MisinformationObjective",
     "build_defense",
     "ensure_misinformation_model",

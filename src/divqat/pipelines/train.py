@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 import divqat
-from divqat.data import DATASETS, channel_stats, load_dataset
+from divqat.checks import check_int
+from divqat.data import DATASETS, channel_stats, load_dataset, training_split
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.io import write_json
 from divqat.models import VictimNet
-from divqat.quant import convert_to_int8, prepare_qat
+from divqat.quant import convert_to_int8, export_dynamic, prepare_qat
 from divqat.train.losses import CrossEntropy, DivQATLoss, DivQATSettings
 from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
 from divqat.victim import (
@@ -71,23 +72,18 @@ class TrainRequest:
             raise ConfigError("--teacher only applies to --mode qat or divqat")
         if self.mode != "divqat" and self.divqat.alpha != 0:
             raise ConfigError(f"--alpha only applies to --mode divqat (got --mode {self.mode})")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be >= 1, got {self.limit}")
-        if self.holdout < 0:
-            raise ConfigError(f"--holdout must be >= 0, got {self.holdout}")
+        check_int("", "--limit", self.limit, low=1, optional=True)
+        check_int("", "--holdout", self.holdout, low=0)
+        check_int("", "--epochs", self.epochs, low=1)
+        check_int("", "--seed", self.seed)
 
 
 def _training_split(req: TrainRequest):
     train = load_dataset(req.dataset, "train", req.data_root)
-    if req.holdout:
-        if req.holdout >= len(train):
-            raise ConfigError(f"--holdout {req.holdout} leaves no training images (the split has {len(train)})")
-        # The last `holdout` images are kept out of the victim's training so that an attacker
-        # can later use them as an in-distribution transfer set the victim never saw.
-        train = train.subset(slice(0, len(train) - req.holdout))
-    if req.limit is not None:
-        train = train.subset(slice(0, req.limit))
-    return train
+    try:
+        return training_split(train, req.holdout, req.limit)[0]
+    except ConfigError as e:
+        raise ConfigError(f"--holdout {req.holdout}: {e}") from None
 
 
 def _check_collapse(logits: torch.Tensor, labels, reference: float, what: str) -> float:
@@ -108,8 +104,11 @@ def _check_collapse(logits: torch.Tensor, labels, reference: float, what: str) -
     return acc
 
 
-def posterior_distances(teacher_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
-    """Mean KL(p_teacher || p) and mean L1 |p_teacher - p| over a set of (N, K) logits."""
+def teacher_distances(teacher_logits: torch.Tensor, logits: torch.Tensor) -> dict[str, float]:
+    """Mean KL(p_teacher || p) and mean L1 |p_teacher - p| over a set of (N, K) logits: how far
+    training moved a victim from its fp32 teacher (``kl_to_teacher`` in its metrics). Computed in
+    log space from the logits, unclamped; the per-query distances between a victim's clean and
+    defended posteriors are ``divqat.pipelines.defend.posterior_distances``."""
     log_p = F.log_softmax(teacher_logits.double(), dim=1)
     log_q = F.log_softmax(logits.double(), dim=1)
     kl = (log_p.exp() * (log_p - log_q.clamp(min=-1e4))).sum(dim=1).mean()
@@ -179,8 +178,6 @@ def train_victim(req: TrainRequest) -> dict:
     weights = None
     if req.mode == "fp32":
         model = model.cpu().to(memory_format=torch.contiguous_format)
-        from divqat.quant import export_dynamic
-
         program = export_dynamic(model, example)
         weights = model.state_dict()
     else:
@@ -191,7 +188,7 @@ def train_victim(req: TrainRequest) -> dict:
         metrics["int8_test_accuracy"] = _check_collapse(int8_logits, test.labels, teacher_acc,
                                                         f"the int8 {req.mode} victim")
         teacher_logits = predict_logits(teacher.cpu().to(memory_format=torch.contiguous_format), test.images)
-        metrics.update(posterior_distances(teacher_logits, int8_logits))
+        metrics.update(teacher_distances(teacher_logits, int8_logits))
 
     metadata = {
         "dataset": req.dataset,
@@ -226,4 +223,4 @@ def _torchao_version() -> str:
     return version("torchao")
 
 
-__all__ = ["MODES", "TrainRequest", "train_victim", "posterior_distances"]
+__all__ = ["MODES", "TrainRequest", "teacher_distances", "train_victim"]

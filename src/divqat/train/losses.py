@@ -29,11 +29,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from divqat.checks import check_choice, check_number
 from divqat.errors import ConfigError
 
 DIVERGENCES = ("kl", "reverse-kl", "js", "tail-kl")
@@ -97,21 +99,24 @@ class DivQATSettings:
     temperature: float = 1.0
     log_clamp: float = DEFAULT_LOG_CLAMP
 
+    # What a user sets (``divqat train`` options, a config's ``divqat:`` mapping); log_clamp is
+    # a numerical guard, recorded but not offered.
+    USER_FIELDS: ClassVar[tuple[str, ...]] = ("alpha", "divergence", "cap", "ramp", "temperature")
+
     def __post_init__(self) -> None:
-        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
-            raise ConfigError(f"alpha must be a finite number >= 0, got {self.alpha}")
-        if self.divergence not in DIVERGENCES:
-            raise ConfigError(
-                f"unknown divergence {self.divergence!r}; choose one of: {', '.join(DIVERGENCES)}"
-            )
-        if self.cap is not None and not self.cap > 0:
-            raise ConfigError(f"divergence cap must be > 0 (nats), got {self.cap}")
-        if not 0 <= self.ramp <= 1:
-            raise ConfigError(f"alpha ramp must be a fraction of training in [0, 1], got {self.ramp}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        if not self.log_clamp < 0:
-            raise ConfigError(f"log_clamp must be < 0 (a log-probability), got {self.log_clamp}")
+        # Stored as the checks return them (floats), so ``as_dict`` (a stage key, the victim's
+        # metadata) does not depend on whether a config wrote 1 or 1.0.
+        checked = {
+            "alpha": check_number("divqat", "alpha", self.alpha, low=0),
+            "divergence": check_choice("divqat", "divergence", self.divergence, DIVERGENCES),
+            "cap": check_number("divqat", "cap", self.cap, low=0, low_open=True, optional=True),
+            "ramp": check_number("divqat", "ramp", self.ramp, low=0, high=1),
+            "temperature": check_number("divqat", "temperature", self.temperature, low=0,
+                                        low_open=True),
+            "log_clamp": check_number("divqat", "log_clamp", self.log_clamp, high=-1e-12),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
     def alpha_at(self, progress: float) -> float:
         """alpha after ``progress`` (0..1) of the fine-tuning steps."""
@@ -184,3 +189,16 @@ class DivQATLoss:
             pulled = div if s.cap is None else div.clamp(max=s.cap)
             loss = ce - alpha * pulled.mean()
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "div": div.detach().mean()}
+
+
+def divqat_settings(alpha: float | None = None, divergence: str | None = None,
+                    cap: float | None = None, ramp: float = 0.0,
+                    temperature: float = 1.0) -> DivQATSettings:
+    """DivQAT settings where unset options take the recommended ones (``RECOMMENDED``): alpha,
+    the divergence and, when the divergence is not given, its cap. A divergence given without a
+    cap runs uncapped (``divergence="kl"`` is the paper's plain KL); ``cap=0`` means no cap."""
+    if cap is None and divergence is None:
+        cap = RECOMMENDED.cap
+    return DivQATSettings(alpha=RECOMMENDED.alpha if alpha is None else alpha,
+                          divergence=divergence or RECOMMENDED.divergence,
+                          cap=None if cap == 0 else cap, ramp=ramp, temperature=temperature)

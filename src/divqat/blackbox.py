@@ -2,6 +2,8 @@
 
 Two views of one defended victim:
 
+- ``QueryBoundary``, the interface attacks are written against: ``BlackBox`` implements it in the
+  thief's own process, ``divqat.remote.RemoteBlackBox`` over HTTP against ``divqat serve``.
 - ``BlackBox``, handed to attacks: ``query(images) -> defended posteriors`` (or
   ``query_labels(images) -> labels``), every image counted against a query budget. It holds the
   victim and the defense only inside a closure, so no attribute leads to the model, the defense or
@@ -15,6 +17,7 @@ to logits (N, K) and does its own normalization.
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -216,6 +219,54 @@ class DefendedVictim:
         return DefendedBatch(logits, clean, defended, done - start, 0.0, fused=True)
 
 
+class QueryBoundary(abc.ABC):
+    """What an extraction attack may do with a victim, wherever the victim runs.
+
+    ``query(images)`` -> defended posteriors (N, K) float32 on the CPU and ``query_labels(images)``
+    -> labels (N,) int64 for images float32 (N, C, H, W) in [0, 1] of ``input_shape``; every image
+    counts against ``budget`` (None: unlimited). A query past the budget raises
+    ``BudgetExceeded``, a bad one ``QueryError``; neither is counted. ``queries_used``,
+    ``queries_left``, ``label_only``, ``num_classes`` and ``timings`` ((batch size, seconds) per
+    answered query) are read-only. Attacks accept any implementation (``attacks.check_blackbox``).
+    """
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def query(self, images: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def query_labels(self, images: Tensor) -> Tensor: ...
+
+    @property
+    @abc.abstractmethod
+    def queries_used(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def budget(self) -> int | None: ...
+
+    @property
+    @abc.abstractmethod
+    def queries_left(self) -> int | None: ...
+
+    @property
+    @abc.abstractmethod
+    def label_only(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def input_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    @abc.abstractmethod
+    def num_classes(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def timings(self) -> list[tuple[int, float]]: ...
+
+
 def _make_oracle(served: DefendedVictim, budget: int | None) -> tuple[Callable[[Any], Tensor],
                                                                      Callable[[], tuple[int, list]]]:
     """The counter and the victim live only in these two closures."""
@@ -242,8 +293,8 @@ def _make_oracle(served: DefendedVictim, budget: int | None) -> tuple[Callable[[
     return answer, usage
 
 
-class BlackBox:
-    """The only view of the victim that an extraction attack gets.
+class BlackBox(QueryBoundary):
+    """The only view of the victim that an extraction attack gets (in the thief's process).
 
     Arguments:
         victim (callable or DefendedVictim): images (N, C, H, W) float32 in [0, 1] -> logits

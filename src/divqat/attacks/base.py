@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from divqat.blackbox import BlackBox
+from divqat.blackbox import BlackBox, QueryBoundary
 from divqat.checks import check_bool, check_choice, check_int, check_number
 from divqat.data import to_float
 from divqat.errors import ConfigError
@@ -147,10 +147,11 @@ class Stolen:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def check_blackbox(box: Any) -> BlackBox:
-    """Attacks take a ``BlackBox`` and nothing else: a model, a victim or a defended victim
-    handed in by mistake would let the attack see more than a thief does."""
-    if not isinstance(box, BlackBox):
+def check_blackbox(box: Any) -> QueryBoundary:
+    """Attacks take a query boundary (a ``BlackBox``, or a ``RemoteBlackBox`` over HTTP) and
+    nothing else: a model, a victim or a defended victim handed in by mistake would let the
+    attack see more than a thief does."""
+    if not isinstance(box, QueryBoundary):
         raise TypeError(f"attacks only take a divqat BlackBox (the query boundary), got "
                         f"{type(box).__name__}: wrap the victim with BlackBox(victim, defense, budget)")
     return box

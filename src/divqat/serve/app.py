@@ -222,7 +222,7 @@ def decode_image(data: bytes, limits: ServiceLimits) -> Tensor:
                                  f"and wide, got {h}x{w}")
             gray = img.mode in ("1", "L", "LA", "I", "I;16", "F") or (
                 img.mode == "P" and img.palette is not None and img.palette.mode == "L")
-            pixels = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
+            pixels = np.array(img.convert("L" if gray else "RGB"), dtype=np.uint8)  # writable
     except BadRequest:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:

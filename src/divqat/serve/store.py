@@ -290,18 +290,20 @@ class KeyStore:
                                   f"rate limit: {key.rate} images per {key.window:g} s, {key.rate - w_used} "
                                   f"left in this window; retry in {reset} s", key=key,
                                   retry_after=reset, window=(key.rate - w_used, reset))
-            if refusal is not None:
+            if refusal is not None:  # audited, nothing counted (committed, then raised)
                 self._db.execute(
                     "INSERT INTO audit (key, time, images, counted, outcome, status, latency_ms, "
                     "batch_sha256) VALUES (?, ?, ?, 0, ?, ?, NULL, ?)",
                     (key_id, now, images, refusal.code, refusal.status, batch_sha256))
-                raise refusal
-            self._db.execute("UPDATE keys SET used = used + ?, window_start = ?, window_used = ? "
-                             "WHERE id = ?", (images, w_start, w_used + images, key_id))
-            audit_id = self._db.execute(
-                "INSERT INTO audit (key, time, images, counted, outcome, status, latency_ms, batch_sha256) "
-                "VALUES (?, ?, ?, ?, 'in_flight', NULL, NULL, ?)",
-                (key_id, now, images, images, batch_sha256)).lastrowid
+            else:
+                self._db.execute("UPDATE keys SET used = used + ?, window_start = ?, window_used = ? "
+                                 "WHERE id = ?", (images, w_start, w_used + images, key_id))
+                audit_id = self._db.execute(
+                    "INSERT INTO audit (key, time, images, counted, outcome, status, latency_ms, "
+                    "batch_sha256) VALUES (?, ?, ?, ?, 'in_flight', NULL, NULL, ?)",
+                    (key_id, now, images, images, batch_sha256)).lastrowid
+        if refusal is not None:
+            raise refusal
         key = KeyInfo(**{**key.__dict__, "used": key.used + images})
         window = None
         if key.rate is not None:

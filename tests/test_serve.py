@@ -302,6 +302,9 @@ BAD_INPUTS = {
     "undecodable image": (*_multipart(("a.png", b"\x89PNG not really")), 400, "bad_image"),
     "GIF": (*_multipart(("a.gif", _gif())), 400, "bad_image"),
     "image too large": (*_multipart(("a.png", _png(80))), 400, "bad_image"),
+    "more files than allowed": (*_multipart(*[(f"{i}.png", _png()) for i in range(65)]), 413, "too_many_images"),
+    "far more files than allowed": (*_multipart(*[(f"{i}.png", _png()) for i in range(70)]), 413,
+                                    "too_many_images"),
     "form without files": (b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
                            "multipart/form-data; boundary=b", 400, "empty_batch"),
 }
@@ -461,6 +464,8 @@ def test_64_concurrent_clients_on_one_key_never_pass_its_budget(tmp_path):
     answered = sum(a for a, _ in results)
     used = store.key("shared").used
     usage = store.usage("shared")[0]
+    print(f"\n64 clients, budget 10000: {usage['answered_requests']} requests answered, {answered} images "
+          f"answered, {used} counted, {victim.seen} seen by the victim, {usage['refused_requests']} refused")
     assert answered == used == victim.seen == usage["images_counted"] == usage["images_answered"]
     assert 10_000 - 64 < used <= 10_000
     assert usage["answered_requests"] == sum(r for _, r in results) and usage["in_flight"] == 0
@@ -535,6 +540,9 @@ def test_kill_9_under_load_loses_no_counted_image_then_sigterm_finishes_requests
     for i in range(2):
         usage = store.usage(f"k{i}")[0]
         answered_images, answered_requests = received[i]
+        print(f"\nkill -9, key k{i}: clients got {answered_requests} answers ({answered_images} images); "
+              f"counted {usage['used']} images; audit rows: {usage['answered_requests']} ok, "
+              f"{usage['in_flight']} in flight")
         # Counted before answered: the count covers every answer a client got, and the audit
         # has a row (ok, or in_flight when the kill came between the count and the outcome).
         assert usage["used"] >= answered_images and usage["images_counted"] == usage["used"]

@@ -325,7 +325,7 @@ def attack_remote(url: str, attack: str, params: dict[str, Any] | None = None, *
             "surrogate": training.arch, "epochs": training.epochs, "min_steps": training.min_steps,
             "seed": training.seed,
             "defender_accuracy": None if defended_pred is None
-            else float((defended_pred == labels).float().mean()),
+            else int((defended_pred == labels).sum()) / len(labels),  # as divqat.pipelines.defend
             "l1_distance": None, "kl_divergence": None, "argmax_changed": None,
             "adversary_accuracy": top["adversary_accuracy"], "adversary_error": top["adversary_error"],
             "agreement": top["agreement"], "agreement_clean": None,

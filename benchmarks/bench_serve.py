@@ -1,22 +1,23 @@
 """What the HTTP service costs against the in-process served path, and what dynamic batching buys.
 
     python benchmarks/bench_serve.py [--victim DIR] [--defense dcp --param beta=0.5] [--threads 1]
-        [--seconds 3] [--rounds 3] [--clients 32] [--max-delay-ms 2] [--out FILE.json]
+        [--rounds 15] [--seconds 0.5] [--clients 32] [--max-delay-ms 2] [--out FILE.json]
 
 Starts ``divqat serve`` (a subprocess, 127.0.0.1, a free port, a fresh key database) with the
 victim behind the defense, and in this process the same victim behind the same defense as a
-``DefendedVictim``, both with ``--threads`` torch threads. Then, in ``--rounds`` rounds, each
-side timed for ``--seconds`` in turns (so that load from other processes on a shared machine
-falls on both), the best round of each side kept:
+``DefendedVictim``, both with ``--threads`` torch threads. Then ``--rounds`` rounds, each of
+short blocks of ``--seconds`` timed back to back, so that load from other processes on a shared
+machine falls on both sides of a ratio; a verdict is the median over the rounds of the round's
+ratio:
 
-1. batch 256: images/s of ``DefendedVictim(images)`` in process, against images/s of
-   ``.npy`` requests of 256 float32 images over loopback, one at a time, sent by the thief's own
-   client (``RemoteBlackBox.query``) and by a minimal HTTP/1.1 client (the service alone).
+1. batch 256: images/s of ``DefendedVictim(images)`` in process, against images/s of ``.npy``
+   requests of 256 float32 images over loopback, one at a time, sent by the thief's own client
+   (``RemoteBlackBox.query``) and by a minimal HTTP/1.1 client (the service alone).
    Target: HTTP >= 0.7x in process.
 2. ``--clients`` single-image clients (each its own keep-alive connection; a minimal HTTP/1.1
-   client, so the load generator costs little of the 2 cores): all at once, against the same
-   clients taking turns, one request in flight at a time. Requests/s, the speedup, p50 / p99
-   latency, and the mean batch the victim saw (from ``/metrics``). Target: >= 4x.
+   client, so that the load generator costs little of the cores): all at once, against the
+   same clients taking turns, one request in flight at a time. Requests/s, the speedup, p50 /
+   p99 latency over all rounds, and the mean batch the victim saw (``/metrics``). Target: >= 4x.
 
 Every loop is bounded in time and count and talks only to 127.0.0.1. Without ``--victim`` a
 quick untrained int8 resnet8 (bench_defenses.quick_victim) is served.
@@ -136,7 +137,7 @@ async def in_turns(clients: list[RawClient], seconds: float) -> list[float]:
 
 
 def timed(fn, seconds: float) -> tuple[int, float]:
-    """Calls of ``fn`` in ``seconds`` (at least 3), and the time they took."""
+    """Calls of ``fn`` in ``seconds`` (at least 3, after one untimed), and the time they took."""
     fn()
     calls, start = 0, time.perf_counter()
     while calls < 3 or (time.perf_counter() - start < seconds and calls < MAX_REQUESTS):
@@ -161,8 +162,8 @@ def main() -> None:
     parser.add_argument("--defense", default="dcp")
     parser.add_argument("--param", action="append", default=None)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--max-delay-ms", type=float, default=2.0)
     parser.add_argument("--out", type=Path)
@@ -194,6 +195,7 @@ def main() -> None:
             clients = [RawClient(port, secret, one) for _ in range(args.clients)]
 
             rounds = []
+            conc_latencies: list[float] = []
             for r in range(args.rounds):
                 row = {}
                 calls, secs = timed(lambda: served(images), args.seconds)
@@ -209,14 +211,15 @@ def main() -> None:
                 lat_conc = loop.run_until_complete(concurrent(loop.run_until_complete(connect(clients)),
                                                               args.seconds))
                 after = batch_stats(port)
+                conc_latencies += lat_conc
                 row["turns_req_s"] = len(lat_turns) / args.seconds
                 row["concurrent_req_s"] = len(lat_conc) / args.seconds
-                row["turns_p50_ms"] = 1e3 * statistics.median(lat_turns)
-                row["concurrent_p50_ms"] = 1e3 * statistics.median(lat_conc)
-                row["concurrent_p99_ms"] = 1e3 * float(np.percentile(lat_conc, 99))
                 row["concurrent_mean_batch"] = (after[1] - before[1]) / max(1.0, after[0] - before[0])
+                row["box_ratio"] = row["http_box_img_s"] / row["in_process_img_s"]
+                row["raw_ratio"] = row["http_raw_img_s"] / row["in_process_img_s"]
+                row["batching_speedup"] = row["concurrent_req_s"] / row["turns_req_s"]
                 rounds.append(row)
-                print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()), flush=True)
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
             for c in [*clients, big]:
                 c.close()
             box.close()
@@ -228,28 +231,25 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
 
-    best = {k: max(r[k] for r in rounds) for k in rounds[0]}
-    conc = max(rounds, key=lambda r: r["concurrent_req_s"])
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
     summary = {
         "victim": str(args.victim or "quick untrained int8 resnet8"), "defense": args.defense,
         "params": params, "threads": args.threads, "seconds": args.seconds, "rounds": rounds,
-        "clients": args.clients, "max_delay_ms": args.max_delay_ms,
-        "batch256_ratio_box": best["http_box_img_s"] / best["in_process_img_s"],
-        "batch256_ratio_raw": best["http_raw_img_s"] / best["in_process_img_s"],
-        "batching_speedup": best["concurrent_req_s"] / best["turns_req_s"],
-        "concurrent_p50_ms": conc["concurrent_p50_ms"], "concurrent_p99_ms": conc["concurrent_p99_ms"],
-        "concurrent_mean_batch": conc["concurrent_mean_batch"],
+        "clients": args.clients, "max_delay_ms": args.max_delay_ms, "median": med,
+        "batch256_ratio_box": med["box_ratio"], "batch256_ratio_raw": med["raw_ratio"],
+        "batching_speedup": med["batching_speedup"],
+        "concurrent_p50_ms": 1e3 * float(np.percentile(conc_latencies, 50)),
+        "concurrent_p99_ms": 1e3 * float(np.percentile(conc_latencies, 99)),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
     }
-    print(f"\nbatch 256 (best of {args.rounds} rounds of {args.seconds:g} s, img/s): in process "
-          f"{best['in_process_img_s']:.0f}; HTTP via RemoteBlackBox {best['http_box_img_s']:.0f} "
-          f"({summary['batch256_ratio_box']:.2f}x), raw client {best['http_raw_img_s']:.0f} "
-          f"({summary['batch256_ratio_raw']:.2f}x)  [target >= 0.7x]")
-    print(f"{args.clients} single-image clients: concurrent {best['concurrent_req_s']:.0f} req/s, in turns "
-          f"{best['turns_req_s']:.0f} req/s: {summary['batching_speedup']:.2f}x  [target >= 4x]; "
-          f"concurrent p50 {conc['concurrent_p50_ms']:.1f} ms, p99 {conc['concurrent_p99_ms']:.1f} ms, "
-          f"mean batch {conc['concurrent_mean_batch']:.1f} images (max delay {args.max_delay_ms:g} ms)")
+    print(f"\nbatch 256, medians over {args.rounds} rounds: in process {med['in_process_img_s']:.0f} img/s; "
+          f"HTTP via RemoteBlackBox {med['http_box_img_s']:.0f} img/s, ratio {med['box_ratio']:.2f}x; "
+          f"raw client {med['http_raw_img_s']:.0f} img/s, ratio {med['raw_ratio']:.2f}x  [target >= 0.7x]")
+    print(f"{args.clients} single-image clients: concurrent {med['concurrent_req_s']:.0f} req/s, in turns "
+          f"{med['turns_req_s']:.0f} req/s, speedup {med['batching_speedup']:.2f}x  [target >= 4x]; "
+          f"concurrent p50 {summary['concurrent_p50_ms']:.1f} ms, p99 {summary['concurrent_p99_ms']:.1f} ms, "
+          f"mean batch {med['concurrent_mean_batch']:.1f} images (max delay {args.max_delay_ms:g} ms)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

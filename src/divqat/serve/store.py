@@ -314,20 +314,24 @@ class KeyStore:
                refund: bool = False) -> None:
         """Record a reserved request's outcome; ``refund``: the victim failed, give the images
         back (to the budget and the rate window) and mark the row as counting nothing."""
+        update = ("UPDATE audit SET outcome = ?, status = ?, latency_ms = ? WHERE id = ?",
+                  (outcome, status, latency_ms, audit_id))
+        if not refund:
+            with self._lock:  # one statement: a transaction of its own (autocommit)
+                self._db.execute(*update)
+            return
         with self._lock, self._transaction():
-            if refund:
-                key_id, counted = self._db.execute("SELECT key, counted FROM audit WHERE id = ?",
-                                                   (audit_id,)).fetchone()
-                self._db.execute("UPDATE keys SET used = used - ?, window_used = max(0, window_used - ?) "
-                                 "WHERE id = ?", (counted, counted, key_id))
-                self._db.execute("UPDATE audit SET counted = 0 WHERE id = ?", (audit_id,))
-            self._db.execute("UPDATE audit SET outcome = ?, status = ?, latency_ms = ? WHERE id = ?",
-                             (outcome, status, latency_ms, audit_id))
+            key_id, counted = self._db.execute("SELECT key, counted FROM audit WHERE id = ?",
+                                               (audit_id,)).fetchone()
+            self._db.execute("UPDATE keys SET used = used - ?, window_used = max(0, window_used - ?) "
+                             "WHERE id = ?", (counted, counted, key_id))
+            self._db.execute("UPDATE audit SET counted = 0 WHERE id = ?", (audit_id,))
+            self._db.execute(*update)
 
     def record(self, key_id: int, now: float, images: int, outcome: str, status: int,
                latency_ms: float | None = None) -> None:
         """An audit row for a request refused before anything was counted (bad input)."""
-        with self._lock, self._transaction():
+        with self._lock:  # one statement: a transaction of its own (autocommit)
             self._db.execute(
                 "INSERT INTO audit (key, time, images, counted, outcome, status, latency_ms, batch_sha256) "
                 "VALUES (?, ?, ?, 0, ?, ?, ?, NULL)", (key_id, now, images, outcome, status, latency_ms))

@@ -15,6 +15,7 @@ import torch
 from divqat.blackbox import DefendedVictim
 from divqat.errors import ConfigError
 from divqat.serve.app import ServiceLimits, create_app
+from divqat.serve.store import KeyStore
 
 LOOPBACK = "127.0.0.1"
 
@@ -85,6 +86,11 @@ def run_service(victim_dir: str | Path, db: str | Path, defense: str = "none",
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
     sock = bind(host, port)  # first: a port in use is found before minutes of loading
     try:
+        store = KeyStore(db, fsync=fsync)  # and a file that is no key database
+        if not any(key.revoked is None for key in store.keys()):
+            say(f"divqat serve: {db} holds no usable API key yet; every request gets 401 until one is "
+                f"created: divqat keys create NAME --budget N --db {db}")
+        store.close()
         served, meta = load_service(victim_dir, defense, params, seed=seed, data_root=data_root,
                                     device=device, misinformation_epochs=misinformation_epochs, log=say)
         app = create_app(served, db, classes=meta["classes"], dataset=meta.get("dataset"),

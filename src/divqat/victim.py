@@ -118,7 +118,9 @@ class Victim:
         module = module.to(self.device)
         self._module = module
         self._compiled = self.int8 if compile is None else compile
-        self._forward = compile_int8(module) if self._compiled else module
+        # Edge-target programs (XNNPACK's int8 activations) compile without freezing: see compile_int8.
+        self._freezing = metadata.get("target", "x86") != "edge"
+        self._forward = compile_int8(module, self._freezing) if self._compiled else module
 
     def __repr__(self) -> str:
         return (f"Victim({self.metadata.get('arch')}, mode={self.mode}, dataset={self.metadata.get('dataset')}, "
@@ -172,7 +174,7 @@ class Victim:
         """
         if not self._compiled:
             return None
-        program = compile_int8(_WithEpilogue(self._module, epilogue))
+        program = compile_int8(_WithEpilogue(self._module, epilogue), self._freezing)
 
         @torch.no_grad()
         def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -10,7 +10,9 @@ A victim directory holds
 
 ``load_victim(DIR)`` returns a ``Victim``: images float32 in [0, 1], shape (N, C, H, W) at the
 victim's input size -> logits (N, K). int8 programs run through ``torch.compile`` with inductor
-freezing, so they run on real int8 kernels.
+freezing, so they run on real int8 kernels. ``load_victim(FILE.pte)`` (or a folder holding one
+``.pte``) returns the device program of ``divqat export`` run by ExecuTorch, with the same
+interface (``divqat.edge.EdgeVictim``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from divqat.edge import is_program_path
 from divqat.errors import ArtifactError
 from divqat.io import atomic_write, write_json
 from divqat.models.normalized import VictimNet, build_net
@@ -55,8 +58,13 @@ def save_victim(out: str | Path, program: torch.export.ExportedProgram, metadata
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata of a victim directory, with a clear error when it is not one."""
+    """The metadata of a victim directory (or of a device program), with a clear error when it
+    is not one."""
     path = Path(path)
+    if is_program_path(path):
+        from divqat.edge import read_edge_metadata
+
+        return read_edge_metadata(path)
     meta_path = path / METADATA
     if not path.is_dir():
         raise ArtifactError(f"no victim directory at {path} (train one with `divqat train --out {path}`)")
@@ -212,13 +220,20 @@ class _WithEpilogue(nn.Module):
         return (logits, *self.epilogue(logits))
 
 
-def load_victim(path: str | Path, device: str = "cpu", compile: bool | None = None) -> Victim:
-    """Load a victim directory written by ``divqat train`` (in any process).
+def load_victim(path: str | Path, device: str = "cpu", compile: bool | None = None,
+                key_file: str | Path | None = None) -> Victim:
+    """Load a victim directory written by ``divqat train`` (in any process), or a device program
+    written by ``divqat export`` (a ``.pte`` file or a folder holding one: an ``EdgeVictim``, run
+    by ExecuTorch; ``key_file`` decrypts a sealed one, default ``$DIVQAT_KEY_FILE``).
 
     compile: None = compile int8 victims with inductor freezing and run fp32 ones eagerly.
     Raises ``ArtifactError`` with the reason for a missing, truncated or foreign artifact.
     """
     path = Path(path)
+    if is_program_path(path):
+        from divqat.edge import load_edge_victim
+
+        return load_edge_victim(path, device=device, key_file=key_file)
     meta = read_metadata(path)
     program = path / PROGRAM
     if not program.is_file():

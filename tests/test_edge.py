@@ -249,9 +249,11 @@ def test_edge_target_plans_a_copy_stage_per_victim_and_keeps_x86_keys():
 
 def test_report_puts_the_copy_beside_the_query_attacks():
     base = {"seed": 0, "victim_mode": "qat", "alpha": 0.0, "defense": "none", "defense_label": "none",
-            "attack_params": "", "transfer": "holdout", "budget": 500}
+            "attack_params": "", "transfer": "holdout", "transfer_set": "tiny:train[-96:]",
+            "budget": 500, "defender_error": 0.12, "l1_distance": 0.0, "ms_per_query_defended": 0.01}
     attacks = [{**base, "victim": "qat", "attack": "knockoff", "thief": t, "adversary_accuracy": a,
-                "agreement": g} for t, a, g in (("soft", 0.80, 0.85), ("label-only", 0.82, 0.86))]
+                "adversary_error": 1 - a, "agreement": g, "disagreement": 1 - g}
+               for t, a, g in (("soft", 0.80, 0.85), ("label-only", 0.82, 0.86))]
     copies = [{"seed": 0, "victim": "qat", "alpha": 0.0, "attack": "copy", "thief": "file copy",
                "adversary_accuracy": 0.88, "agreement": 1.0, "note": None}]
     results = {"victims": [], "defenses": [], "attacks": attacks, "copies": copies}

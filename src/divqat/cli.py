@@ -57,6 +57,11 @@ Transfer sets (--transfer): "holdout" = the training images the victim was train
 default: train), adapted to the victim's input. dfme and maze are data-free and take none.
 `divqat attacks` lists the attacks and their parameters.
 
+--victim also takes a device program (`divqat export`, run by ExecuTorch). --attack copy is the
+other threat on a device: whoever holds it copies the .pte file, no queries (--budget not needed;
+--attack-param thief_has_key=false for a sealed file whose key the thief lacks; the defender's key
+from DIVQAT_KEY_FILE).
+
 example:
   divqat attack --victim runs/qat --attack knockoff --defense dcp --param beta=0.5 \\
       --transfer mnist --budget 5000 --surrogate resnet8 --epochs 30 --out runs/steal-dcp

@@ -112,6 +112,8 @@ class Victim:
     # Never edits the images it is given (normalization makes a new tensor), so the black box
     # can skip its defensive copy of every query.
     writes_input = False
+    # What the underlying program answers (an EdgeVictim with a fused defense: "posteriors").
+    outputs = "logits"
 
     def __init__(self, module: nn.Module, metadata: dict, path: Path, device: str = "cpu",
                  compile: bool | None = None) -> None:

@@ -58,6 +58,11 @@ Transfer sets (--transfer): "holdout" = the training images the victim was train
 default: train), adapted to the victim's input. dfme and maze are data-free and take none.
 `divqat attacks` lists the attacks and their parameters.
 
+--victim also takes a device program (`divqat export`, run by ExecuTorch). --attack copy is the
+other threat on a device: whoever holds it copies the .pte file, no queries (--budget not needed;
+--attack-param thief_has_key=false for a sealed file whose key the thief lacks; the defender's key
+from DIVQAT_KEY_FILE).
+
 example:
   divqat attack --victim runs/qat --attack knockoff --defense dcp --param beta=0.5 \\
       --transfer mnist --budget 5000 --surrogate resnet8 --epochs 30 --out runs/steal-dcp
@@ -127,9 +132,9 @@ def _defended_victim(required: bool, remote: bool = False) -> argparse.ArgumentP
     and also takes the URL of a `divqat serve` API)."""
     parent = argparse.ArgumentParser(add_help=False)
     if remote:
-        parent.add_argument("--victim", required=True, metavar="DIR|URL",
-                            help="the victim directory (from `divqat train`), or the URL of a "
-                                 "`divqat serve` API")
+        parent.add_argument("--victim", required=True, metavar="DIR|FILE|URL",
+                            help="the victim directory (from `divqat train`), a device program "
+                                 "(from `divqat export`), or the URL of a `divqat serve` API")
     else:
         parent.add_argument("--victim", required=True, metavar="DIR",
                             help="the victim directory (from `divqat train`)")
@@ -186,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="keep the last N training images out of training (an unseen in-distribution "
                         "transfer set for attacks) (default: 0)")
+    t.add_argument("--target", default="x86", choices=("x86", "edge"),
+                   help="int8 scheme of qat/divqat: x86 (inductor, oneDNN) or edge (ExecuTorch's "
+                        "XNNPACK, for `divqat export`; needs divqat[edge]) (default: x86)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("defend", help="evaluate a defense on a victim", description=DEFEND_HELP,
@@ -217,12 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         help="seed of the thief (and of a defense's model) (default: 0)"),
                                 _option("--out", required=True, metavar="DIR",
                                         help="where to write metrics.json")])
-    a.add_argument("--attack", required=True, metavar="NAME", help="an attack name (see `divqat attacks`)")
+    a.add_argument("--attack", required=True, metavar="NAME", help="an attack name (see `divqat attacks`), or "
+                   "copy: the on-device thief who copies the program file")
     a.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack parameter, repeatable (e.g. --attack-param reward=cert)")
     a.add_argument("--transfer", metavar="SET", help="the thief's transfer set: holdout or NAME[:SPLIT]")
-    a.add_argument("--budget", type=_positive_int, nargs="+", required=True, metavar="N",
-                   help="query budget(s); one surrogate per budget")
+    a.add_argument("--budget", type=_positive_int, nargs="+", metavar="N",
+                   help="query budget(s); one surrogate per budget (required, except for --attack copy)")
     a.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
     a.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
                    help="surrogate architecture (default: resnet8)")
@@ -256,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dir", metavar="DIR", help="the experiment's output folder (`divqat run --out`)")
     rp.set_defaults(func=cmd_report)
     _add_service_commands(sub)
+    _add_export(sub)
     return parser
 
 
@@ -284,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     req = TrainRequest(dataset=args.dataset, arch=args.arch, mode=args.mode, out=args.out, epochs=args.epochs,
                        teacher=args.teacher, divqat=settings, limit=args.limit, holdout=args.holdout,
                        seed=args.seed, batch_size=args.batch_size, lr=args.lr, data_root=args.data_root,
-                       device=args.device, progress=not args.no_progress)
+                       device=args.device, progress=not args.no_progress, target=args.target)
     m = train_victim(req)
     line = f"{args.mode} {args.arch} on {args.dataset}: test accuracy {m['test_accuracy']:.2%}"
     if "int8_test_accuracy" in m:
@@ -332,6 +342,7 @@ def cmd_defenses(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from divqat.attacks import SurrogateTraining
+    from divqat.errors import ConfigError
     from divqat.pipelines.attack import attack_victim
     from divqat.registry import parse_params
 
@@ -339,6 +350,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         return cmd_attack_remote(args)
     _refuse_remote_options(args)
     _set_threads(args.threads)
+    if args.attack == "copy":
+        return cmd_copy(args)
+    if not args.budget:
+        raise ConfigError("--budget N [N ...] is required (one surrogate per budget)")
     training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
                                  seed=args.seed,
@@ -599,6 +614,78 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
           f"left out: {', '.join(m['left_out'])} -> {os.path.join(args.out, 'metrics.json')}")
     return 0
 
+
+
+
+
+# ---------------------------------------------------------------- the device: export, copy
+
+EXPORT_HELP = """\
+Write a victim as an ExecuTorch program (.pte) that a device runtime runs with no Python, torch or
+compiler: the network lowered to XNNPACK (int8, or fp32 for an fp32 victim) with the input
+normalization inside and, with --defense, the softmax and the defense after the last layer, so the
+program answers defended posteriors by itself. The victim's metadata goes inside the file.
+int8 victims must be trained for the device (`divqat train --mode qat|divqat --target edge`).
+--encrypt-key-file seals the file (AES-256-GCM; a missing key file is created with a new key);
+loading decrypts in memory only (key file from DIVQAT_KEY_FILE for the other commands). Needs
+divqat[edge].
+
+Fusable defenses: none (softmax only), top-k, rounding, reverse-sigmoid, dcp.
+
+example:
+  divqat train --dataset fashion-mnist --mode qat --target edge --teacher runs/fp32 --epochs 1 \\
+      --out runs/edge-qat
+  divqat export --victim runs/edge-qat --defense dcp --param beta=0.5 --out qat-dcp.pte
+  divqat export --victim runs/edge-qat --out qat.pte --encrypt-key-file device.key
+  divqat attack --attack copy --victim qat.pte --out runs/copy     # the thief who holds the device
+"""
+
+
+def _add_export(sub) -> None:
+    e = sub.add_parser("export", help="write a victim as an ExecuTorch device program (.pte)",
+                       description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--victim", required=True, metavar="DIR", help="the victim directory (from `divqat train`)")
+    e.add_argument("--defense", metavar="NAME", help="a fusable defense to run inside the program")
+    e.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a defense parameter, repeatable (e.g. --param beta=0.5)")
+    e.add_argument("--out", required=True, metavar="FILE.pte", help="the program file to write")
+    e.add_argument("--encrypt-key-file", metavar="KEY", help="seal the file with this key (created if missing)")
+    e.add_argument("--max-batch", type=_positive_int, default=256,
+                   help="the largest batch one call takes (default: 256)")
+    e.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    e.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from divqat.pipelines.export import export_victim
+    from divqat.registry import parse_params
+
+    _set_threads(args.threads)
+    m = export_victim(args.victim, args.out, defense=args.defense, defense_params=parse_params(args.param),
+                      encrypt_key_file=args.encrypt_key_file, max_batch=args.max_batch,
+                      log=lambda message: print(message, file=sys.stderr))
+    inside = "logits" if m["defense"] is None else (
+        f"{m['defense']}({', '.join(f'{k}={v}' for k, v in m['defense_params'].items())}) posteriors")
+    sealed = f", encrypted with {args.encrypt_key_file}" if m["encrypted"] else ""
+    print(f"{m['mode']} {m['arch']} -> {m['out']}: {m['precision']} XNNPACK program answering {inside}, "
+          f"{m['bytes'] / 1024:.1f} KiB{sealed} ({m['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from divqat.pipelines.device_copy import copy_attack
+    from divqat.registry import parse_params
+
+    m = copy_attack(args.victim, **parse_params(args.attack_param), data_root=args.data_root, out=args.out)
+    r = m["results"][0]
+    if r["adversary_accuracy"] is None:
+        print(f"copy of {args.victim}: {m['note']} -> {os.path.join(args.out, 'metrics.json')}")
+        return 0
+    print(f"copy of {args.victim} ({m['victim_mode']} {m['victim_arch']}): adversary accuracy "
+          f"{r['adversary_accuracy']:.2%} (victim {m['victim_accuracy']:.2%}), agreement {r['agreement']:.2%}, "
+          f"largest posterior difference {r['max_posterior_difference']:.1e}, 0 queries, "
+          f"{r['seconds']:.1f} s -> {os.path.join(args.out, 'metrics.json')}")
+    return 0
 
 
 def _interrupt(signum, frame) -> None:

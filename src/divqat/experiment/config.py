@@ -12,6 +12,9 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
       holdout: 0                 # keep the last N training images out of every victim: the
                                  # "holdout" transfer set (unseen, in-distribution)
       batch_size: 128
+      target: x86                # int8 scheme: x86 (inductor, oneDNN) or edge (XNNPACK: every
+                                 # int8 victim is exported to a .pte and attacked as the ExecuTorch
+                                 # runtime runs it, and the file-copy thief is measured too)
     fp32:    {epochs: 10, lr: 0.1, seed: null}     # seed null: one teacher per run seed
     qat:     {epochs: 1, lr: 0.01}
     divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
@@ -68,6 +71,7 @@ class VictimSpec:
     limit: int | None = None
     holdout: int = 0
     batch_size: int = 128
+    target: str = "x86"
 
 
 @dataclass(frozen=True)
@@ -253,12 +257,13 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
 
 
 def _victim(raw: Any) -> VictimSpec:
-    m = _Mapping(raw, "victim", ("dataset", "arch", "limit", "holdout", "batch_size"))
+    m = _Mapping(raw, "victim", ("dataset", "arch", "limit", "holdout", "batch_size", "target"))
     return VictimSpec(dataset=m.choice("dataset", "fashion-mnist", dataset_names()),
                       arch=m.choice("arch", "resnet8", model_names()),
                       limit=m.int("limit", None, 1, optional=True),
                       holdout=m.int("holdout", 0, 0),
-                      batch_size=m.int("batch_size", 128, 1))
+                      batch_size=m.int("batch_size", 128, 1),
+                      target=m.choice("target", "x86", ("x86", "edge")))
 
 
 def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = False) -> TrainingSpec:
@@ -438,7 +443,7 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
     return {
         "name": config.name, "seeds": list(config.seeds),
         "victim": {"dataset": v.dataset, "arch": v.arch, "limit": v.limit, "holdout": v.holdout,
-                   "batch_size": v.batch_size},
+                   "batch_size": v.batch_size, "target": v.target},
         "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed},
         "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},
         "divqat": {"alphas": list(d.alphas),

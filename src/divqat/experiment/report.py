@@ -23,6 +23,7 @@ from divqat.experiment.results import (
     mean_std,
     ordered,
     setting_title,
+    short_title,
     victim_labels,
     with_adaptive,
 )
@@ -208,6 +209,36 @@ def budget_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["defense", "thief", "victim", *(f"{b} queries" for b in budgets)], body)
 
 
+def copy_table(results: dict[str, Any]) -> list[str]:
+    """The two threats side by side, per victim: the thief who copies the device program (no
+    queries) and, for each query attack setting at its largest budget against the undefended
+    victim, its best thief (the adaptive one where both soft and label-only ran)."""
+    copies = results.get("copies") or []
+    if not copies:
+        return []
+    queries = [r for r in with_adaptive(results["attacks"]) if r["defense"] == "none"]
+    seeds = ordered(r["seed"] for r in copies)
+    body = []
+    for v in victim_labels(copies):
+        got = [r for r in copies if r["victim"] == v]
+        notes = ordered(r["note"] for r in got if r.get("note"))
+        body.append([v, "file copy", "0", cell([r["adversary_accuracy"] for r in got], 100),
+                     cell([r["agreement"] for r in got], 100), "; ".join(notes)])
+        for setting in attack_settings(queries):
+            mine = [r for r in queries if r["victim"] == v
+                    and (r["attack"], r["attack_params"], r["transfer"]) == setting]
+            if not mine:
+                continue
+            budget = max(r["budget"] for r in mine)
+            top = [r for r in mine if r["budget"] == budget]
+            thief = next(t for t in reversed(THIEVES) if any(r["thief"] == t for r in top))
+            best = [r for r in top if r["thief"] == thief and r["seed"] in seeds]
+            body.append([v, f"{short_title(setting)} ({thief})", f"{budget:,}",
+                         cell([r["adversary_accuracy"] for r in best], 100),
+                         cell([r["agreement"] for r in best], 100), ""])
+    return _table(["victim", "thief", "queries", "adversary accuracy %", "agreement %", "note"], body)
+
+
 def main_table(results: dict[str, Any]) -> str:
     """The table printed at the end of `divqat run`: the first attack setting at its largest
     budget (or the victims when there was no attack)."""
@@ -218,7 +249,10 @@ def main_table(results: dict[str, Any]) -> str:
     mine = [r for r in rows if (r["attack"], r["attack_params"], r["transfer"]) == setting]
     budget = max(r["budget"] for r in mine)
     title = f"{setting_title(setting, rows)}, {budget} queries (mean ± std over seeds; Δ = divqat − qat)"
-    return "\n".join([title, *attack_table([r for r in mine if r["budget"] == budget])])
+    lines = [title, *attack_table([r for r in mine if r["budget"] == budget])]
+    if results.get("copies"):
+        lines += ["", "on the device: copying the program vs querying it (no defense)", *copy_table(results)]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the report
@@ -256,6 +290,14 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
             if len({r["budget"] for r in mine}) > 1:
                 lines += [f"#### {title}: adversary accuracy % per query budget", "",
                           *budget_table(mine), ""]
+    if results.get("copies"):
+        lines += ["## On the device: copying the program beside the query attacks", "",
+                  "The victims ran as ExecuTorch programs (`victim.target: edge`). Whoever holds the "
+                  "device holds the `.pte` file: the file-copy thief sends no query and gets the "
+                  "victim itself (agreement 100 % unless the file is encrypted and the thief has no "
+                  "key). Beside it, each query attack against the undefended program at its largest "
+                  "budget, with its best thief. Output perturbation and DivQAT only act on the second "
+                  "kind.", "", *copy_table(results), ""]
     collapsed = [r for r in results["victims"] if r.get("collapsed")]
     if collapsed:
         lines += ["## Collapsed victims", ""]

@@ -8,6 +8,13 @@ Stages, per seed, each cached under ``OUT/stages/<kind>/<key>/`` (``divqat.exper
     defense  the defense metrics of one victim x defense setting on the victim's test split
     attack   one attack x transfer set x label-only flag against one victim x defense setting;
              one surrogate per budget (``attack_victim`` with the budget list)
+    copy     (``victim.target: edge``) the on-device thief who copies the victim's program file
+
+With ``victim.target: edge`` the int8 victims are trained with XNNPACK's scheme, each victim stage
+also writes ``victim.pte`` (``divqat export``, no defense inside), and every defense and attack
+runs against that program through the ExecuTorch runtime; the formula defenses run behind the
+black box after it, which gives the answers of the same defense fused into the program to float
+rounding (tests/test_edge.py).
 
 A victim is loaded once (int8 victims compile per batch size) and reused by all its defense and
 attack stages, which the plan keeps together; transfer sets are loaded once per run.
@@ -39,10 +46,14 @@ from divqat.io import write_json, write_text
 from divqat.pipelines.attack import HOLDOUT, attack_victim, load_transfer_set
 from divqat.pipelines.defend import evaluate_defense
 from divqat.pipelines.defense_models import build_defense
+from divqat.pipelines.device_copy import copy_attack
+from divqat.pipelines.export import export_victim
 from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.registry import params_text
 from divqat.train.losses import DivQATSettings
 from divqat.victim import load_victim
+
+EDGE_PROGRAM = "victim.pte"  # in an edge victim's stage folder
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,8 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
         for mode, alpha in modes:
             train = config.qat if mode == "qat" else config.divqat
             spec = {**data, "mode": mode, "epochs": train.epochs, "lr": train.lr, "seed": seed}
+            if v.target != "x86":  # only then: the keys of x86 victims stay what they were
+                spec["target"] = v.target
             if mode == "divqat":
                 spec["divqat"] = config.divqat.settings(alpha).as_dict()
             victims.append(Stage("victim", stage_key("victim", spec, [teacher.key]),
@@ -138,6 +151,11 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                                      f"| {who} | {dlabel} | seed {seed}")
                             stages.append(Stage("attack", stage_key("attack", spec, inputs), label,
                                                 spec, inputs, seed))
+            if v.target == "edge":
+                spec = {"name": "copy", "seed": seed}
+                stages.append(Stage("copy", stage_key("copy", spec, [victim.key]),
+                                    f"copy the device program | {who} | seed {seed}", spec,
+                                    (victim.key,), seed))
     return stages
 
 
@@ -247,7 +265,13 @@ class Runner:
     def _run_victim(self, stage: Stage, folder: Path) -> dict[str, Any]:
         teacher = self.cache.folder("fp32", stage.inputs[0])
         try:
-            return self._train(stage, folder, teacher)
+            result = self._train(stage, folder, teacher)
+            if stage.spec.get("target") == "edge":
+                exported = export_victim(folder, folder / EDGE_PROGRAM)
+                result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"])
+                self._detail(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
+                             f"{exported['seconds']:.0f} s)")
+            return result
         except TrainingCollapsed as e:
             # A collapsed DivQAT victim is a finding (the cliff), not a crash of the experiment:
             # it is recorded, and the stages that would attack it are skipped.
@@ -261,7 +285,7 @@ class Runner:
                            epochs=s["epochs"], teacher=teacher, divqat=settings, limit=s["limit"],
                            holdout=s["holdout"], seed=s["seed"], batch_size=s["batch_size"], lr=s["lr"],
                            data_root=self.data_root, device=self.device, progress=self.progress,
-                           log_epochs=self.progress)
+                           log_epochs=self.progress, target=s.get("target", "x86"))
         metrics = train_victim(req)
         return {k: v for k, v in metrics.items() if k != "history"}
 
@@ -289,13 +313,19 @@ class Runner:
                              victim=victim, built_defense=self._built_defense(defense),
                              transfer_set=transfer_set)
 
+    def _run_copy(self, stage: Stage, folder: Path) -> dict[str, Any]:
+        program = self.cache.folder("victim", stage.inputs[0]) / EDGE_PROGRAM
+        return copy_attack(program, data_root=self.data_root, log=self._detail, out=folder)
+
     # -- what is loaded once and reused
 
     def _load_victim(self, key: str):
         if self._victim_key != key:
             # The plan keeps each victim's stages together: one victim in memory at a time.
             self._victim, self._defenses = None, {}
-            self._victim = load_victim(self.cache.folder("victim", key), device=self.device)
+            folder = self.cache.folder("victim", key)
+            edge = self.by_key[key].spec.get("target") == "edge"
+            self._victim = load_victim(folder / EDGE_PROGRAM if edge else folder, device=self.device)
             self._victim_key = key
         return self._victim
 
@@ -324,6 +354,9 @@ def _summary(kind: str, r: dict[str, Any]) -> str:
         return f"int8 accuracy {r['int8_test_accuracy']:.1%}, KL to fp32 {r['kl_to_teacher']:.4f}"
     if kind == "defense":
         return f"defender accuracy {r['defender_accuracy']:.1%}, L1 {r['l1_distance']:.4f}"
+    if kind == "copy":
+        return r.get("note") or (f"the copy's accuracy {r['adversary_accuracy']:.1%}, agreement "
+                                 f"{r['agreement']:.1%}, 0 queries")
     return "adversary accuracy " + ", ".join(f"{x['adversary_accuracy']:.1%} at {x['budget']}"
                                              for x in r["results"])
 
@@ -361,7 +394,7 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                 "victim_accuracy": r.get("int8_test_accuracy", r.get("test_accuracy")),
                 "kl_to_teacher": r.get("kl_to_teacher"), "l1_to_teacher": r.get("l1_to_teacher")}
 
-    victims, defenses, attacks = [], [], []
+    victims, defenses, attacks, copies = [], [], [], []
     for stage in stages:
         if stage.key not in records:
             continue
@@ -373,6 +406,14 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                             "train_seconds": r.get("train_seconds"),
                             "collapsed": bool(r.get("collapsed")), "message": r.get("message"),
                             "stage": stage.key[:16]})
+        elif stage.kind == "copy":
+            copies.append({**_victim_columns(victim_info(by_key[stage.inputs[0]])), "attack": "copy",
+                           "thief": "file copy", "budget": 0, "queries_used": 0,
+                           **{k: r.get(k) for k in ("adversary_accuracy", "adversary_error",
+                                                    "agreement", "max_posterior_difference",
+                                                    "note")},
+                           "program_bytes": r["program"]["bytes"], "attack_seconds": r["attack_seconds"],
+                           "stage": stage.key[:16]})
         elif stage.kind == "defense":
             defenses.append({**_victim_columns(victim_info(by_key[stage.inputs[0]])),
                              **_defense_columns(stage, r), "victim_accuracy": r["victim_accuracy"],
@@ -401,7 +442,7 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                     "attack_seconds": x["seconds"], "stage": stage.key[:16]})
     return {"experiment": config.name, "source": config.source, "config": config_dict(config),
             "divqat_version": divqat.__version__, "victims": victims, "defenses": defenses,
-            "attacks": attacks}
+            "attacks": attacks, **({"copies": copies} if copies else {})}
 
 
 def _victim_columns(v: dict[str, Any]) -> dict[str, Any]:

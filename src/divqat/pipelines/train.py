@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 import divqat
-from divqat.checks import check_int
+from divqat.checks import check_choice, check_int
 from divqat.data import DATASETS, channel_stats, load_dataset, training_split
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.io import write_json
 from divqat.models import VictimNet
 from divqat.quant import convert_to_int8, export_dynamic, prepare_qat
+from divqat.quant.edge import TARGETS, require_executorch
 from divqat.train.losses import CrossEntropy, DivQATLoss, DivQATSettings
 from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
 from divqat.victim import (
@@ -57,6 +58,7 @@ class TrainRequest:
     lr: float | None = None
     schedule: str | None = None
     freeze_at: float = DEFAULT_FREEZE_AT
+    target: str = "x86"
     data_root: str | Path | None = None
     device: str = "cpu"
     progress: bool = True
@@ -76,6 +78,10 @@ class TrainRequest:
         check_int("", "--holdout", self.holdout, low=0)
         check_int("", "--epochs", self.epochs, low=1)
         check_int("", "--seed", self.seed)
+        check_choice("", "--target", self.target, TARGETS)
+        if self.mode == "fp32" and self.target != "x86":
+            raise ConfigError("--target only applies to --mode qat or divqat (it picks the int8 "
+                              "scheme); an fp32 victim goes to the device as it is: `divqat export`")
 
 
 def _training_split(req: TrainRequest):
@@ -122,6 +128,8 @@ def train_victim(req: TrainRequest) -> dict:
     A qat/divqat victim keeps at least its teacher's held-out images out of its own training
     too (``holdout`` is raised to the teacher's), so they stay unseen by the deployed model.
     """
+    if req.target == "edge":
+        require_executorch()  # before minutes of training, not after
     if req.mode in INT8_MODES and req.teacher is not None:
         teacher_holdout = int(read_metadata(req.teacher).get("holdout") or 0)
         if req.holdout < teacher_holdout:
@@ -140,6 +148,8 @@ def train_victim(req: TrainRequest) -> dict:
     torch.manual_seed(req.seed)
     metrics: dict = {"dataset": req.dataset, "arch": req.arch, "mode": req.mode, "seed": req.seed,
                      "train_images": len(train), "epochs": req.epochs}
+    if req.mode in INT8_MODES:
+        metrics["target"] = req.target
     teacher_meta: dict = {}
 
     if req.mode == "fp32":
@@ -156,7 +166,7 @@ def train_victim(req: TrainRequest) -> dict:
             raise ConfigError(f"the teacher at {req.teacher} is a {teacher_meta['arch']}, not a {req.arch}")
         mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
         teacher = teacher.to(req.device, memory_format=torch.channels_last)
-        model = prepare_qat(copy.deepcopy(teacher).cpu(), example)
+        model = prepare_qat(copy.deepcopy(teacher).cpu(), example, target=req.target)
         objective = DivQATLoss(teacher, req.divqat) if req.mode == "divqat" else CrossEntropy()
         teacher_acc = teacher_meta["metrics"]["test_accuracy"]
         metrics["teacher_test_accuracy"] = teacher_acc
@@ -183,7 +193,8 @@ def train_victim(req: TrainRequest) -> dict:
     else:
         program = convert_to_int8(model.cpu(), example)
         int8 = Victim(program.module(), {"mode": req.mode, "input_shape": list(example.shape[1:]),
-                                         "classes": list(test.classes)}, Path(req.out))
+                                         "classes": list(test.classes), "target": req.target},
+                      Path(req.out))
         int8_logits = predict_logits(int8, test.images)
         metrics["int8_test_accuracy"] = _check_collapse(int8_logits, test.labels, teacher_acc,
                                                         f"the int8 {req.mode} victim")
@@ -207,6 +218,8 @@ def train_victim(req: TrainRequest) -> dict:
         "lr": lr,
         "schedule": schedule,
         "divqat": req.divqat.as_dict() if req.mode == "divqat" else None,
+        # The int8 scheme: "x86" (inductor, oneDNN) or "edge" (XNNPACK, `divqat export`).
+        "target": req.target if req.mode in INT8_MODES else None,
         "teacher": str(req.teacher) if req.teacher is not None else None,
         "versions": {"divqat": divqat.__version__, "torch": torch.__version__, "torchao": _torchao_version()},
         "metrics": {k: v for k, v in metrics.items() if k != "history"},

@@ -426,6 +426,41 @@ def test_remote_black_box_is_the_black_box_over_http(service):
         RemoteBlackBox(closed, key)
 
 
+# Small settings per attack, so that each runs in a second or two on the bars victim.
+SMALL = {
+    "knockoff": ({"batch_size": 32}, 64),
+    "knockoff-adaptive": ({"batch_size": 16}, 64),
+    "jbda": ({"seed_size": 24, "batch_size": 32}, 72),
+    "dfme": ({"batch_size": 8, "generator_width": 8, "nz": 16}, 60),
+    "maze": ({"batch_size": 8, "directions": 3, "replay_steps": 2, "generator_width": 8, "nz": 16}, 60),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_attack_steals_through_http_as_through_the_black_box(name, service, one_thread):
+    """The same seed: the same queries, answers and surrogate over HTTP as in process."""
+    from divqat.attacks import ATTACKS, SurrogateTraining, TransferSet, create_attack
+
+    assert set(SMALL) == set(ATTACKS.names()), "a new attack: give it small settings here"
+    url, store, _ = service
+    params, budget = SMALL[name]
+    images, labels = make_bars(200, seed=2)
+    transfer = TransferSet("bars", torch.from_numpy(images), torch.from_numpy(labels))
+    training = SurrogateTraining(epochs=1, batch_size=32, progress=False, seed=0)
+
+    def steal(box):
+        torch.manual_seed(0)
+        return create_attack(name, **params).steal(box, [budget], training, transfer=transfer)[0]
+
+    local = steal(BlackBox(BarsVictim(), budget=budget))
+    _, key = store.create_key(name, budget)
+    with RemoteBlackBox(url, key) as box:
+        remote = steal(box)
+        assert box.queries_used == store.key(name).used == local.queries_used <= budget
+    mine, theirs = remote.surrogate.state_dict(), local.surrogate.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
 def test_64_concurrent_clients_on_one_key_never_pass_its_budget(tmp_path):
     victim = BarsVictim()
     db = tmp_path / "keys.db"

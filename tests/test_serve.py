@@ -30,7 +30,8 @@ from conftest import TINY, TINY_CLASSES, BarsVictim, make_bars
 from PIL import Image
 
 from divqat.attacks import check_blackbox
-from divqat.blackbox import BlackBox, BudgetExceeded, DefendedVictim, QueryBoundary, QueryError
+from divqat.blackbox import BlackBox, DefendedVictim
+from divqat.boundary import BudgetExceeded, QueryBoundary, QueryError
 from divqat.cli import main
 from divqat.data import adapt
 from divqat.remote import RemoteBlackBox, RemoteError

@@ -6,7 +6,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
     name: default                # names the output folder (runs/NAME) and the report
     seeds: [0]                   # every victim, defense and thief is run once per seed
     victim:
-      dataset: fashion-mnist     # a registered dataset (`divqat train --help` lists them)
+      dataset: fashion-mnist     # a registered dataset (`divqat train --help` lists them), or
+                                 # a class subset of one: fashion-mnist[0-4] (relabelled 0..4)
       arch: resnet8              # a registered architecture
       limit: null                # train on the first N training images only
       holdout: 0                 # keep the last N training images out of every victim: the
@@ -280,11 +281,21 @@ def _victim(raw: Any) -> VictimSpec:
     from divqat.models import model_names
 
     m = _Mapping(raw, "victim", ("dataset", "arch", "limit", "holdout", "batch_size"))
-    return VictimSpec(dataset=m.choice("dataset", "fashion-mnist", dataset_names()),
+    return VictimSpec(dataset=_dataset(m.get("dataset", "fashion-mnist"), m.where("dataset"), dataset_names()),
                       arch=m.choice("arch", "resnet8", model_names()),
                       limit=m.int("limit", None, 1, optional=True),
                       holdout=m.int("holdout", 0, 0),
                       batch_size=m.int("batch_size", 128, 1))
+
+
+def _dataset(value: Any, where: str, names: Sequence[str]) -> str:
+    """A registered dataset, optionally a class subset (``fashion-mnist[0-4]``): its canonical name."""
+    from divqat.data import dataset_spec
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a dataset name (one of: {', '.join(names)}), optionally "
+                          f"with a class subset such as fashion-mnist[0-4]; got {value!r}")
+    return _wrapped(where, lambda: dataset_spec(value).name)
 
 
 def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = False) -> TrainingSpec:

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from divqat.errors import ConfigError
+from divqat.train.outliers import parse_outliers
 
 DIVERGENCES = ("kl", "reverse-kl", "js", "tail-kl")
+PLACEMENTS = ("in", "out", "both")  # where DivQAT pushes the divergence (divqat.train.ood)
 DEFAULT_LOG_CLAMP = math.log(1e-6)
 
 
@@ -96,6 +98,13 @@ class DivQATSettings:
     ramp: float = 0.0
     temperature: float = 1.0
     log_clamp: float = DEFAULT_LOG_CLAMP
+    # Out-of-distribution DivQAT (divqat.train.ood): where the divergence is pushed ("in": the
+    # training images, the paper's; "out": outliers only; "both"), where the outliers come from
+    # (divqat.train.outliers), and the weight of a KL pull toward the teacher on the training
+    # images (only with "out"). The defaults are the paper's DivQAT.
+    divergence_on: str = "in"
+    outliers: str = "synth"
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.alpha >= 0 and math.isfinite(self.alpha)):
@@ -112,6 +121,16 @@ class DivQATSettings:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not self.log_clamp < 0:
             raise ConfigError(f"log_clamp must be < 0 (a log-probability), got {self.log_clamp}")
+        if self.divergence_on not in PLACEMENTS:
+            raise ConfigError(f"unknown divergence placement {self.divergence_on!r}; choose one of: "
+                              f"{', '.join(PLACEMENTS)}")
+        if not (self.distill >= 0 and math.isfinite(self.distill)):
+            raise ConfigError(f"distill must be a finite number >= 0, got {self.distill}")
+        if self.distill > 0 and self.divergence_on != "out":
+            raise ConfigError("distill pulls the training images' answers toward the teacher: it only "
+                              "goes with the divergence on the outliers (divergence_on out), not "
+                              f"with {self.divergence_on!r}")
+        object.__setattr__(self, "outliers", parse_outliers(self.outliers))  # canonical spelling
 
     def alpha_at(self, progress: float) -> float:
         """alpha after ``progress`` (0..1) of the fine-tuning steps."""
@@ -120,7 +139,13 @@ class DivQATSettings:
         return self.alpha * min(1.0, progress / self.ramp)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Every field; those of the out-of-distribution variant only when it is used, so the
+        paper's DivQAT is recorded (and its experiment stages keyed) as before they existed."""
+        out = asdict(self)
+        if self.divergence_on == "in":
+            for key in ("divergence_on", "outliers", "distill"):
+                del out[key]
+        return out
 
 
 # What `divqat train --mode divqat` uses when not told otherwise. The paper's plain KL either did

@@ -16,7 +16,11 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
     fp32:    {epochs: 10, lr: 0.1, seed: null}     # seed null: one teacher per run seed
     qat:     {epochs: 1, lr: 0.01}
     divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
-              epochs: 1, lr: 0.01}                  # divergence and cap: RECOMMENDED's
+              epochs: 1, lr: 0.01,                  # divergence and cap: RECOMMENDED's
+              divergence_on: in, outliers: synth, distill: 0.0,  # in = the paper's DivQAT
+              variants: []}      # more DivQAT victims: mappings of the keys above (not variants)
+                                 # overriding the section's, plus name (divqat-..., the label);
+                                 # e.g. {name: divqat-out, divergence_on: out, cap: 0.5}
     defenses:                    # "none" is always included
       - none
       - {name: dcp, params: {beta: [0.3, 0.5]}}     # a list is a grid axis
@@ -34,6 +38,7 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -85,10 +90,23 @@ class DivQATSpec:
     temperature: float = RECOMMENDED.temperature
     epochs: int = 1
     lr: float = 0.01
+    # The out-of-distribution DivQAT (divqat.train.ood) and the variants: more DivQAT victims,
+    # each a DivQATSpec of its own labelled "<name> a=<alpha>" (the section's name is "divqat").
+    divergence_on: str = "in"
+    outliers: str = "synth"
+    distill: float = 0.0
+    name: str = "divqat"
+    variants: tuple[DivQATSpec, ...] = ()
 
     def settings(self, alpha: float) -> DivQATSettings:
         return DivQATSettings(alpha=alpha, divergence=self.divergence, cap=self.cap,
-                              ramp=self.ramp, temperature=self.temperature)
+                              ramp=self.ramp, temperature=self.temperature,
+                              divergence_on=self.divergence_on, outliers=self.outliers,
+                              distill=self.distill)
+
+    def victims(self) -> list[tuple[DivQATSpec, float]]:
+        """(spec, alpha) of every DivQAT victim: the section's alphas, then each variant's."""
+        return [(self, a) for a in self.alphas] + [(v, a) for v in self.variants for a in v.alphas]
 
 
 @dataclass(frozen=True)
@@ -272,6 +290,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     divqat = _divqat(top.get("divqat", {}))
     defenses = _defenses(top.get("defenses", []))
     attacks = _attacks(top.get("attacks", []), victim, [d.name for d in defenses])
+    _outliers_are_not_transfer_sets(divqat, attacks)
     return ExperimentConfig(name=name, seeds=seeds, victim=victim, fp32=fp32, qat=qat, divqat=divqat,
                             defenses=defenses, attacks=attacks, source=source)
 
@@ -306,24 +325,67 @@ def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = Fal
                         seed=seed)
 
 
-def _divqat(raw: Any) -> DivQATSpec:
-    m = _Mapping(raw, "divqat", ("alphas", "divergence", "cap", "ramp", "temperature", "epochs", "lr"))
-    divergence = m.choice("divergence", RECOMMENDED.divergence, DIVERGENCES)
+_DIVQAT_KEYS = ("alphas", "divergence", "cap", "ramp", "temperature", "epochs", "lr",
+                "divergence_on", "outliers", "distill")
+
+
+def _divqat(raw: Any, path: str = "divqat", base: DivQATSpec | None = None) -> DivQATSpec:
+    """The divqat section, or (with ``base``) one of its variants: unset keys take the section's."""
+    from divqat.train.losses import PLACEMENTS
+    from divqat.train.outliers import parse_outliers
+
+    keys = _DIVQAT_KEYS + (("name",) if base is not None else ("variants",))
+    m = _Mapping(raw, path, keys)
+    d = base or DivQATSpec()
+    divergence = m.choice("divergence", d.divergence, DIVERGENCES)
     # The recommended cap belongs to the recommended divergence (as in `divqat train`); 0 = none.
-    cap = RECOMMENDED.cap if divergence == RECOMMENDED.divergence else None
+    cap = d.cap if divergence == d.divergence else (RECOMMENDED.cap if divergence == RECOMMENDED.divergence else None)
     if "cap" in m.raw:
         cap = _number(m.raw["cap"], m.where("cap"), 0, optional=True) or None
+    on = m.choice("divergence_on", d.divergence_on, PLACEMENTS)
     spec = DivQATSpec(
-        alphas=m.list("alphas", [RECOMMENDED.alpha], lambda v, w: _number(v, w, 0, low_open=True)),
+        alphas=m.list("alphas", list(d.alphas), lambda v, w: _number(v, w, 0, low_open=True)),
         divergence=divergence, cap=cap,
-        ramp=m.number("ramp", RECOMMENDED.ramp, 0, high=1),
-        temperature=m.number("temperature", RECOMMENDED.temperature, 0, low_open=True),
-        epochs=m.int("epochs", 1, 1), lr=m.number("lr", 0.01, 0, low_open=True))
+        ramp=m.number("ramp", d.ramp, 0, high=1),
+        temperature=m.number("temperature", d.temperature, 0, low_open=True),
+        epochs=m.int("epochs", d.epochs, 1), lr=m.number("lr", d.lr, 0, low_open=True),
+        divergence_on=on,
+        outliers=_wrapped(m.where("outliers"), lambda: parse_outliers(m.get("outliers", d.outliers))),
+        distill=m.number("distill", d.distill, 0),
+        name=m.get("name", f"divqat-{on}" if base is not None else "divqat"))
+    if not isinstance(spec.name, str) or not spec.name.startswith("divqat") or "|" in spec.name:
+        raise ConfigError(f"{m.where('name')}: must be a label starting with 'divqat' (e.g. divqat-out); "
+                          f"got {spec.name!r}")
     if len(set(spec.alphas)) != len(spec.alphas):
-        raise ConfigError(f"divqat.alphas: each alpha once; got {list(spec.alphas)}")
+        raise ConfigError(f"{m.where('alphas')}: each alpha once; got {list(spec.alphas)}")
     for i, alpha in enumerate(spec.alphas):
-        _wrapped(f"divqat.alphas[{i}]", lambda a=alpha: spec.settings(a))
-    return spec
+        _wrapped(f"{m.where('alphas')}[{i}]", lambda a=alpha: spec.settings(a))
+    if base is not None:
+        return spec
+    variants = m.get("variants", [])
+    if not isinstance(variants, list):
+        raise ConfigError(f"divqat.variants: expected a list of mappings (keys: {', '.join(_DIVQAT_KEYS)}, "
+                          f"name); got {_shown(variants)}")
+    out = tuple(_divqat(v, f"divqat.variants[{i}]", spec) for i, v in enumerate(variants))
+    names = [spec.name] + [v.name for v in out]
+    for i, v in enumerate(out):
+        if v.name in names[:i + 1]:
+            raise ConfigError(f"divqat.variants[{i}].name: {v.name!r} already labels other DivQAT victims; "
+                              "give each variant a distinct name (e.g. divqat-out-cap1)")
+    return dataclasses.replace(spec, variants=out)
+
+
+def _outliers_are_not_transfer_sets(divqat: DivQATSpec, attacks: tuple[AttackSpec, ...]) -> None:
+    """A defense trained on the thief's own transfer set would measure memorization of those
+    images, not protection against unseen foreign ones: refused (another split is allowed, and
+    the report says that it is the same dataset)."""
+    for i, v in enumerate((divqat, *divqat.variants)):
+        where = "divqat.outliers" if i == 0 else f"divqat.variants[{i - 1}].outliers"
+        for j, a in enumerate(attacks):
+            if v.divergence_on != "in" and v.outliers in a.transfer:
+                raise ConfigError(f"{where}: {v.outliers} is also attacks[{j}]'s transfer set; the outliers "
+                                  "a defense trains on must not be the thief's queries (use another split "
+                                  "or set, or synth)")
 
 
 def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
@@ -458,6 +520,16 @@ def surrogate_fields(spec: SurrogateSpec) -> dict[str, Any]:
     return fields
 
 
+def divqat_fields(d: DivQATSpec, full: bool = False) -> dict[str, Any]:
+    """A DivQAT section (or, ``full``, a variant) as config data; the section's out-of-distribution
+    keys only when set, so the config.yaml of a run without them reads as before."""
+    out: dict[str, Any] = {"alphas": list(d.alphas), "divergence": d.divergence, "cap": d.cap or 0,
+                           "ramp": d.ramp, "temperature": d.temperature, "epochs": d.epochs, "lr": d.lr}
+    if full or d.divergence_on != "in":
+        out.update(divergence_on=d.divergence_on, outliers=d.outliers, distill=d.distill)
+    return out
+
+
 def _params_text(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
@@ -530,8 +602,9 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
                    "batch_size": v.batch_size},
         "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed},
         "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},
-        "divqat": {"alphas": list(d.alphas), "divergence": d.divergence, "cap": d.cap or 0,
-                   "ramp": d.ramp, "temperature": d.temperature, "epochs": d.epochs, "lr": d.lr},
+        "divqat": {**divqat_fields(d),
+                   **({"variants": [{"name": x.name, **divqat_fields(x, full=True)} for x in d.variants]}
+                      if d.variants else {})},
         "defenses": [defense(x) for x in config.defenses],
         "attacks": [attack(x) for x in config.attacks],
     }

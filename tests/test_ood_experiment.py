@@ -5,7 +5,6 @@ victim, a thief holding the other classes, and a DivQAT variant trained on synth
 from __future__ import annotations
 
 import copy
-import csv
 
 import pytest
 from conftest import TINY
@@ -109,24 +108,38 @@ def test_smoke_preset_has_the_three_regimes_and_the_variant():
 
 @pytest.fixture(scope="module")
 def ood_run(tmp_path_factory):
+    """The config without attacks (each attack stage compiles its int8 victim again: the runner's
+    attack path is covered by test_experiment); the report's section is checked with thieves below."""
     out = tmp_path_factory.mktemp("experiment") / "tiny-ood"
-    return out, run_experiment(parse_config(BASE), out, progress=False, say=lambda _: None)
+    return out, run_experiment(parse_config({**BASE, "attacks": []}), out, progress=False,
+                               say=lambda _: None)
 
 
-def test_a_run_with_an_ood_variant_records_and_reports_its_outliers(ood_run):
+def test_a_run_with_an_ood_variant_records_its_outliers(ood_run):
     out, results = ood_run
     victims = {v["victim"]: v for v in results["victims"]}
     assert set(victims) == {"fp32 teacher", "qat", "divqat a=2", "divqat-out a=2"}
     ood = victims["divqat-out a=2"]
     assert ood["divergence_on"] == "out" and ood["kl_to_teacher_outliers"] > 0
     assert ood["outlier_set"] == f"synth:mix+patches+corrupt of {TINY}[0-2]:train[:{ood['train_images']}]"
-    assert victims["divqat a=2"]["outlier_set"] is None
-    assert {r["transfer_set"] for r in results["attacks"]} == {f"{TINY}[3]:train"}
-    with open(out / "results.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert {r["divergence_on"] for r in rows} == {"in", "out", ""}  # "" for qat
+    assert victims["divqat a=2"]["outlier_set"] is None and victims["divqat a=2"]["divergence_on"] == "in"
+    assert {d["victim"] for d in results["defenses"]} == {"qat", "divqat a=2", "divqat-out a=2"}
     report = (out / "report.md").read_text()
-    section = report.split("## Outliers and the thieves' transfer sets")[1].split("##")[0]
-    assert f"- divqat-out a=2: outliers {ood['outlier_set']}; thieves' transfer sets: {TINY}[3]:train" in section
-    assert "no overlap" in section and "divqat a=2:" not in section
+    assert f"- divqat-out a=2: outliers {ood['outlier_set']}; thieves' transfer sets: none" in report
     assert "Δ divqat-out a=2 − qat" in report
+
+
+def test_report_names_outliers_and_transfer_sets_and_flags_overlaps(ood_run):
+    from divqat.experiment.report import outliers_lines
+
+    _, results = ood_run
+    rows = [{"victim": "divqat-out a=2", "transfer_set": t}
+            for t in (f"{TINY}[0-2]:train[-48:]", f"{TINY}[3]:train", f"{TINY}[0-2]:train")]
+    text = "\n".join(outliers_lines({**results, "attacks": rows}))
+    assert (f"thieves' transfer sets: {TINY}[0-2]:train[-48:], {TINY}[3]:train, {TINY}[0-2]:train"
+            in text)
+    assert text.count("  - ") == 1 and f"transfer set {TINY}[0-2]:train holds the training images" in text
+    named = [{**v, "outlier_set": f"{TINY}[3]:train"} if v["victim"] == "divqat-out a=2" else v
+             for v in results["victims"]]
+    text = "\n".join(outliers_lines({"victims": named, "attacks": rows}))
+    assert f"WARNING: the outliers are the thief's transfer set {TINY}[3]:train" in text

@@ -260,3 +260,15 @@ def test_fit_appends_outliers_and_they_do_not_depend_on_the_labels():
         assert torch.equal(a, b)  # same images, same outliers, whatever the labels
     qat_like, student = _fit_once(labels, images, DivQATSettings(alpha=0.0, divergence_on="out"))
     assert [(n, m) for n, m, _ in qat_like] == [(16, 16)] * 3  # alpha 0: no outliers, QAT's batches
+
+
+def test_ood_options_belong_to_divqat_and_bad_ones_are_one_line(tmp_path, capsys):
+    from divqat.cli import main
+    from divqat.pipelines.train import TrainRequest
+
+    with pytest.raises(ConfigError, match="only apply to --mode divqat"):
+        TrainRequest(dataset=TINY, mode="qat", teacher="x", divqat=DivQATSettings(divergence_on="out"))
+    code = main(["train", "--dataset", TINY, "--mode", "divqat", "--teacher", str(tmp_path), "--epochs", "1",
+                 "--divergence-on", "out", "--outliers", "synth:blur", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad outlier source 'synth:blur'" in err and err.count("\n") == 1

@@ -125,7 +125,8 @@ def test_a_run_with_an_ood_variant_records_its_outliers(ood_run):
     assert victims["divqat a=2"]["outlier_set"] is None and victims["divqat a=2"]["divergence_on"] == "in"
     assert {d["victim"] for d in results["defenses"]} == {"qat", "divqat a=2", "divqat-out a=2"}
     report = (out / "report.md").read_text()
-    assert f"- divqat-out a=2: outliers {ood['outlier_set']}; thieves' transfer sets: none" in report
+    assert (f"- divqat-out a=2: outliers {ood['outlier_set']} (KL(fp32 ‖ victim) on outliers made from the "
+            f"test split: {ood['kl_to_teacher_outliers']:.4f}); thieves' transfer sets: none") in report
     assert "Δ divqat-out a=2 − qat" in report
 
 

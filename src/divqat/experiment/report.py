@@ -278,7 +278,9 @@ def outliers_lines(results: dict[str, Any]) -> list[str]:
     for label in ordered(v["victim"] for v in victims):
         sets = ordered(v["outlier_set"] for v in victims if v["victim"] == label)
         thieves = transfers.get(label, [])
-        lines.append(f"- {label}: outliers {', '.join(sets)}; thieves' transfer sets: "
+        moved = cell([v.get("kl_to_teacher_outliers") for v in victims if v["victim"] == label], 1, 4)
+        lines.append(f"- {label}: outliers {', '.join(sets)} (KL(fp32 ‖ victim) on outliers made "
+                     f"from the test split: {moved}); thieves' transfer sets: "
                      f"{', '.join(thieves) or 'none (data-free attacks only)'}")
         notes = [n for o in sets for t in thieves if (n := overlap_note(o, t))]
         lines += [f"  - {n}" for n in notes] or ["  - no overlap"]

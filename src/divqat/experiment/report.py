@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from divqat.errors import DivqatError
 from divqat.experiment.plots import make_plots
 from divqat.experiment.results import (
     RESULTS_CSV,
@@ -255,6 +256,71 @@ def main_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- outliers versus transfer sets
+
+def _set_parts(text: str) -> tuple[str, frozenset[int] | None, str, str]:
+    """``"fashion-mnist[0-4]:train[-5000:]"`` -> (base name, classes or None, split, row slice)."""
+    from divqat.data import split_subset
+
+    name, _, split = text.partition(":")
+    split, bracket, rows = split.partition("[")
+    try:
+        base, classes = split_subset(name)
+    except DivqatError:  # not a name divqat wrote: compared as it is
+        base, classes = name, None
+    return base, None if classes is None else frozenset(classes), split, bracket + rows
+
+
+def overlap_note(outliers: str, transfer: str) -> str | None:
+    """What a reader must know when a victim's outlier set and a thief's transfer set share data:
+    identical sets (a warning), the thief holding the images synthesized outliers are made from,
+    or the same dataset under another split or classes. None when they share nothing."""
+    synth = " of " in outliers
+    source = outliers.split(" of ", 1)[1] if synth else outliers
+    ob, oc, osplit, orows = _set_parts(source)
+    tb, tc, tsplit, trows = _set_parts(transfer)
+    if ob != tb or (oc is not None and tc is not None and not oc & tc):
+        return None
+    if synth:
+        if osplit == tsplit and not trows:
+            return (f"the thief's transfer set {transfer} holds the training images the outliers are "
+                    "synthesized from")
+        return None
+    if outliers == transfer:
+        return (f"WARNING: the outliers are the thief's transfer set {transfer}: against this thief the "
+                "variant was trained on the thief's own queries, so its figures measure memorization, "
+                "not protection")
+    return (f"same dataset as the thief's {transfer} (another split or other classes): an optimistic "
+            "reading of what the variant does against a thief with data it never saw")
+
+
+def outliers_lines(results: dict[str, Any]) -> list[str]:
+    """Per DivQAT victim trained on outliers: where they came from, the transfer sets its thieves
+    used, and every overlap between the two."""
+    victims = [v for v in results["victims"] if v.get("outlier_set")]
+    if not victims:
+        return []
+    transfers: dict[str, list[str]] = defaultdict(list)
+    for r in results["attacks"]:
+        if r.get("transfer_set") and r["transfer_set"] not in transfers[r["victim"]]:
+            transfers[r["victim"]].append(r["transfer_set"])
+    lines = ["## Outliers and the thieves' transfer sets", "",
+             "The out-of-distribution DivQAT victims push their divergence on outliers (outlier "
+             "exposure, Hendrycks et al., ICLR 2019). A thief querying the very images a victim was "
+             "trained on as outliers would measure memorization, not protection: each victim's "
+             "outlier set and its thieves' transfer sets, and where they overlap.", ""]
+    for label in ordered(v["victim"] for v in victims):
+        sets = ordered(v["outlier_set"] for v in victims if v["victim"] == label)
+        thieves = transfers.get(label, [])
+        moved = cell([v.get("kl_to_teacher_outliers") for v in victims if v["victim"] == label], 1, 4)
+        lines.append(f"- {label}: outliers {', '.join(sets)} (KL(fp32 ‖ victim) on outliers made "
+                     f"from the test split: {moved}); thieves' transfer sets: "
+                     f"{', '.join(thieves) or 'none (data-free attacks only)'}")
+        notes = [n for o in sets for t in thieves if (n := overlap_note(o, t))]
+        lines += [f"  - {n}" for n in notes] or ["  - no overlap"]
+    return [*lines, ""]
+
+
 # ---------------------------------------------------------------- the report
 
 def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) -> str:
@@ -277,6 +343,7 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
               "sign means in parentheses. The adaptive thief is, per victim × defense × budget × "
               "seed, the better (higher adversary accuracy) of the soft-label and the label-only "
               "thief.", "", "## Victims", "", *victims_table(results), "",
+              *outliers_lines(results),
               "## Defenses on the victims' test split", "", *defenses_table(results), ""]
     rows = results["attacks"]
     if rows:
@@ -312,4 +379,5 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
     return "\n".join(lines)
 
 
-__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "report_markdown"]
+__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "outliers_lines",
+           "overlap_note", "report_markdown"]

@@ -72,8 +72,9 @@ class Stage:
 
 # ---------------------------------------------------------------- names used everywhere
 
-def victim_label(mode: str, alpha: float | None = None) -> str:
-    return f"divqat a={alpha:g}" if mode == "divqat" else mode
+def victim_label(mode: str, alpha: float | None = None, name: str | None = None) -> str:
+    """``qat``, ``divqat a=2``, or a variant's ``<name> a=2`` (``divqat-out a=2``)."""
+    return f"{name or 'divqat'} a={alpha:g}" if mode == "divqat" else mode
 
 
 def defense_label(name: str, params: dict[str, Any]) -> str:
@@ -109,22 +110,24 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
             planned.add(teacher.key)
 
         victims = []
-        modes: list[tuple[str, float | None]] = [("qat", None)]
-        modes += [("divqat", alpha) for alpha in config.divqat.alphas]
-        for mode, alpha in modes:
-            train = config.qat if mode == "qat" else config.divqat
+        modes: list[tuple[str, Any, float | None]] = [("qat", config.qat, None)]
+        modes += [("divqat", d, alpha) for d, alpha in config.divqat.victims()]  # variants too
+        for mode, train, alpha in modes:
             spec = {**data, "mode": mode, "epochs": train.epochs, "lr": train.lr, "seed": seed}
             if v.target != "x86":  # only then: the keys of x86 victims stay what they were
                 spec["target"] = v.target
             if mode == "divqat":
-                spec["divqat"] = config.divqat.settings(alpha).as_dict()
+                spec["divqat"] = train.settings(alpha).as_dict()
+                if train.name != "divqat":  # a variant's label; the section's keys stay as they were
+                    spec["name"] = train.name
             victims.append(Stage("victim", stage_key("victim", spec, [teacher.key]),
-                                 f"victim {victim_label(mode, alpha)} | seed {seed}", spec,
+                                 f"victim {victim_label(mode, alpha, spec.get('name'))} | seed {seed}", spec,
                                  (teacher.key,), seed))
         stages += victims
 
         for victim in victims:
-            who = victim_label(victim.spec["mode"], victim.spec.get("divqat", {}).get("alpha"))
+            who = victim_label(victim.spec["mode"], victim.spec.get("divqat", {}).get("alpha"),
+                               victim.spec.get("name"))
             defenses = []
             for d in config.defenses:
                 for params in d.grid():
@@ -196,6 +199,10 @@ class Runner:
         for spec in self.config.transfer_specs():
             if spec != HOLDOUT:
                 name, split = spec.split(":")
+                load_dataset(name, split, self.data_root)
+        for d, _ in self.config.divqat.victims():  # the outlier sets DivQAT variants name
+            if d.divergence_on != "in" and not d.outliers.startswith("synth"):
+                name, split = d.outliers.rsplit(":", 1)
                 load_dataset(name, split, self.data_root)
 
     # -- the loop
@@ -389,8 +396,10 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
         alpha = div.get("alpha", 0.0) if s["mode"] != "fp32" else None
         r = records[stage.key]["result"]
         return {"seed": stage.seed, "victim": "fp32 teacher" if s["mode"] == "fp32" else
-                victim_label(s["mode"], alpha), "victim_mode": s["mode"], "alpha": alpha,
+                victim_label(s["mode"], alpha, s.get("name")), "victim_mode": s["mode"], "alpha": alpha,
                 "divergence": div.get("divergence"), "cap": div.get("cap"),
+                "divergence_on": div.get("divergence_on", "in") if div else None,
+                "outlier_set": r.get("outlier_set"),
                 "victim_accuracy": r.get("int8_test_accuracy", r.get("test_accuracy")),
                 "kl_to_teacher": r.get("kl_to_teacher"), "l1_to_teacher": r.get("l1_to_teacher")}
 
@@ -404,6 +413,7 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                             "teacher_accuracy": r.get("teacher_test_accuracy"),
                             "train_images": r.get("train_images"), "epochs": r.get("epochs"),
                             "train_seconds": r.get("train_seconds"),
+                            "kl_to_teacher_outliers": r.get("kl_to_teacher_outliers"),
                             "collapsed": bool(r.get("collapsed")), "message": r.get("message"),
                             "stage": stage.key[:16]})
         elif stage.kind == "copy":
@@ -448,7 +458,8 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
 def _victim_columns(v: dict[str, Any]) -> dict[str, Any]:
     return {"seed": v["seed"], "victim": v["victim"], "victim_mode": v["victim_mode"], "alpha": v["alpha"],
             "divergence": v["divergence"], "cap": v["cap"], "victim_accuracy": v["victim_accuracy"],
-            "kl_to_teacher": v["kl_to_teacher"], "l1_to_teacher": v["l1_to_teacher"]}
+            "kl_to_teacher": v["kl_to_teacher"], "l1_to_teacher": v["l1_to_teacher"],
+            "divergence_on": v["divergence_on"], "outlier_set": v["outlier_set"]}
 
 
 def _defense_columns(stage: Stage, r: dict[str, Any]) -> dict[str, Any]:

@@ -16,13 +16,15 @@ import torch.nn.functional as F
 
 import divqat
 from divqat.checks import check_choice, check_int
-from divqat.data import DATASETS, channel_stats, load_dataset, training_split
+from divqat.data import channel_stats, dataset_spec, load_dataset, to_float, training_split
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.io import write_json
 from divqat.models import VictimNet
 from divqat.quant import convert_to_int8, export_dynamic, prepare_qat
 from divqat.quant.edge import TARGETS, require_executorch
-from divqat.train.losses import CrossEntropy, DivQATLoss, DivQATSettings
+from divqat.train.losses import CrossEntropy, DivQATSettings
+from divqat.train.ood import divqat_objective
+from divqat.train.outliers import load_outliers
 from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
 from divqat.victim import (
     INT8_MODES,
@@ -74,6 +76,8 @@ class TrainRequest:
             raise ConfigError("--teacher only applies to --mode qat or divqat")
         if self.mode != "divqat" and self.divqat.alpha != 0:
             raise ConfigError(f"--alpha only applies to --mode divqat (got --mode {self.mode})")
+        if self.mode != "divqat" and (self.divqat.divergence_on != "in" or self.divqat.distill):
+            raise ConfigError(f"--divergence-on and --distill only apply to --mode divqat (got --mode {self.mode})")
         check_int("", "--limit", self.limit, low=1, optional=True)
         check_int("", "--holdout", self.holdout, low=0)
         check_int("", "--epochs", self.epochs, low=1)
@@ -134,8 +138,10 @@ def train_victim(req: TrainRequest) -> dict:
         teacher_holdout = int(read_metadata(req.teacher).get("holdout") or 0)
         if req.holdout < teacher_holdout:
             req = dataclasses.replace(req, holdout=teacher_holdout)
-    spec = DATASETS.get(req.dataset) if req.dataset in DATASETS else None
+    spec = dataset_spec(req.dataset)  # aliases and class subsets ("fashion-mnist[0-4]") too
     train = _training_split(req)
+    if train.num_classes < 2:
+        raise ConfigError(f"{spec.name} has {train.num_classes} class; a victim needs at least two")
     test = load_dataset(req.dataset, "test", req.data_root)
     lr = req.lr if req.lr is not None else DEFAULT_LR[req.mode]
     schedule = req.schedule or DEFAULT_SCHEDULE[req.mode]
@@ -146,11 +152,12 @@ def train_victim(req: TrainRequest) -> dict:
                     desc=req.mode,
                     freeze_at=req.freeze_at if req.mode in INT8_MODES else None)
     torch.manual_seed(req.seed)
-    metrics: dict = {"dataset": req.dataset, "arch": req.arch, "mode": req.mode, "seed": req.seed,
+    metrics: dict = {"dataset": spec.name, "arch": req.arch, "mode": req.mode, "seed": req.seed,
                      "train_images": len(train), "epochs": req.epochs}
     if req.mode in INT8_MODES:
         metrics["target"] = req.target
     teacher_meta: dict = {}
+    outliers = None
 
     if req.mode == "fp32":
         mean, std = channel_stats(train.images)
@@ -159,7 +166,7 @@ def train_victim(req: TrainRequest) -> dict:
         model = net
     else:
         teacher, teacher_meta = load_fp32_net(req.teacher)
-        if teacher_meta["dataset"] != req.dataset:
+        if dataset_spec(teacher_meta["dataset"]).name != spec.name:
             raise ConfigError(f"the teacher at {req.teacher} was trained on {teacher_meta['dataset']!r}, "
                               f"not {req.dataset!r}")
         if teacher_meta["arch"] != req.arch:
@@ -167,7 +174,14 @@ def train_victim(req: TrainRequest) -> dict:
         mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
         teacher = teacher.to(req.device, memory_format=torch.channels_last)
         model = prepare_qat(copy.deepcopy(teacher).cpu(), example, target=req.target)
-        objective = DivQATLoss(teacher, req.divqat) if req.mode == "divqat" else CrossEntropy()
+        objective = CrossEntropy()
+        if req.mode == "divqat":
+            if req.divqat.divergence_on != "in":  # DivQAT on outliers (divqat.train.ood)
+                outliers = load_outliers(req.divqat.outliers, tuple(train.images.shape[1:]),
+                                         training_set=f"{spec.name}:train[:{len(train)}]",
+                                         data_root=req.data_root)
+                metrics["outlier_set"] = outliers.name
+            objective = divqat_objective(teacher, req.divqat, outliers)
         teacher_acc = teacher_meta["metrics"]["test_accuracy"]
         metrics["teacher_test_accuracy"] = teacher_acc
 
@@ -200,9 +214,14 @@ def train_victim(req: TrainRequest) -> dict:
                                                         f"the int8 {req.mode} victim")
         teacher_logits = predict_logits(teacher.cpu().to(memory_format=torch.contiguous_format), test.images)
         metrics.update(teacher_distances(teacher_logits, int8_logits))
+        if outliers is not None:  # how far the answers moved on outliers (made from test images)
+            probe = outliers(to_float(test.images[:2000]), torch.Generator().manual_seed(req.seed))
+            probe = probe.mul(255).round().to(torch.uint8)
+            moved = teacher_distances(predict_logits(teacher, probe), predict_logits(int8, probe))
+            metrics.update({f"{k}_outliers": v for k, v in moved.items()})
 
     metadata = {
-        "dataset": req.dataset,
+        "dataset": spec.name,
         "arch": req.arch,
         "mode": req.mode,
         "input_shape": list(train.images.shape[1:]),

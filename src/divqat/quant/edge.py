@@ -22,7 +22,7 @@ from torch import nn
 from torch.export import Dim
 
 from divqat.errors import MissingExtra
-from divqat.quant.flow import quiet_torchao
+from divqat.quant import quiet_torchao  # the package, not flow: flow imports this module lazily
 
 TARGETS = ("x86", "edge")
 # The batch dimension of a lowered program is dynamic up to this size; larger queries are run in

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from divqat.boundary import BudgetExceeded, QueryBoundary, QueryError
+from divqat.boundary import Blocked, BudgetExceeded, QueryBoundary, QueryError
 from divqat.checks import check_bool, check_int
 from divqat.defenses.base import Defense
 from divqat.defenses.none import NoDefense
+from divqat.detectors.monitor import Monitor
 from divqat.errors import ConfigError
 
 
@@ -209,9 +210,9 @@ class DefendedVictim:
         return DefendedBatch(logits, clean, defended, done - start, 0.0, fused=True)
 
 
-def _make_oracle(served: DefendedVictim, budget: int | None) -> tuple[Callable[[Any], Tensor],
-                                                                     Callable[[], tuple[int, list]]]:
-    """The counter and the victim live only in these two closures."""
+def _make_oracle(served: DefendedVictim, budget: int | None, monitor: Monitor | None = None
+                 ) -> tuple[Callable[[Any], Tensor], Callable[[], tuple[int, list]]]:
+    """The counter, the victim and the monitor live only in these two closures."""
     used = 0
     timings: list[tuple[int, float]] = []
 
@@ -219,14 +220,23 @@ def _make_oracle(served: DefendedVictim, budget: int | None) -> tuple[Callable[[
         nonlocal used
         images = served.check_images(images)
         n = int(images.shape[0])
+        if monitor is not None and monitor.blocks:
+            raise Blocked(f"query of {n} images refused: an extraction detector "
+                          f"({monitor.detector.name}) raised the alarm after "
+                          f"{monitor.verdict.first_alarm} queries; nothing counted")
         if budget is not None and used + n > budget:
             raise BudgetExceeded(f"query of {n} images refused: it would exceed the query budget "
                                  f"({used} of {budget} used, {budget - used} left); nothing counted")
+        labels_only = monitor is not None and monitor.labels_only
         batch = served._serve(images)
         # Counted once the answer exists: a query the victim failed on returned nothing.
         used += n
         if n:
             timings.append((n, batch.seconds))
+            if monitor is not None:
+                monitor.observe(images, batch.defended)
+        if labels_only:  # the labels as one-hot rows: what a label-only answer tells
+            return torch.zeros_like(batch.defended).scatter_(1, batch.defended.argmax(1, keepdim=True), 1.0)
         return batch.defended
 
     def usage() -> tuple[int, list[tuple[int, float]]]:
@@ -248,6 +258,11 @@ class BlackBox(QueryBoundary):
         label_only (bool): the API returns labels only: ``query`` is refused, ``query_labels``
             answers. (Default: False.)
         input_shape, num_classes, device: see ``DefendedVictim``.
+        monitor (Monitor, optional): an extraction detector that sees every answered query and
+            its answers (``divqat.detectors``); after its alarm, ``on_alarm="block"`` refuses
+            every query (``Blocked``, nothing counted) and ``"labels-only"`` answers one-hot
+            rows of the labels. Held in the closure: the attack cannot reach it.
+            (Default: None.)
 
     Attacks use ``query`` / ``query_labels`` and the read-only ``queries_used``, ``budget``,
     ``queries_left``, ``input_shape``, ``num_classes``, ``label_only`` and ``timings``
@@ -267,7 +282,8 @@ class BlackBox(QueryBoundary):
     def __init__(self, victim: Callable[[Tensor], Tensor] | DefendedVictim,
                  defense: Defense | None = None, budget: int | None = None,
                  label_only: bool = False, *, input_shape: tuple[int, int, int] | None = None,
-                 num_classes: int | None = None, device: str | torch.device | None = None) -> None:
+                 num_classes: int | None = None, device: str | torch.device | None = None,
+                 monitor: Monitor | None = None) -> None:
         if isinstance(victim, DefendedVictim):
             if defense is not None or input_shape is not None or num_classes is not None or device is not None:
                 raise ConfigError("a DefendedVictim already has its defense, shapes and device")
@@ -277,7 +293,9 @@ class BlackBox(QueryBoundary):
                                     num_classes=num_classes, device=device)
         check_int("", "budget", budget, low=0, optional=True)
         check_bool("", "label_only", label_only)
-        answer, usage = _make_oracle(served, budget)
+        if monitor is not None and not isinstance(monitor, Monitor):
+            raise ConfigError(f"monitor must be a divqat.detectors.Monitor, got {type(monitor).__name__}")
+        answer, usage = _make_oracle(served, budget, monitor)
         # Written around the read-only __setattr__ below; slot names are mangled by hand here.
         for slot, value in (("answer", answer), ("usage", usage), ("budget", budget),
                             ("label_only", label_only), ("input_shape", served.input_shape),
@@ -334,4 +352,4 @@ class BlackBox(QueryBoundary):
                 f"label_only={self.__label_only})")
 
 
-__all__ = ["BlackBox", "BudgetExceeded", "DefendedBatch", "DefendedVictim", "QueryError"]
+__all__ = ["BlackBox", "Blocked", "BudgetExceeded", "DefendedBatch", "DefendedVictim", "QueryError"]

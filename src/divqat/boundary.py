@@ -24,6 +24,11 @@ class BudgetExceeded(DivqatError):
     """A query would take the black box past its query budget; it was refused, nothing counted."""
 
 
+class Blocked(DivqatError):
+    """The boundary refuses every query of this client: an extraction detector raised the alarm
+    (``divqat serve --on-alarm block``: HTTP 403 ``key_blocked``); nothing counted."""
+
+
 class QueryError(DivqatError, ValueError):
     """A query the black box refuses (bad images, or soft labels asked of a label-only box);
     nothing was sent to the victim and nothing counted."""

@@ -7,7 +7,11 @@ Tables:
   The secret itself is never stored, only its SHA-256.
 - ``audit``: one row per request of a known key: time, images sent, images counted, outcome
   (``ok``, ``in_flight``, or the refusal's error code), HTTP status, latency and the SHA-256 of
-  the images as the victim saw them.
+  the images as the victim saw them; with an extraction detector (``divqat serve --detector``),
+  its score after the request and whether the alarm was raised.
+- ``detector_state``: per key, the detector's memory of the key's query stream (the detector's
+  ``state_dict``), so a restarted service goes on where it stopped; and on ``keys``, when and
+  by which detector the key was flagged (kept when the detector's state is reset).
 
 Secrets look like ``dq_<key id>_<43 random characters>`` (256 random bits): the key id is
 looked up, the secret's hash compared in constant time. A plain SHA-256 suffices because the
@@ -42,7 +46,7 @@ from typing import Any
 
 from divqat.errors import ConfigError, DivqatError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: extraction detectors (flags on keys, scores in the audit, detector_state)
 SECRET_PREFIX = "dq"
 _SECRET = re.compile(r"^dq_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -63,7 +67,11 @@ CREATE TABLE IF NOT EXISTS keys (
     window_start REAL NOT NULL DEFAULT 0,
     window_used INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
-    revoked REAL
+    revoked REAL,
+    flagged REAL,
+    flag_detector TEXT,
+    flag_score REAL,
+    flag_queries INTEGER
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
@@ -74,10 +82,29 @@ CREATE TABLE IF NOT EXISTS audit (
     outcome TEXT NOT NULL,
     status INTEGER,
     latency_ms REAL,
-    batch_sha256 TEXT
+    batch_sha256 TEXT,
+    detector_score REAL,
+    alarm INTEGER
 );
 CREATE INDEX IF NOT EXISTS audit_by_key ON audit (key, time);
+CREATE TABLE IF NOT EXISTS detector_state (
+    key INTEGER PRIMARY KEY REFERENCES keys(id),
+    detector TEXT NOT NULL,
+    config TEXT NOT NULL,
+    state BLOB NOT NULL,
+    queries INTEGER NOT NULL,
+    updated REAL NOT NULL
+);
 """
+# What schema 1 lacks (ALTER TABLE on opening an older database).
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE keys ADD COLUMN flagged REAL",
+    "ALTER TABLE keys ADD COLUMN flag_detector TEXT",
+    "ALTER TABLE keys ADD COLUMN flag_score REAL",
+    "ALTER TABLE keys ADD COLUMN flag_queries INTEGER",
+    "ALTER TABLE audit ADD COLUMN detector_score REAL",
+    "ALTER TABLE audit ADD COLUMN alarm INTEGER",
+)
 
 
 class StoreError(DivqatError):
@@ -174,10 +201,17 @@ class KeyStore:
             self._db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._db.execute("PRAGMA foreign_keys=ON")
             with self._transaction():
+                old = self._db.execute("SELECT name FROM sqlite_master WHERE name = 'meta'").fetchone()
+                row = old and self._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+                if row is not None and row[0] == "1":  # written before the detectors
+                    for statement in _MIGRATE_1_TO_2:
+                        self._db.execute(statement)
+                    self._db.execute("UPDATE meta SET value = ? WHERE name = 'schema'",
+                                     (str(SCHEMA_VERSION),))
+                    row = (str(SCHEMA_VERSION),)
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
-                row = self._db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
                 if row is None:
                     self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
                 elif row[0] != str(SCHEMA_VERSION):
@@ -311,11 +345,15 @@ class KeyStore:
         return Reservation(audit_id, key, window)
 
     def finish(self, audit_id: int, outcome: str, status: int, latency_ms: float,
-               refund: bool = False) -> None:
+               refund: bool = False, detector_score: float | None = None,
+               alarm: bool | None = None) -> None:
         """Record a reserved request's outcome; ``refund``: the victim failed, give the images
-        back (to the budget and the rate window) and mark the row as counting nothing."""
-        update = ("UPDATE audit SET outcome = ?, status = ?, latency_ms = ? WHERE id = ?",
-                  (outcome, status, latency_ms, audit_id))
+        back (to the budget and the rate window) and mark the row as counting nothing.
+        ``detector_score``, ``alarm``: the extraction detector's verdict after the request."""
+        update = ("UPDATE audit SET outcome = ?, status = ?, latency_ms = ?, detector_score = ?, "
+                  "alarm = ? WHERE id = ?",
+                  (outcome, status, latency_ms, detector_score, None if alarm is None else int(alarm),
+                   audit_id))
         if not refund:
             with self._lock:  # one statement: a transaction of its own (autocommit)
                 self._db.execute(*update)
@@ -336,6 +374,46 @@ class KeyStore:
                 "INSERT INTO audit (key, time, images, counted, outcome, status, latency_ms, batch_sha256) "
                 "VALUES (?, ?, ?, 0, ?, ?, ?, NULL)", (key_id, now, images, outcome, status, latency_ms))
 
+    # ------------------------------------------------------------------ extraction detectors
+
+    def detector_state(self, key_id: int, detector: str, config: str) -> bytes | None:
+        """The saved state of ``detector`` (with settings ``config``) for a key, or None (no
+        state yet, or one of another detector or other settings: the stream starts afresh)."""
+        with self._lock:
+            row = self._db.execute("SELECT detector, config, state FROM detector_state WHERE key = ?",
+                                   (key_id,)).fetchone()
+        if row is None or row[0] != detector or row[1] != config:
+            return None
+        return bytes(row[2])
+
+    def save_detector_state(self, key_id: int, detector: str, config: str, state: bytes,
+                            queries: int) -> None:
+        with self._lock:  # one statement: a transaction of its own (autocommit)
+            self._db.execute(
+                "INSERT INTO detector_state (key, detector, config, state, queries, updated) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET detector = excluded.detector, "
+                "config = excluded.config, state = excluded.state, queries = excluded.queries, "
+                "updated = excluded.updated", (key_id, detector, config, state, queries, time.time()))
+
+    def flag(self, key_id: int, detector: str, score: float | None, queries: int | None) -> None:
+        """Mark a key as flagged by ``detector`` (the first flag is kept)."""
+        with self._lock:
+            self._db.execute("UPDATE keys SET flagged = ?, flag_detector = ?, flag_score = ?, "
+                             "flag_queries = ? WHERE id = ? AND flagged IS NULL",
+                             (time.time(), detector, score, queries, key_id))
+
+    def flags(self) -> dict[str, dict[str, Any]]:
+        """Flagged keys by name: when, by which detector, its score, after how many queries."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, flagged, flag_detector, flag_score, flag_queries "
+                                    "FROM keys WHERE flagged IS NOT NULL").fetchall()
+        return {r[0]: {"flagged": r[1], "detector": r[2], "score": r[3], "queries": r[4]} for r in rows}
+
+    def is_flagged(self, key_id: int) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT flagged FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return row is not None and row[0] is not None
+
     # ------------------------------------------------------------------ reading the audit
 
     def usage(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -348,6 +426,7 @@ class KeyStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT k.name, k.output, k.budget, k.used, k.rate, k.window, k.revoked, "
+                "k.flagged, k.flag_detector, k.flag_queries, "
                 "COUNT(a.id), "
                 "COALESCE(SUM(a.outcome = 'ok'), 0), "
                 "COALESCE(SUM(CASE WHEN a.outcome = 'ok' THEN a.images END), 0), "
@@ -357,7 +436,8 @@ class KeyStore:
                 "MIN(a.time), MAX(a.time) "
                 f"FROM keys k LEFT JOIN audit a ON a.key = k.id {where} GROUP BY k.id ORDER BY k.id",
                 args).fetchall()
-        columns = ("name", "output", "budget", "used", "rate", "window", "revoked", "requests",
+        columns = ("name", "output", "budget", "used", "rate", "window", "revoked", "flagged",
+                   "flag_detector", "flag_queries", "requests",
                    "answered_requests", "images_answered", "images_counted", "in_flight",
                    "refused_requests", "first", "last")
         return [dict(zip(columns, r, strict=True)) for r in rows]
@@ -368,14 +448,15 @@ class KeyStore:
         if name is not None:
             self.key(name)
         sql = ("SELECT a.id, k.name, a.time, a.images, a.counted, a.outcome, a.status, a.latency_ms, "
-               f"a.batch_sha256 FROM audit a JOIN keys k ON k.id = a.key {where} ORDER BY a.id DESC")
+               "a.batch_sha256, a.detector_score, a.alarm "
+               f"FROM audit a JOIN keys k ON k.id = a.key {where} ORDER BY a.id DESC")
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         columns = ("id", "key", "time", "images", "counted", "outcome", "status", "latency_ms",
-                   "batch_sha256")
+                   "batch_sha256", "detector_score", "alarm")
         return [dict(zip(columns, r, strict=True)) for r in rows]
 
 

@@ -288,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
     _add_service_commands(sub)
     _add_export(sub)
+    _add_detector_commands(sub, shared)
     return parser
 
 
@@ -440,8 +441,10 @@ on stdout, and stored only as a hash: `divqat keys create NAME ... > NAME.key`.
 
   create NAME --budget N [--rate R --window S] [--output soft|labels|top-K]
   list             every key, its output level, budget and rate
-  usage [NAME]     images counted against each budget, and what is left
+  usage [NAME]     images counted against each budget, what is left, and the keys an
+                   extraction detector flagged (`divqat serve --detector`)
   revoke NAME      the key is refused (401) from its next request on
+  unflag NAME      clear a key's detector flag and forget its detector state
 """
 
 
@@ -487,6 +490,17 @@ def _add_service_commands(sub) -> None:
                    help="sync every count to disk (survives a power cut, not only a crash; slower)")
     s.add_argument("--misinformation-epochs", type=_positive_int, default=5, metavar="N",
                    help="adaptive-misinformation: epochs to train its model on first use (default: 5)")
+    s.add_argument("--detector", metavar="NAME",
+                   help="an extraction detector watching each key's queries (see `divqat detectors`; "
+                        "calibrated with `divqat calibrate`); its alarms and scores go to the audit")
+    s.add_argument("--detector-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a detector parameter, repeatable (default: its calibration's)")
+    s.add_argument("--on-alarm", default="flag", choices=("flag", "block", "labels-only"),
+                   help="what happens to a key the detector flags: flag (record only), block (403 "
+                        "from its next request on), labels-only (answer labels only) (default: flag)")
+    s.add_argument("--detector-save-every", type=float, default=1.0, metavar="S",
+                   help="seconds between saves of a key's detector state to --db (always at its "
+                        "first alarm and on shutdown; 0: after every request) (default: 1)")
     s.set_defaults(func=cmd_serve)
 
     k = sub.add_parser("keys", help="create, list, revoke the API keys of `divqat serve`",
@@ -502,12 +516,13 @@ def _add_service_commands(sub) -> None:
     kc.add_argument("--output", default="soft", metavar="soft|labels|top-K",
                     help="what the key receives: defended posteriors, labels only, or the top K "
                          "(default: soft)")
-    for name, help_text in (("list", "every key"), ("usage", "images counted per key"),
-                            ("revoke", "refuse a key from now on")):
+    for name, help_text in (("list", "every key"), ("usage", "images counted per key, and flags"),
+                            ("revoke", "refuse a key from now on"),
+                            ("unflag", "clear a key's detector flag and its detector state")):
         kp = ks.add_parser(name, help=help_text)
         if name == "usage":
             kp.add_argument("name", nargs="?", metavar="NAME")
-        elif name == "revoke":
+        elif name in ("revoke", "unflag"):
             kp.add_argument("name", metavar="NAME")
     for kp in ks.choices.values():
         kp.add_argument("--db", required=True, metavar="FILE", help="the key database")
@@ -532,7 +547,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run_service(args.victim, args.db, args.defense, parse_params(args.param), host=args.host,
                 port=args.port, limits=limits, fsync=args.fsync, seed=args.seed,
                 data_root=args.data_root, device=args.device,
-                misinformation_epochs=args.misinformation_epochs)
+                misinformation_epochs=args.misinformation_epochs, detector=args.detector,
+                detector_params=parse_params(args.detector_param), on_alarm=args.on_alarm,
+                save_every=args.detector_save_every)
     return 0
 
 
@@ -545,6 +562,13 @@ def _when(t: float | None) -> str:
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _flag_text(flag: dict | None) -> str:
+    if flag is None:
+        return "-"
+    score = "" if flag["score"] is None else f", score {flag['score']:.4g}"
+    return f"{_when(flag['flagged'])} by {flag['detector']} after {flag['queries']} queries{score}"
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -567,9 +591,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(_table(rows) if len(rows) > 1 else f"no keys in {args.db}")
         elif args.action == "usage":
             keys = [store.key(args.name)] if args.name else store.keys()
-            rows = [["name", "used", "budget", "left", "revoked"]]
-            rows += [[k.name, str(k.used), str(k.budget), str(k.left), _when(k.revoked)] for k in keys]
+            flags = store.flags()
+            rows = [["name", "used", "budget", "left", "revoked", "flagged"]]
+            rows += [[k.name, str(k.used), str(k.budget), str(k.left), _when(k.revoked),
+                      _flag_text(flags.get(k.name))] for k in keys]
             print(_table(rows) if len(rows) > 1 else f"no keys in {args.db}")
+        elif args.action == "unflag":
+            key = store.unflag(args.name)
+            print(f"key {key.name!r} unflagged; its detector state is forgotten")
         else:
             key = store.revoke(args.name)
             print(f"revoked key {key.name!r} ({key.used} of {key.budget} images used)")
@@ -595,10 +624,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"warning: the audit's counted images differ from the counter for {', '.join(mismatch)}")
         if args.key:
             print()
-            lines = [["time", "images", "counted", "outcome", "status", "ms", "batch sha256"]]
+            lines = [["time", "images", "counted", "outcome", "status", "ms", "batch sha256",
+                      "detector score", "alarm"]]
             lines += [[_when(r["time"]), str(r["images"]), str(r["counted"]), r["outcome"],
                        str(r["status"] or "-"), "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
-                       (r["batch_sha256"] or "-")[:16]]
+                       (r["batch_sha256"] or "-")[:16],
+                       "-" if r["detector_score"] is None else f"{r['detector_score']:.4g}",
+                       {None: "-", 0: "no", 1: "ALARM"}[r["alarm"]]]
                       for r in store.audit(args.key, limit=max(0, args.requests))]
             print(_table(lines))
     finally:
@@ -712,6 +744,163 @@ def cmd_copy(args: argparse.Namespace) -> int:
           f"{r['adversary_accuracy']:.2%} (victim {m['victim_accuracy']:.2%}), agreement {r['agreement']:.2%}, "
           f"largest posterior difference {r['max_posterior_difference']:.1e}, 0 queries, "
           f"{r['seconds']:.1f} s -> {os.path.join(args.out, 'metrics.json')}")
+    return 0
+
+
+# ---------------------------------------------------------------- extraction detectors:
+# `divqat detectors`, `divqat calibrate`, `divqat detect`
+
+CALIBRATE_HELP = """\
+Calibrate an extraction detector on a victim for a target false-alarm rate, and keep the
+calibration with the victim (VICTIM/detectors/NAME.json; for mmd also the defender's fp32 model,
+features.pt, and the benign reference features, mmd.pt).
+
+Benign streams: --streams honest clients, each sending --length of the images the victim was
+trained on (its holdout and test split stay unseen, for `divqat detect`), in an order of its own.
+The threshold is set so that at most floor(--target-far x --streams) of them raise the alarm
+within --length queries. `divqat serve --detector` and `divqat detect` use it from then on.
+
+example:
+  divqat calibrate --victim runs/qat --detector prada --target-far 0.05
+  divqat calibrate --victim runs/qat --detector mmd --param window=256 --streams 40 --length 5000
+"""
+
+DETECT_HELP = """\
+Run an extraction attack through a black box watched by extraction detector(s), and report the
+queries until each detector's first alarm (or "not raised within N"); then the false-alarm rate
+over --benign-streams honest clients sending as many queries (the victim's test split and its
+unseen holdout, in turn, each in its own random order). The thief runs as `divqat attack` runs
+it, until its budget is spent. --attack-param mix=0.5 makes a knockoff thief evasive: half of its
+queries are images of --benign (default: the victim's holdout). Writes OUT/metrics.json.
+
+example:
+  divqat detect --victim runs/qat --detector prada --attack jbda --transfer holdout --budget 5000 --out runs/detect-jbda
+  divqat detect --victim runs/qat --detector prada --detector mmd --attack knockoff --transfer mnist \\
+      --attack-param mix=0.5 --budget 4000 --out runs/detect-mix
+"""
+
+
+def _add_detector_commands(sub, shared: argparse.ArgumentParser) -> None:
+    from divqat.models import model_names
+
+    dl = sub.add_parser("detectors", help="list the extraction detectors with their parameters and defaults")
+    dl.set_defaults(func=cmd_detectors)
+
+    c = sub.add_parser("calibrate", help="calibrate an extraction detector's threshold on a victim",
+                       description=CALIBRATE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[shared])
+    c.add_argument("--victim", required=True, metavar="DIR", help="the victim directory")
+    c.add_argument("--detector", required=True, metavar="NAME", help="a detector (see `divqat detectors`)")
+    c.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a detector parameter, repeatable (e.g. --param window=256)")
+    c.add_argument("--target-far", type=float, default=0.05, metavar="RATE",
+                   help="share of benign streams allowed to raise the alarm (default: 0.05)")
+    c.add_argument("--streams", type=_positive_int, default=40, help="benign streams (default: 40)")
+    c.add_argument("--length", type=_positive_int, default=5000, metavar="N",
+                   help="queries per benign stream: the stream length the rate holds for (default: 5000)")
+    c.add_argument("--reference-size", type=_positive_int, default=1000, metavar="N",
+                   help="mmd: benign reference images (default: 1000)")
+    c.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    c.set_defaults(func=cmd_calibrate)
+
+    d = sub.add_parser("detect", help="measure extraction detectors against an attack",
+                       description=DETECT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[shared, _defended_victim(required=False),
+                                _option("--seed", type=int, default=0,
+                                        help="seed of the thief and of the benign streams (default: 0)"),
+                                _option("--out", required=True, metavar="DIR",
+                                        help="where to write metrics.json")])
+    d.add_argument("--detector", required=True, action="append", metavar="NAME",
+                   help="a detector (see `divqat detectors`); repeat it to watch the same stream with several")
+    d.add_argument("--detector-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the (single) detector, repeatable (default: its calibration's)")
+    d.add_argument("--attack", required=True, metavar="NAME", help="an attack (see `divqat attacks`)")
+    d.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attack parameter, repeatable (e.g. --attack-param mix=0.5 for knockoff)")
+    d.add_argument("--transfer", metavar="SET", help="the thief's transfer set: holdout or NAME[:SPLIT]")
+    d.add_argument("--benign", default="holdout", metavar="SET",
+                   help="the evasive knockoff thief's benign-looking images (default: holdout)")
+    d.add_argument("--budget", type=_positive_int, required=True, metavar="N", help="the thief's query budget")
+    d.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
+    d.add_argument("--benign-streams", type=int, default=20, metavar="N",
+                   help="honest clients for the false-alarm rate (default: 20; 0 skips it)")
+    d.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
+                   help="the thief's surrogate architecture (default: resnet8)")
+    d.add_argument("--epochs", type=_positive_int, default=5,
+                   help="surrogate epochs (jbda's substitutes, the adaptive thief) (default: 5)")
+    d.add_argument("--min-steps", type=int, default=150, metavar="N",
+                   help="at least N optimizer steps per surrogate (default: 150, as the default experiment)")
+    d.set_defaults(func=cmd_detect)
+
+
+def cmd_detectors(args: argparse.Namespace) -> int:
+    from divqat.pipelines.detect import list_detectors
+
+    rows = list_detectors()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['summary']}")
+        print(f"{'':<{width}}  params: {params_text(r['params'], ', ') or 'none'}")
+        print(f"{'':<{width}}  alarm: {r['alarm']}"
+              + ("; needs `divqat calibrate` first" if r["needs_calibration"] else ""))
+        if r["model"]:
+            print(f"{'':<{width}}  model: {r['model']}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from divqat.pipelines.detect import calibrate_detector, calibration_path
+    from divqat.registry import parse_params
+
+    _set_threads(args.threads)
+    r = calibrate_detector(args.victim, args.detector, parse_params(args.param),
+                           target_far=args.target_far, streams=args.streams, length=args.length,
+                           reference_size=args.reference_size, seed=args.seed,
+                           data_root=args.data_root,
+                           log=None if args.no_progress else lambda m: print(m, file=sys.stderr))
+    worst = sorted(w for w in r["worst_scores"] if w is not None)
+    print(f"{args.detector}: {r['threshold_param']} = {r['threshold']:.6g} (alarm when the score is "
+          f"{r['alarm_when']} it) for a false-alarm rate <= {r['target_far']:g} over {r['streams']} "
+          f"benign streams of {r['length']} queries ({r['benign']}): {r['in_sample_false_alarms']} "
+          f"raise it; their most suspicious scores range {worst[0]:.6g} .. {worst[-1]:.6g}; "
+          f"{r['seconds']:.0f} s -> {calibration_path(args.victim, args.detector)}")
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from divqat.attacks import SurrogateTraining
+    from divqat.errors import ConfigError
+    from divqat.pipelines.detect import detect_attack
+    from divqat.registry import parse_params
+
+    _set_threads(args.threads)
+    names = list(dict.fromkeys(args.detector))
+    if args.detector_param and len(names) > 1:
+        raise ConfigError("--detector-param goes with a single --detector")
+    params = parse_params(args.detector_param)
+    training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, min_steps=args.min_steps,
+                                 seed=args.seed, device=args.device, progress=not args.no_progress)
+    m = detect_attack(args.victim, {n: params for n in names}, args.attack,
+                      parse_params(args.attack_param), budget=args.budget, transfer=args.transfer,
+                      benign=args.benign, defense=args.defense, defense_params=parse_params(args.param),
+                      training=training, labels_only=args.labels_only,
+                      benign_streams=args.benign_streams, seed=args.seed, data_root=args.data_root,
+                      device=args.device, progress=not args.no_progress,
+                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    thief = m["attack"] + (f" (mix {m['mix']:g})" if m.get("mix") else "")
+    source = m["transfer_set"] or "data-free"
+    for name, r in m["detectors"].items():
+        found = (f"alarm after {r['first_alarm']} queries" if r["detected"]
+                 else f"not raised within {m['queries_used']} queries")
+        line = (f"{name} vs {thief} ({source}) on the {m['victim_mode']} victim + {m['defense']}: "
+                f"{found} (most suspicious score {r['worst_score']}, {r['tests']} tests)")
+        if "false_alarm_rate" in r:
+            line += (f"; false alarms {r['false_alarms']}/{r['benign_streams']} benign streams of "
+                     f"{r['benign_length']} ({r['false_alarm_rate']:.1%})")
+        if not r["calibrated"]:
+            line += "; uncalibrated (the detector's default threshold)"
+        print(line)
+    print(f"-> {os.path.join(args.out, 'metrics.json')}")
     return 0
 
 

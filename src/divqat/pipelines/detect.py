@@ -16,8 +16,8 @@ random order. Calibration uses the images the victim was trained on (what a defe
 split and its unseen holdout, each stream drawn by an independent client.
 
     >>> calibrate_detector("runs/qat", "mmd", target_far=0.05)       # once per victim and detector
-    >>> record = detect_attack("runs/qat", "prada", {}, "jbda", {}, budget=5000, transfer="holdout")
-    >>> record["first_alarm"], record["false_alarm_rate"]
+    >>> record = detect_attack("runs/qat", "prada", "jbda", budget=5000, transfer="holdout")
+    >>> record["detectors"]["prada"]["first_alarm"], record["detectors"]["prada"]["false_alarm_rate"]
 """
 
 from __future__ import annotations
@@ -412,7 +412,38 @@ def false_alarm_rate(victim_dir: str | Path, make: Callable[..., Detector], cls:
             "benign_length": length, "benign_sets": sorted({r["set"] for r in rows}), "streams": rows}
 
 
-def detect_attack(victim_dir: str | Path, detector: str, detector_params: dict[str, Any] | None,
+class _Tee(Detector):
+    """Several detectors watching one stream (one attack run measures them all); its own
+    verdict is never used."""
+
+    name = "tee"
+
+    def __init__(self, detectors: Sequence[Detector]) -> None:
+        super().__init__()
+        self.detectors = list(detectors)
+        self.threshold = None
+
+    def _observe(self, images: Tensor, labels: Tensor, answers: Tensor) -> list[tuple[int, float]]:
+        for detector in self.detectors:
+            detector.observe(images, answers)
+        return []
+
+    def _reset(self) -> None:
+        for detector in getattr(self, "detectors", []):
+            detector.reset()
+
+    def _state(self) -> dict[str, Any]:
+        return {"detectors": [d.state_dict() for d in self.detectors]}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        for detector, saved in zip(self.detectors, state["detectors"], strict=True):
+            detector.load_state_dict(saved)
+
+    def params(self) -> dict[str, Any]:
+        return {"detectors": [d.name for d in self.detectors]}
+
+
+def detect_attack(victim_dir: str | Path, detectors: str | dict[str, dict[str, Any] | None],
                   attack: str, attack_params: dict[str, Any] | None = None, *, budget: int,
                   transfer: str | None = None, benign: str = "holdout",
                   defense: str = "none", defense_params: dict[str, Any] | None = None,
@@ -421,27 +452,32 @@ def detect_attack(victim_dir: str | Path, detector: str, detector_params: dict[s
                   device: str = "cpu", progress: bool = False,
                   log: Callable[[str], None] | None = None,
                   out: str | Path | None = None) -> dict[str, Any]:
-    """Run an attack through a monitored black box and measure the detector.
+    """Run an attack through a monitored black box and measure the detector(s).
 
+    ``detectors``: a name, or ``{name: params}`` for several, all watching the same stream.
     The thief runs as ``divqat attack`` runs it (``training`` is its surrogate recipe; the
     stream of a data-free or Jacobian thief depends on it), behind ``defense``, until it has
     spent ``budget`` queries (its last surrogate is not trained: it would not change the
-    stream). ``first_alarm`` is the number of queries after which the detector first raised
-    the alarm (None: not raised within ``budget``). A knockoff thief with ``mix`` > 0 (an
-    attack parameter) mixes images of ``benign`` (default: the victim's holdout) into its
-    stream. Then, over ``benign_streams`` honest clients of the same length (test split and
-    holdout), the false-alarm rate (0 streams: skipped).
+    stream). Per detector, ``first_alarm`` is the number of queries after which it first raised
+    the alarm (None: not raised within ``budget``). A knockoff thief with ``mix`` > 0 (an attack
+    parameter) mixes images of ``benign`` (default: the victim's holdout) into its stream. Then,
+    over ``benign_streams`` honest clients of the same length (test split and holdout, in turn),
+    each detector's false-alarm rate (0 streams: skipped).
     """
     say = log or (lambda _m: None)
     victim_dir = Path(victim_dir)
     meta = victim_metadata(victim_dir)
     budget = check_int("detect", "budget", budget, low=1)
     benign_streams = check_int("detect", "benign_streams", benign_streams, low=0)
+    if isinstance(detectors, str):
+        detectors = {detectors: None}
+    if not detectors:
+        raise ConfigError("name at least one detector")
     training = training if training is not None else SurrogateTraining(seed=seed, device=device,
                                                                        progress=progress)
     thief = create_attack(attack, **dict(attack_params or {}))
-    make, settings = detector_factory(detector, detector_params, victim_dir, log=say)
-    cls = DETECTORS.get(detector)
+    built = {name: detector_factory(name, params, victim_dir, log=say)
+             for name, params in detectors.items()}
     transfer_set = benign_set = None
     if thief.uses_transfer_set:
         if transfer is None:
@@ -452,10 +488,12 @@ def detect_attack(victim_dir: str | Path, detector: str, detector_params: dict[s
     built_defense = build_defense(defense, defense_params, victim_dir, seed=training.seed,
                                   data_root=data_root, device=device, progress=progress, log=log)
     served = DefendedVictim(load_victim(victim_dir, device=device), built_defense)
-    monitor = Monitor(make(), on_alarm="flag")
+    watching = {name: make() for name, (make, _) in built.items()}
+    monitor = Monitor(_Tee(list(watching.values())), on_alarm="flag")
     box = BlackBox(served, budget=budget, label_only=labels_only, monitor=monitor)
-    say(f"{attack} against the {meta.get('mode')} victim behind {defense}, watched by {detector}, "
-        f"budget {budget}" + (f", transfer set {transfer_set.name}" if transfer_set else ""))
+    say(f"{attack} against the {meta.get('mode')} victim behind {defense}, watched by "
+        f"{', '.join(watching)}, budget {budget}"
+        + (f", transfer set {transfer_set.name}" if transfer_set else ""))
     start = time.perf_counter()
     torch.manual_seed(training.seed)
     try:
@@ -464,31 +502,38 @@ def detect_attack(victim_dir: str | Path, detector: str, detector_params: dict[s
     except _StreamDone:
         pass
     seconds = time.perf_counter() - start
-    v = monitor.verdict
+    mix = getattr(thief, "mix", 0.0)
     record: dict[str, Any] = {
-        "detector": detector, "detector_settings": settings["params"],
-        "calibrated": settings["calibrated"], "calibration": settings["calibration"],
         "attack": attack, "attack_params": thief.params(), "labels_only": labels_only,
         "transfer_set": None if transfer_set is None else transfer_set.name,
         "benign_set": None if benign_set is None else benign_set.name,
         "defense": defense, "defense_params": built_defense.params(),
         "victim": str(victim_dir), "victim_mode": meta.get("mode"), "victim_dataset": meta.get("dataset"),
         "seed": training.seed, "budget": budget, "queries_used": box.queries_used,
-        "detected": v.first_alarm is not None, "first_alarm": v.first_alarm,
-        "final_score": v.score, "worst_score": v.worst, "tests": v.tests,
-        "attack_seconds": seconds,
+        "attack_seconds": seconds, "detectors": {},
     }
-    mix = getattr(thief, "mix", 0.0)
     if mix:
         record["mix"] = mix
-        record["useful_queries_before_alarm"] = (None if v.first_alarm is None
-                                                 else math.floor((1 - mix) * v.first_alarm))
-    if benign_streams:
-        features = load_features(victim_dir) if cls.model_param == "features" else None
-        say(f"false alarms: {benign_streams} benign streams of {budget} queries")
-        record.update(false_alarm_rate(victim_dir, make, cls, served, meta, streams=benign_streams,
-                                       length=budget, seed=seed, data_root=data_root,
-                                       features=features))
+    for name, detector in watching.items():
+        make, settings = built[name]
+        v = detector.verdict()
+        row: dict[str, Any] = {
+            "settings": settings["params"], "calibrated": settings["calibrated"],
+            "calibration": settings["calibration"],
+            "detected": v.first_alarm is not None, "first_alarm": v.first_alarm,
+            "final_score": v.score, "worst_score": v.worst, "tests": v.tests,
+        }
+        if mix:  # what the evasive thief got from its own transfer set before the alarm
+            row["transfer_queries_before_alarm"] = (None if v.first_alarm is None
+                                                    else math.floor((1 - mix) * v.first_alarm))
+        if benign_streams:
+            cls = DETECTORS.get(name)
+            features = load_features(victim_dir) if cls.model_param == "features" else None
+            say(f"{name}: false alarms over {benign_streams} benign streams of {budget} queries")
+            row.update(false_alarm_rate(victim_dir, make, cls, served, meta, streams=benign_streams,
+                                        length=budget, seed=seed, data_root=data_root,
+                                        features=features))
+        record["detectors"][name] = row
     if out is not None:
         write_json(Path(out) / "metrics.json", record)
     return record

@@ -19,13 +19,22 @@ Errors are JSON ``{"error": CODE, "message": ...}``: 401 ``missing_key`` / ``unk
 ``revoked_key``; 429 ``budget_exhausted`` / ``rate_limited`` (with ``Retry-After``); 413
 ``body_too_large`` / ``too_many_images`` / ``batch_over_rate``; 415 ``unsupported_media_type``;
 400 ``bad_npy`` / ``bad_dtype`` / ``bad_shape`` / ``not_finite`` / ``out_of_range`` /
-``empty_batch`` / ``bad_image`` / ``bad_form``; 500 ``victim_error`` (refunded). None of them
-counts an image (see ``divqat.serve.store`` for the accounting).
+``empty_batch`` / ``bad_image`` / ``bad_form``; 403 ``key_blocked`` (an extraction detector
+flagged the key, ``--on-alarm block``); 500 ``victim_error`` (refunded). None of them counts an
+image (see ``divqat.serve.store`` for the accounting).
+
+With an extraction detector (``create_app(..., watch=KeyWatch(...))``, ``divqat serve --detector``)
+every answered request's images and answers go through the key's own detector (its state kept
+in the key database across restarts, ``divqat.serve.watch``); its score and alarm are written
+to the request's audit row, and a key it flags is flagged in the database (``divqat keys
+usage``). Then ``--on-alarm`` decides: ``flag`` only records, ``block`` refuses the key's later
+requests (403), ``labels-only`` answers them with labels only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -57,6 +66,7 @@ from divqat.data import adapt, to_float
 from divqat.remote import npy_bytes, read_npy
 from divqat.serve.batcher import DynamicBatcher
 from divqat.serve.store import KeyInfo, KeyStore, Refused
+from divqat.serve.watch import KeyWatch
 
 NPY = "application/x-npy"
 MULTIPART = "multipart/form-data"
@@ -334,7 +344,7 @@ def _bearer(request: Request) -> str | None:
 
 def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str],
                dataset: str | None = None, limits: ServiceLimits | None = None,
-               fsync: bool = False) -> FastAPI:
+               fsync: bool = False, watch: KeyWatch | None = None) -> FastAPI:
     """The prediction API for ``served`` (the victim behind its defense), keys and audit in
     the SQLite file ``db`` (``divqat keys`` writes the keys).
 
@@ -347,6 +357,8 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
         limits (ServiceLimits): request limits and batching. (Default: ``ServiceLimits()``.)
         fsync (bool): SQLite ``synchronous=FULL``: counts survive a power cut too, not only a
             crash of the service. (Default: False.)
+        watch (KeyWatch, optional): an extraction detector per key and the policy on its alarm
+            (not started; the app opens and closes it with the key database). (Default: None.)
     """
     limits = limits or ServiceLimits()
     if len(classes) != served.num_classes:
@@ -362,6 +374,9 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
     batcher = DynamicBatcher(lambda images: served(images).defended, max_batch=limits.max_batch,
                              max_delay=limits.max_delay, observe=metrics.observe_batch)
 
+    if watch is not None:
+        watch.open(store)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
@@ -369,6 +384,8 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             yield
         finally:  # after the server has finished the requests in flight (SIGTERM, Ctrl-C)
             await batcher.close()
+            if watch is not None:
+                watch.close()  # every key's detector state saved
             store.close()
 
     app = FastAPI(title="divqat prediction API", docs_url=None, redoc_url=None, openapi_url=None,
@@ -426,6 +443,15 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
         except Refused as r:
             metrics.outcome(r.code, 0)
             return _error(r.status, r.code, r.message)
+        labels_only = False
+        if watch is not None and watch.on_alarm != "flag" and store.is_flagged(key.id):
+            if watch.on_alarm == "block":
+                message = (f"the API key {key.name!r} was flagged by the extraction detector "
+                           f"({watch.name}); its requests are refused")
+                metrics.outcome("key_blocked", 0)
+                store.record(key.id, now, 0, "key_blocked", 403, (time.perf_counter() - start) * 1e3)
+                return _error(403, "key_blocked", message, usage_headers(key))
+            labels_only = True
         try:
             images = await read_images(request, shape, limits)
         except BadRequest as e:
@@ -444,15 +470,26 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
         # Counted and committed: from here on the images count whatever happens to the answer.
         try:
             defended = await batcher.submit(images)
-            body, media = encode_answer(defended, reservation.key, NPY in request.headers.get("accept", ""))
+            shown = dataclasses.replace(reservation.key, output="labels") if labels_only else reservation.key
+            body, media = encode_answer(defended, shown, NPY in request.headers.get("accept", ""))
         except Exception:
             log.exception("the victim failed on a batch; the request's images are refunded")
             seconds = time.perf_counter() - start
             store.finish(reservation.audit_id, "victim_error", 500, seconds * 1e3, refund=True)
             metrics.outcome("victim_error", n, seconds)
             return _error(500, "victim_error", "the victim failed on this batch; nothing was counted")
+        verdict = None
+        if watch is not None:
+            # Before the answer leaves, so that a key flagged by this request is blocked from its
+            # next one on; a detector failure never costs the client its answer.
+            try:
+                verdict = await watch.observe(key.id, images, defended)
+            except Exception:
+                log.exception("the extraction detector failed on a request of key %r", key.name)
         seconds = time.perf_counter() - start
-        store.finish(reservation.audit_id, "ok", 200, seconds * 1e3)
+        store.finish(reservation.audit_id, "ok", 200, seconds * 1e3,
+                     detector_score=None if verdict is None else verdict.score,
+                     alarm=None if verdict is None else verdict.alarm)
         metrics.outcome("ok", n, seconds)
         return Response(body, media_type=media, headers=usage_headers(reservation.key, reservation.window))
 

@@ -78,9 +78,16 @@ def run_service(victim_dir: str | Path, db: str | Path, defense: str = "none",
                 params: dict[str, Any] | None = None, *, host: str = LOOPBACK, port: int = 8000,
                 limits: ServiceLimits | None = None, fsync: bool = False, seed: int = 0,
                 data_root: str | Path | None = None, device: str = "cpu",
-                misinformation_epochs: int = 5, log: Callable[[str], None] | None = None) -> None:
+                misinformation_epochs: int = 5, log: Callable[[str], None] | None = None,
+                detector: str | None = None, detector_params: dict[str, Any] | None = None,
+                on_alarm: str = "flag", save_every: float = 1.0) -> None:
     """Serve the defended victim on http://host:port until SIGTERM / Ctrl-C. Prints one line with
-    the URL once it listens (``port=0``: a free port, shown there)."""
+    the URL once it listens (``port=0``: a free port, shown there).
+
+    ``detector``: an extraction detector watching each key's stream (built for the victim, with
+    its calibration from ``divqat calibrate``), ``on_alarm`` what happens to a key it flags
+    (flag, block, labels-only), ``save_every`` seconds between saves of a key's detector state
+    (``divqat.serve.watch``)."""
     import uvicorn
 
     say = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -91,10 +98,20 @@ def run_service(victim_dir: str | Path, db: str | Path, defense: str = "none",
             say(f"divqat serve: {db} holds no usable API key yet; every request gets 401 until one is "
                 f"created: divqat keys create NAME --budget N --db {db}")
         store.close()
+        watch = None
+        if detector is not None:
+            from divqat.pipelines.detect import detector_factory
+            from divqat.serve.watch import KeyWatch
+
+            make, settings = detector_factory(detector, detector_params, victim_dir, log=say)
+            watch = KeyWatch(make, settings, on_alarm=on_alarm, save_every=save_every)
+            shown = ", ".join(f"{k}={v}" for k, v in settings["params"].items())
+            say(f"divqat serve: every key watched by {detector} ({shown}; "
+                f"{'calibrated' if settings['calibrated'] else 'not calibrated'}), on alarm: {on_alarm}")
         served, meta = load_service(victim_dir, defense, params, seed=seed, data_root=data_root,
                                     device=device, misinformation_epochs=misinformation_epochs, log=say)
         app = create_app(served, db, classes=meta["classes"], dataset=meta.get("dataset"),
-                         limits=limits, fsync=fsync)
+                         limits=limits, fsync=fsync, watch=watch)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=60, server_header=False)
         bound_host, bound_port = sock.getsockname()[:2]

@@ -409,6 +409,15 @@ class KeyStore:
                                     "FROM keys WHERE flagged IS NOT NULL").fetchall()
         return {r[0]: {"flagged": r[1], "detector": r[2], "score": r[3], "queries": r[4]} for r in rows}
 
+    def unflag(self, name: str) -> KeyInfo:
+        """Clear a key's flag and forget its detector state (its stream starts afresh)."""
+        key = self.key(name)
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE keys SET flagged = NULL, flag_detector = NULL, flag_score = NULL, "
+                             "flag_queries = NULL WHERE id = ?", (key.id,))
+            self._db.execute("DELETE FROM detector_state WHERE key = ?", (key.id,))
+        return key
+
     def is_flagged(self, key_id: int) -> bool:
         with self._lock:
             row = self._db.execute("SELECT flagged FROM keys WHERE id = ?", (key_id,)).fetchone()

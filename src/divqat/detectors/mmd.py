@@ -99,6 +99,9 @@ class MMD(Detector):
 
     def _reset(self) -> None:
         self._recent = torch.empty(0, 0, dtype=torch.float64)  # the last `window` features
+        # mean_j k(x_i, r_j) of each of them: the cross term of a window is their mean, so each
+        # query meets the reference once, not once per test.
+        self._to_reference = torch.empty(0, dtype=torch.float64)
 
     def _observe(self, images: Tensor, labels: Tensor, answers: Tensor) -> list[tuple[int, float]]:
         if self.features is None or self.reference is None:
@@ -107,27 +110,30 @@ class MMD(Detector):
         with torch.inference_mode():
             feats = self.features(images)
         feats = feats.detach().to("cpu", torch.float64).reshape(len(images), -1)
+        cross = torch.exp(torch.cdist(feats, self.reference).square_().mul_(-self._gamma)).mean(dim=1)
         recent = feats if self._recent.numel() == 0 else torch.cat([self._recent, feats])
+        to_reference = torch.cat([self._to_reference, cross])
         start, before = self._queries, len(recent) - len(feats)
         tests = []
         for i in range(len(feats)):
             position = start + i + 1
             if position % self.check_every == 0 and position >= self.window:
                 end = before + i + 1
-                tests.append((position, self._statistic(recent[end - self.window:end])))
+                x = recent[end - self.window:end]
+                score = (rbf_mean(x, x, self._gamma) + self._ref_term
+                         - 2 * to_reference[end - self.window:end].mean())
+                tests.append((position, float(score)))
         self._recent = recent[-self.window:].clone()
+        self._to_reference = to_reference[-self.window:].clone()
         return tests
 
-    def _statistic(self, x: Tensor) -> float:
-        return float(rbf_mean(x, x, self._gamma) + self._ref_term
-                     - 2 * rbf_mean(x, self.reference, self._gamma))
-
     def _state(self) -> dict[str, Any]:
-        return {"recent": self._recent.clone()}
+        return {"recent": self._recent.clone(), "to_reference": self._to_reference.clone()}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self._recent = state["recent"].to(torch.float64).clone()
+        self._to_reference = state["to_reference"].to(torch.float64).clone()
 
     def memory_bytes(self) -> int:
         """Bytes the per-client state holds (the window's features; the reference is shared)."""
-        return self._recent.numel() * self._recent.element_size()
+        return (self._recent.numel() + self._to_reference.numel()) * 8

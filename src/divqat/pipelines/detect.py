@@ -64,15 +64,17 @@ class FeatureExtractor:
     features (N, F), computed without gradients in chunks."""
 
     def __init__(self, net: nn.Module) -> None:
-        self.net = net.eval()
+        # channels_last: 1.4-1.7x for these convolutions on this CPU (environment notes).
+        self.net = net.eval().to(memory_format=torch.channels_last)
         if not hasattr(getattr(net, "net", None), "features"):
             raise ArtifactError(f"the fp32 model {type(getattr(net, 'net', net)).__name__} has no "
                                 "features() to take its penultimate layer from")
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:
-        return torch.cat([self.net.net.features(self.net.normalize(images[i:i + 1024]))
-                          for i in range(0, len(images), 1024)]) if len(images) else torch.empty(0, 0)
+        return torch.cat([self.net.net.features(self.net.normalize(
+            images[i:i + 1024].contiguous(memory_format=torch.channels_last)))
+            for i in range(0, len(images), 1024)]) if len(images) else torch.empty(0, 0)
 
 
 def _teacher_dir(victim_dir: Path, meta: dict) -> Path:

@@ -260,3 +260,67 @@ def test_black_box_monitor_flags_blocks_or_answers_labels_only(on_alarm):
     with pytest.raises(ConfigError, match="Monitor"):
         BlackBox(BarsVictim(), monitor=PRADA())
     assert math.isfinite(monitor.verdict.worst)
+
+
+# ---------------------------------------------------------------------- the evasive thief
+
+def test_evasive_knockoff_mixes_the_given_share_of_benign_queries(one_thread):
+    from divqat.attacks import Knockoff, SurrogateTraining, TransferSet
+
+    g = torch.Generator().manual_seed(0)
+    dark = torch.randint(0, 100, (200, 1, 16, 16), generator=g, dtype=torch.uint8)
+    foreign = TransferSet("foreign", dark, torch.zeros(200).long())
+    mine = TransferSet("mine", dark + 150, torch.zeros(200).long())
+    seen = []
+
+    class Recorder(PRADA):
+        def _observe(self, images, labels, answers):
+            seen.append(images.mean(dim=(1, 2, 3)))
+            return []
+
+    box = BlackBox(BarsVictim(), budget=100, monitor=Monitor(Recorder()))
+    training = SurrogateTraining(epochs=1, batch_size=32, progress=False)
+    stolen = Knockoff(batch_size=16, mix=0.3).steal(box, [100], training, transfer=foreign, benign=mine)
+    brightness = torch.cat(seen)
+    assert len(brightness) == 100 and int((brightness > 0.5).sum()) == 30 == stolen[0].info["benign_queries"]
+    assert (brightness[:50] > 0.5).any() and (brightness[50:] > 0.5).any()  # spread over the stream
+    with pytest.raises(ConfigError, match="benign-looking"):
+        Knockoff(mix=0.5).steal(BlackBox(BarsVictim(), budget=10), [10], training, transfer=foreign)
+    with pytest.raises(ConfigError, match="knockoff.mix"):
+        Knockoff(mix=1.0)
+
+
+# ---------------------------------------------------------------------- calibrate and detect
+
+def test_calibrate_then_detect_on_a_victim(tiny_victims, tmp_path, capsys, one_thread):
+    import json
+    import shutil
+
+    from divqat.cli import main
+
+    victim = tmp_path / "qat"
+    shutil.copytree(tiny_victims["qat"], victim)
+    assert main(["detectors"]) == 0
+    assert "prada" in capsys.readouterr().out
+    for name, extra in (("prada", ["--param", "min_distances=30", "--param", "check_every=10"]),
+                        ("mmd", ["--param", "window=32", "--param", "check_every=8",
+                                 "--reference-size", "100"])):
+        assert main(["calibrate", "--victim", str(victim), "--detector", name, "--streams", "6",
+                     "--length", "96", "--target-far", "0.2", "--no-progress", *extra]) == 0
+        saved = json.loads((victim / "detectors" / f"{name}.json").read_text())
+        assert saved["in_sample_false_alarms"] <= 1 and saved["streams"] == 6
+    assert (victim / "detectors" / "features.pt").is_file() and (victim / "detectors" / "mmd.pt").is_file()
+    capsys.readouterr()
+    out = tmp_path / "detect"
+    assert main(["detect", "--victim", str(victim), "--detector", "prada", "--detector", "mmd",
+                 "--attack", "jbda", "--attack-param", "seed_size=20", "--attack-param", "batch_size=32",
+                 "--transfer", "tiny-bars:test", "--budget", "96", "--epochs", "1", "--min-steps", "0",
+                 "--benign-streams", "3", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["queries_used"] == 96 and set(record["detectors"]) == {"prada", "mmd"}
+    for row in record["detectors"].values():
+        assert row["calibrated"] and row["benign_streams"] == 3 and row["tests"] > 0
+        assert (f"alarm after {row['first_alarm']} queries" if row["detected"]
+                else "not raised within 96 queries") in printed
+    assert record["detectors"]["prada"]["settings"]["min_distances"] == 30  # from the calibration

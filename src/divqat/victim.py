@@ -29,6 +29,7 @@ from divqat.errors import ArtifactError
 from divqat.io import atomic_write, write_json
 from divqat.models.normalized import VictimNet, build_net
 from divqat.quant import compile_int8, quiet_torchao
+from divqat.stopwatch import phase
 
 FORMAT = "divqat-victim"
 FORMAT_VERSION = 1
@@ -223,7 +224,7 @@ def load_victim(path: str | Path, device: str = "cpu", compile: bool | None = No
         raise ArtifactError(f"{program} is missing; the victim directory is incomplete, retrain it")
     quiet_torchao()  # registers the quantized ops the int8 program refers to
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), phase("load"):
             warnings.simplefilter("ignore")  # "No complete tensor found in the group": CPU weights, harmless
             module = torch.export.load(program).module()
     except Exception as e:  # torch raises many types for a damaged archive

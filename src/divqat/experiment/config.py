@@ -4,7 +4,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
 (``attacks[1].budgets``) and what is allowed there. The schema, with the defaults::
 
     name: default                # names the output folder (runs/NAME) and the report
-    seeds: [0]                   # every victim, defense and thief is run once per seed
+    seeds: [0]                   # every victim, defense and thief is run once per seed; the
+                                 # report gives mean ± sd over seeds and paired 95 % CIs
     victim:
       dataset: fashion-mnist     # a registered dataset (`divqat train --help` lists them)
       arch: resnet8              # a registered architecture
@@ -12,10 +13,12 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
       holdout: 0                 # keep the last N training images out of every victim: the
                                  # "holdout" transfer set (unseen, in-distribution)
       batch_size: 128
-    fp32:    {epochs: 10, lr: 0.1, seed: null}     # seed null: one teacher per run seed
+    fp32:    {epochs: 10, lr: 0.1, seed: null,     # seed null: one teacher per run seed
+              precision: fp32}           # bf16: autocast where the CPU has it (fp32 elsewhere)
     qat:     {epochs: 1, lr: 0.01}
     divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
               epochs: 1, lr: 0.01}       # unset: kl, cap 0.15; a divergence given without a cap: uncapped
+                                         # cap may be a list: a grid axis (alphas x caps)
     defenses:                    # "none" is always included
       - none
       - {name: dcp, params: {beta: [0.3, 0.5]}}     # a list is a grid axis
@@ -27,7 +30,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
         budgets: [500, 2000, 10000]                 # one surrogate per budget
         surrogate: {arch: resnet8, epochs: 30, batch_size: 128, lr: 0.1,
                     weight_decay: 0.0005, temperature: 1.0,
-                    min_steps: 0}            # at least this many SGD steps per surrogate
+                    min_steps: 0,            # at least this many SGD steps per surrogate
+                    precision: fp32}         # bf16: autocast where the CPU has it
         defenses: null           # restrict to these defense names (default: every defense)
 """
 
@@ -53,6 +57,7 @@ from divqat.pipelines.attack import HOLDOUT, parse_transfer
 from divqat.pipelines.defense_models import check_defense
 from divqat.registry import params_text
 from divqat.train.losses import RECOMMENDED, DivQATSettings, divqat_settings
+from divqat.train.trainer import PRECISIONS
 
 _REQUIRED = object()
 
@@ -72,26 +77,42 @@ class VictimSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """Epochs and peak learning rate of one training mode; ``seed`` only for the fp32 teacher
-    (None: one teacher per run seed; an integer: one teacher shared by every seed)."""
+    """Epochs and peak learning rate of one training mode; ``seed`` and ``precision`` only for
+    the fp32 teacher (seed None: one teacher per run seed; an integer: one teacher shared by
+    every seed; precision "bf16": autocast where the CPU has it)."""
 
     epochs: int
     lr: float
     seed: int | None = None
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
 class DivQATSpec:
-    """The DivQAT victims: one per alpha, all with the same objective otherwise (``objective``,
-    whose own alpha is ignored), fine-tuned for ``epochs`` at peak ``lr``."""
+    """The DivQAT victims: one per alpha (and per cap, when ``caps`` holds several), all with
+    the same objective otherwise (``objective``, whose own alpha is ignored and whose cap is the
+    first of ``caps``), fine-tuned for ``epochs`` at peak ``lr``."""
 
     alphas: tuple[float, ...] = (RECOMMENDED.alpha,)
     objective: DivQATSettings = RECOMMENDED
     epochs: int = 1
     lr: float = 0.01
+    caps: tuple[float | None, ...] = ()  # empty: the objective's cap
 
-    def settings(self, alpha: float) -> DivQATSettings:
-        return dataclasses.replace(self.objective, alpha=alpha)
+    def __post_init__(self) -> None:
+        if not self.caps:
+            object.__setattr__(self, "caps", (self.objective.cap,))
+
+    def settings(self, alpha: float, cap: float | None | bool = False) -> DivQATSettings:
+        """The objective at ``alpha`` (and ``cap``, when given)."""
+        changes: dict[str, Any] = {"alpha": alpha}
+        if cap is not False:
+            changes["cap"] = cap
+        return dataclasses.replace(self.objective, **changes)
+
+    def grid(self) -> list[DivQATSettings]:
+        """Every DivQAT victim's settings: alphas x caps, alpha first."""
+        return [self.settings(alpha, cap) for alpha in self.alphas for cap in self.caps]
 
 
 @dataclass(frozen=True)
@@ -262,11 +283,13 @@ def _victim(raw: Any) -> VictimSpec:
 
 
 def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = False) -> TrainingSpec:
-    keys = ("epochs", "lr", "seed") if with_seed else ("epochs", "lr")
+    # QAT fine-tuning stays fp32 (its observers calibrate on fp32 activations): no precision.
+    keys = ("epochs", "lr", "seed", "precision") if with_seed else ("epochs", "lr")
     m = _Mapping(raw, path, keys)
     seed = m.int("seed", None, 0, optional=True) if with_seed else None
+    precision = m.choice("precision", "fp32", PRECISIONS) if with_seed else "fp32"
     return TrainingSpec(epochs=m.int("epochs", epochs, 1), lr=m.number("lr", lr, 0, low_open=True),
-                        seed=seed)
+                        seed=seed, precision=precision)
 
 
 # The DivQAT objective's own fields (all but alpha, which is the grid axis ``alphas``).
@@ -276,12 +299,20 @@ _OBJECTIVE_KEYS = tuple(k for k in DivQATSettings.USER_FIELDS if k != "alpha")
 def _divqat(raw: Any) -> DivQATSpec:
     m = _Mapping(raw, "divqat", ("alphas", *_OBJECTIVE_KEYS, "epochs", "lr"))
     given = {k: m.raw[k] for k in _OBJECTIVE_KEYS if m.raw.get(k) is not None}
+    caps_given = given.pop("cap", None)
     # Unset fields take the recommended setting, as `divqat train` does (DivQATSettings checks
-    # each value and names it: divqat.cap, divqat.ramp, ...).
-    objective = divqat_settings(**given)
+    # each value and names it: divqat.cap, divqat.ramp, ...). A list of caps is a grid axis.
+    cap_list = caps_given if isinstance(caps_given, list) else [caps_given]
+    if not cap_list:
+        raise ConfigError("divqat.cap: give at least one value")
+    settings = [divqat_settings(**given, cap=c) for c in cap_list]
+    caps = tuple(s.cap for s in settings)
+    if len(set(caps)) != len(caps):
+        raise ConfigError(f"divqat.cap: each cap once; got {cap_list}")
     spec = DivQATSpec(
         alphas=m.list("alphas", [RECOMMENDED.alpha], lambda v, w: _number(v, w, 0, low_open=True)),
-        objective=objective, epochs=m.int("epochs", 1, 1), lr=m.number("lr", 0.01, 0, low_open=True))
+        objective=settings[0], epochs=m.int("epochs", 1, 1), lr=m.number("lr", 0.01, 0, low_open=True),
+        caps=caps)
     if len(set(spec.alphas)) != len(spec.alphas):
         raise ConfigError(f"divqat.alphas: each alpha once; got {list(spec.alphas)}")
     return spec
@@ -439,11 +470,13 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
         "name": config.name, "seeds": list(config.seeds),
         "victim": {"dataset": v.dataset, "arch": v.arch, "limit": v.limit, "holdout": v.holdout,
                    "batch_size": v.batch_size},
-        "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed},
+        "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed,
+                 **({"precision": config.fp32.precision} if config.fp32.precision != "fp32" else {})},
         "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},
         "divqat": {"alphas": list(d.alphas),
                    **{k: getattr(d.objective, k) for k in _OBJECTIVE_KEYS},
-                   "cap": d.objective.cap or 0, "epochs": d.epochs, "lr": d.lr},
+                   "cap": [c or 0 for c in d.caps] if len(d.caps) > 1 else d.objective.cap or 0,
+                   "epochs": d.epochs, "lr": d.lr},
         "defenses": [defense(x) for x in config.defenses],
         "attacks": [attack(x) for x in config.attacks],
     }

@@ -30,11 +30,11 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 
 from divqat.experiment.results import (
     attack_settings,
-    mean_std,
     setting_title,
     short_title,
     victim_labels,
 )
+from divqat.experiment.stats import mean_sd
 
 MARKERS = "osD^v<>p*h"
 THIEF_STYLES = {"soft": "-", "label-only": "--"}  # the adaptive thief is in the report's tables
@@ -106,7 +106,7 @@ def _by_alpha(rows: list[dict[str, Any]], metric: str, scale: float = 1.0):
         if r.get("alpha") is not None and r.get(metric) is not None:
             groups[float(r["alpha"])].append(r[metric] * scale)
     xs = sorted(groups)
-    stats = [mean_std(groups[x]) for x in xs]
+    stats = [mean_sd(groups[x]) for x in xs]
     return xs, [s[0] for s in stats], [s[1] or 0.0 for s in stats]
 
 
@@ -134,7 +134,7 @@ def plot_error_vs_alpha(results: dict[str, Any], path: Path) -> Path | None:
     teachers = [1 - r["victim_accuracy"] for r in results["victims"] if r["victim_mode"] == "fp32"
                 and r.get("victim_accuracy") is not None]
     if teachers:
-        ax.axhline(100 * mean_std(teachers)[0], color="gray", linestyle=":", label="fp32 teacher")
+        ax.axhline(100 * mean_sd(teachers)[0], color="gray", linestyle=":", label="fp32 teacher")
     undefended = [r for r in results["attacks"] if r["defense"] == "none"]
     for i, setting in enumerate(attack_settings(undefended)):
         rows = _largest_budget(_of_setting(undefended, setting))
@@ -203,8 +203,8 @@ def plot_tradeoff(results: dict[str, Any], path: Path) -> Path | None:
             for k, d in enumerate(defenses):
                 group = [r for r in mine if r["victim"] == v and r["defense_label"] == d]
                 if group:
-                    dx, sx, _ = mean_std(100 * r["defender_error"] for r in group)
-                    ay, sy, _ = mean_std(100 * r["adversary_error"] for r in group)
+                    dx, sx, _ = mean_sd(100 * r["defender_error"] for r in group)
+                    ay, sy, _ = mean_sd(100 * r["adversary_error"] for r in group)
                     points.append((dx, ay, sx or 0.0, sy or 0.0, k))
             if not points:
                 continue
@@ -255,7 +255,7 @@ def plot_budget(results: dict[str, Any], path: Path) -> Path | None:
                     if not line:
                         continue
                     xs = sorted({r["budget"] for r in line})
-                    stats = [mean_std(100 * r["adversary_accuracy"] for r in line if r["budget"] == b)
+                    stats = [mean_sd(100 * r["adversary_accuracy"] for r in line if r["budget"] == b)
                              for b in xs]
                     shift = DODGE ** (i * len(thieves) + j - (n_series - 1) / 2)
                     ax.errorbar([x * shift for x in xs], [s[0] for s in stats],

@@ -22,7 +22,7 @@ from divqat.io import write_json
 from divqat.models import VictimNet
 from divqat.quant import convert_to_int8, export_dynamic, prepare_qat
 from divqat.train.losses import CrossEntropy, DivQATLoss, DivQATSettings
-from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
+from divqat.train.trainer import PRECISIONS, FitConfig, accuracy, fit, predict_logits
 from divqat.victim import (
     INT8_MODES,
     Victim,
@@ -57,6 +57,7 @@ class TrainRequest:
     lr: float | None = None
     schedule: str | None = None
     freeze_at: float = DEFAULT_FREEZE_AT
+    precision: str = "fp32"  # "bf16": autocast where the CPU has it (fp32 training only)
     data_root: str | Path | None = None
     device: str = "cpu"
     progress: bool = True
@@ -76,6 +77,11 @@ class TrainRequest:
         check_int("", "--holdout", self.holdout, low=0)
         check_int("", "--epochs", self.epochs, low=1)
         check_int("", "--seed", self.seed)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and self.mode in INT8_MODES:
+            raise ConfigError(f"--precision {self.precision}: QAT fine-tuning runs in fp32 (its fake "
+                              "quantization is calibrated on fp32 activations)")
 
 
 def _training_split(req: TrainRequest):
@@ -135,7 +141,7 @@ def train_victim(req: TrainRequest) -> dict:
     example = torch.rand(4, *train.images.shape[1:])
     cfg = FitConfig(epochs=req.epochs, batch_size=req.batch_size, lr=lr, schedule=schedule, hflip=hflip,
                     seed=req.seed, device=req.device, progress=req.progress, log_epochs=req.log_epochs,
-                    desc=req.mode,
+                    desc=req.mode, precision=req.precision,
                     freeze_at=req.freeze_at if req.mode in INT8_MODES else None)
     torch.manual_seed(req.seed)
     metrics: dict = {"dataset": req.dataset, "arch": req.arch, "mode": req.mode, "seed": req.seed,
@@ -171,6 +177,8 @@ def train_victim(req: TrainRequest) -> dict:
     start = time.perf_counter()
     history = fit(model, train.images, train.labels, objective, cfg, on_epoch_end)
     metrics["train_seconds"] = time.perf_counter() - start
+    if req.precision != "fp32":  # what it really ran in (bf16 falls back where the CPU lacks it)
+        metrics["precision"] = history.precision
     metrics["history"] = history.epochs
     metrics["test_accuracy"] = history.epochs[-1]["test_accuracy"]
 

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from divqat.stopwatch import phase
+
 # The batch dimension of every exported graph is dynamic up to this size.
 MAX_BATCH = 1 << 16
 
@@ -209,12 +211,18 @@ def compile_int8(module: nn.Module):
     lowering fails a stride assertion on recompilation, so callers feed a few fixed batch sizes.
     """
     compiled = torch.compile(module, dynamic=False)
+    shapes: set[tuple[int, ...]] = set()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # The first call of each batch size compiles; inductor's int8 lowering warns about its
         # own tensor copies there, which is noise to the user.
         with _inductor_freezing(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return compiled(x)
+            if tuple(x.shape) in shapes:
+                return compiled(x)
+            with phase("compile"):
+                out = compiled(x)
+            shapes.add(tuple(x.shape))
+            return out
 
     return run

@@ -255,7 +255,7 @@ def main_table(results: dict[str, Any]) -> str:
     return "\n".join([title, *attack_table([r for r in mine if r["budget"] == budget])])
 
 
-PHASES = ("data", "load", "compile", "train", "evaluate", "timing", "other")
+PHASES = ("data", "load", "export", "compile", "train", "attack", "evaluate", "save", "timing", "other")
 
 
 def stage_times_table(results: dict[str, Any]) -> list[str]:

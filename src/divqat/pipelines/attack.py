@@ -33,7 +33,7 @@ from divqat.errors import ConfigError
 from divqat.io import write_json
 from divqat.pipelines.defend import evaluate_served, parse_query_set
 from divqat.pipelines.defense_models import build_defense, victim_metadata
-from divqat.stopwatch import timed
+from divqat.stopwatch import phase, timed
 from divqat.victim import load_victim
 
 # The thief's unseen in-distribution transfer set: the victim's held-out training images.
@@ -189,7 +189,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
         + (f", transfer set {transfer_set.name}" if transfer_set is not None else ""))
     start = time.perf_counter()
     torch.manual_seed(training.seed)
-    stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
+    with phase("attack"):  # the thief's own work: querying, and training outside ``fit``
+        stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
     seconds = time.perf_counter() - start
 
     results = []

@@ -22,6 +22,7 @@ load the sets, evaluate, write ``OUT/metrics.json``::
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import statistics
 import time
@@ -33,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from divqat.blackbox import DefendedVictim
+from divqat.blackbox import DefendedBatch, DefendedVictim
 from divqat.checks import check_int
 from divqat.data import ImageDataset, dataset_spec, load_dataset, to_float, to_victim_input
 from divqat.data.base import SPLITS
@@ -66,17 +67,36 @@ def posterior_distances(clean: Tensor, defended: Tensor) -> dict[str, Tensor]:
 
 def _warm_up(victim: Callable[[Tensor], Tensor], served: DefendedVictim, images: Tensor,
              batch_size: int) -> None:
-    """One untimed call of the victim alone and of the served path at each batch size the timed
-    pass will use: an int8 victim, and a defense fused into it, compile on the first call of each
-    size (seconds), and a model-backed defense has first-call costs."""
-    n = images.shape[0]
-    sizes = [images[:min(n, batch_size)]]
-    if n > batch_size and n % batch_size:
-        sizes.append(images[n - n % batch_size:])
+    """One untimed call of the victim alone and of the served path at the batch size the timed
+    pass will use (``_batches``: one): an int8 victim, and a defense fused into it, compile on
+    the first call of each size (seconds), and a model-backed defense has first-call costs."""
+    batch = images[:min(images.shape[0], batch_size)]
     with torch.no_grad():
-        for batch in sizes:
-            victim(batch)
-            served(batch)
+        victim(batch)
+        served(batch)
+
+
+def _batches(n: int, batch_size: int):
+    """(low, start, stop) per batch of ``n`` images: the batch is ``[low:stop]`` and its new
+    images are ``[start:stop]``. A short last batch is topped up with the images before it, so
+    that every batch has one size: a compiled victim (and a defense fused into it) compiles
+    once per batch size, for seconds, in every process that serves it."""
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield max(0, stop - batch_size), start, stop
+
+
+def _new_rows(batch: DefendedBatch, clean_s: float, served_s: float, keep: int):
+    """The last ``keep`` rows of a topped-up batch, with its times scaled to them."""
+    n = batch.clean.shape[0]
+    if keep == n:
+        return batch, clean_s, served_s
+    share = keep / n
+    return (dataclasses.replace(batch, logits=batch.logits[-keep:], clean=batch.clean[-keep:],
+                                defended=batch.defended[-keep:],
+                                victim_seconds=batch.victim_seconds * share,
+                                defense_seconds=batch.defense_seconds * share),
+            clean_s * share, served_s * share)
 
 
 @dataclass(frozen=True)
@@ -153,10 +173,11 @@ def evaluate_served(victim: Callable[[Tensor], Tensor], defense: Defense, test_s
     defended_hits = clean_hits = 0
     stats = _Accumulator()
     clean_labels, defended_labels = [], []
-    for start in range(0, len(test_images), batch_size):
-        images = test_images[start:start + batch_size]
+    for low, start, stop in _batches(len(test_images), batch_size):
+        images = test_images[low:stop]
         batch, clean_s, served_s = _timed(victim, served, images) if timed else (served(images), 0.0, 0.0)
-        y = labels[start:start + batch_size]
+        batch, clean_s, served_s = _new_rows(batch, clean_s, served_s, stop - start)
+        y = labels[start:stop]
         clean_labels.append(batch.clean.argmax(dim=1))
         defended_labels.append(batch.defended.argmax(dim=1))
         defended_hits += int((defended_labels[-1] == y).sum())
@@ -165,8 +186,9 @@ def evaluate_served(victim: Callable[[Tensor], Tensor], defense: Defense, test_s
             stats.add(batch, clean_s, served_s)
     if not timed:
         _warm_up(victim, served, query_images, batch_size)
-        for start in range(0, len(query_images), batch_size):
-            stats.add(*_timed(victim, served, query_images[start:start + batch_size]))
+        for low, start, stop in _batches(len(query_images), batch_size):
+            timed_batch = _timed(victim, served, query_images[low:stop])
+            stats.add(*_new_rows(*timed_batch, stop - start))
 
     n = len(test_set)
     metrics = {"defense": defense.name, "params": defense.params(),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from divqat.stopwatch import phase
+from divqat.stopwatch import phase, timed
 
 # The batch dimension of every exported graph is dynamic up to this size.
 MAX_BATCH = 1 << 16
@@ -27,6 +27,7 @@ def quiet_torchao() -> None:
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
 
 
+@timed("export")
 def export_dynamic(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` with a dynamic batch dimension, so one program serves any batch size."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
@@ -92,6 +93,7 @@ class QATModel(nn.Module):
         self.graph_module.recompile()
 
 
+@timed("export")
 def prepare_qat(model: nn.Module, example: torch.Tensor) -> QATModel:
     """Export ``model`` (fp32, any mode) and insert fake quantization for QAT.
 
@@ -178,6 +180,7 @@ def _conv2d_only(gm: torch.fx.GraphModule):
         quantize_pt2e._fuse_conv_bn_qat, quantize_pt2e._fold_conv_bn_qat = stock
 
 
+@timed("export")
 def convert_to_int8(qat: QATModel, example: torch.Tensor) -> torch.export.ExportedProgram:
     """Convert the fine-tuned fake-quant graph into the int8 program (quantize/dequantize + int8
     weights), re-exported with a dynamic batch so it can be saved with ``torch.export.save``."""

@@ -25,6 +25,7 @@ from divqat.experiment import (
     run_experiment,
 )
 from divqat.experiment.cache import DONE, StageCache, stage_key
+from divqat.experiment.config import config_dict
 from divqat.experiment.report import delta_cell
 from divqat.experiment.results import with_adaptive
 from divqat.pipelines import stages as stages_module
@@ -526,3 +527,75 @@ def test_a_failed_victim_skips_what_needs_it_and_the_timing_keeps_the_others(tin
     # The timing stage ran again with the victims that are there (its inputs changed).
     assert {r["victim"] for r in results["timings"]} == {"qat"}
     assert {r["victim"] for r in results["attacks"]} == {"qat"}
+
+
+# ---------------------------------------------------------------- presets, grids, the plan
+
+def test_default_preset_has_three_seeds_and_the_paper_fmnist_preset_every_method():
+    from divqat.attacks import ATTACKS
+    from divqat.defenses import DEFENSES
+
+    default = load_preset("default")
+    assert default.seeds == (0, 1, 2)
+    stages = plan_stages(default)
+    assert sum(s.kind == "timing" for s in stages) == 3
+    paper = load_preset("paper-fmnist")
+    assert len(paper.seeds) == 5 and paper.fp32.epochs == 15
+    assert len(paper.divqat.alphas) > 1 and len(paper.divqat.caps) > 1
+    assert {d.name for d in paper.defenses} == set(DEFENSES.names())
+    assert {a.name for a in paper.attacks} == set(ATTACKS.names())
+    labels = [s.label for s in plan_stages(paper) if s.kind == "victim"]
+    assert "victim divqat a=2 cap=0.15 | seed 0" in labels
+
+
+def test_cap_grid_and_precision_keep_the_keys_of_configs_without_them():
+    base = _keys(tiny())
+    assert _keys(tiny(divqat__cap=0.15)) == base  # the recommended cap, written out
+    assert _keys(tiny(fp32={"epochs": 3, "precision": "fp32"},
+                      attacks__0__surrogate={"epochs": 2, "batch_size": 32, "precision": "fp32"})) == base
+    grid = _keys(tiny(divqat__cap=[0.15, 0.3]))
+    assert "victim divqat a=2 cap=0.15 | seed 0" in grid and "victim divqat a=2 cap=0.3 | seed 0" in grid
+    # The cap-0.15 victim is the one the single-cap config trains (only its label names the cap).
+    assert grid["victim divqat a=2 cap=0.15 | seed 0"] == base["victim divqat a=2 | seed 0"]
+    bf16 = _keys(tiny(attacks__0__surrogate={"epochs": 2, "batch_size": 32, "precision": "bf16"}))
+    changed = {label for label, key in base.items() if key not in bf16.values()}
+    assert changed == {label for label in base if label.startswith("attack")}
+    teacher = _keys(tiny(fp32={"epochs": 3, "precision": "bf16"}))
+    assert teacher["fp32 teacher | seed 0"] != base["fp32 teacher | seed 0"]
+    with pytest.raises(ConfigError, match=r"fp32\.precision"):
+        parse_config(tiny(fp32={"epochs": 3, "precision": "fp16"}))
+    with pytest.raises(ConfigError, match=r"qat\.precision: unknown key"):
+        parse_config(tiny(qat={"epochs": 1, "precision": "bf16"}))
+    with pytest.raises(ConfigError, match=r"divqat\.cap"):
+        parse_config(tiny(divqat__cap=[0.15, -1]))
+    config = parse_config(tiny(divqat__cap=[0.15, 0.3]))
+    assert parse_config(yaml.safe_load(yaml.safe_dump(config_dict(config)))) == config
+
+
+def test_plan_lists_the_stages_what_is_cached_and_the_time_left(tiny_run, tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(seeds=[0, 1])))
+    assert main(["run", str(path), "--out", str(tiny_run["out"]), "--plan", "--cores", "4"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith(f"plan: tiny ({path}) -> {tiny_run['out']}: {2 * N_STAGES} stages, "
+                               f"{N_STAGES} cached, {N_STAGES} to run")
+    assert sum(line.endswith("... cached") for line in lines) == N_STAGES
+    assert sum("... to run, ~" in line for line in lines) == N_STAGES
+    assert f"rates from {N_STAGES} finished stages in {tiny_run['out']}" in out
+    assert "one stage at a time (--executor serial)" in out and "with 4 stages at a time" in out
+    assert not list((tiny_run["out"] / "stages").glob("*/*/error.txt"))  # nothing ran
+
+
+def test_wall_time_replays_the_plan_on_workers():
+    from divqat.experiment.estimate import wall_time
+    from divqat.experiment.runner import Stage
+
+    def stage(key, *inputs):
+        return Stage("x", key, key, {}, tuple(inputs), 0)
+
+    plan = [stage("t"), stage("a", "t"), stage("b", "t"), stage("c", "a"), stage("d", "b")]
+    seconds = {"t": 10, "a": 5, "b": 5, "c": 5, "d": 5}
+    assert wall_time(plan, seconds, 1) == 30
+    assert wall_time(plan, seconds, 2) == 20
+    assert wall_time(plan, {**seconds, "t": 0}, 8) == 10  # a cached teacher takes no time

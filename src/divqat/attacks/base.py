@@ -56,7 +56,9 @@ class SurrogateTraining:
     the Fashion-MNIST QAT victim reached 42.9 % after 5 epochs = 20 steps and 79.1 % after
     300 steps), so a small budget measures what the answers teach, not an undertrained
     surrogate (default 0: ``epochs`` as given). precision: "bf16" trains under bf16 autocast
-    where the CPU has native bf16 (fp32 elsewhere; see ``divqat.train.trainer``). temperature: of the soft cross-entropy (1 = the
+    where the CPU has native bf16 (fp32 elsewhere; see ``divqat.train.trainer``); it applies to
+    the surrogates trained on stored queries (``train_surrogate``), not to the data-free
+    attacks' online training, which stays fp32. temperature: of the soft cross-entropy (1 = the
     reference). augment / hflip: random crop (pad 4) and horizontal flip of the stored transfer
     images. seed: initialization and batch order. device: where the surrogate trains.
     """

@@ -36,8 +36,8 @@ SIZES = {"fashion-mnist": (60000, 10000, 784), "mnist": (4000, 1000, 784),
 # Seconds per unit of work, per category, measured on this repository's 2-core machine (one
 # stage at a time, 2 threads; README "Experiments"): the estimate where a folder has none.
 DEFAULT_RATES = {
-    "fp32": 4.8e-4, "victim qat": 1.2e-3, "victim divqat": 1.3e-3, "defense": 1.5e-3,
-    "defense mad": 8e-3, "defense adaptive-misinformation": 1.5e-3, "attack knockoff": 6.2e-4,
+    "fp32": 4.8e-4, "victim qat": 1.2e-3, "victim divqat": 1.3e-3, "defense": 1e-3,
+    "defense mad": 8e-3, "defense adaptive-misinformation": 5e-4, "attack knockoff": 6.2e-4,
     "attack knockoff-adaptive": 8e-4, "attack jbda": 8e-4, "attack dfme": 4e-3,
     "attack maze": 4e-3, "timing": 4.0,
 }

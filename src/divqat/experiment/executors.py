@@ -407,6 +407,8 @@ class RayExecutor(Executor):
         self._busy.clear()
 
     def close(self) -> None:
+        if not hasattr(self, "ray"):  # never started
+            return
         for worker in self._workers:
             try:
                 self.ray.kill(worker, no_restart=True)

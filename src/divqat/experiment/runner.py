@@ -411,7 +411,9 @@ class Runner:
         left = len(self.stages) - done - len(running)
         line = f"    progress: {done}/{len(self.stages)} done, {len(running)} running"
         if running:
-            line += " (" + "; ".join(f"[{self.number[s.key]}] {s.label}" for s in running) + ")"
+            now = time.perf_counter()
+            line += " (" + "; ".join(f"[{self.number[s.key]}] {s.label}, {now - self._running[s.key]:.0f} s"
+                                     for s in running) + ")"
         self._bar.set_postfix(running=len(running), left=left)
         return f"{line}, {left} left"
 

@@ -583,7 +583,8 @@ def test_plan_lists_the_stages_what_is_cached_and_the_time_left(tiny_run, tmp_pa
     assert sum(line.endswith("... cached") for line in lines) == N_STAGES
     assert sum("... to run, ~" in line for line in lines) == N_STAGES
     assert f"rates from {N_STAGES} finished stages in {tiny_run['out']}" in out
-    assert "one stage at a time (--executor serial)" in out and "with 4 stages at a time" in out
+    assert "one stage at a time with 4 threads (--executor serial)" in out
+    assert "with 4 stages at a time, 1 thread each (--executor ray on 4 cores)" in out
     assert not list((tiny_run["out"] / "stages").glob("*/*/error.txt"))  # nothing ran
 
 

@@ -86,7 +86,9 @@ RAY_ADDRESS, whose nodes must all see OUT at the same path). --plan prints the s
 cached and an estimate of the time left, and runs nothing.
 
 Presets (shipped with divqat): smoke (a complete tiny pipeline, about 2 minutes on 2 cores),
-default (Fashion-MNIST, about 30 minutes), paper-cifar10 (CIFAR-10/100 from --data-root; hours).
+default (Fashion-MNIST, 3 seeds, sized for 45 minutes on 2 cores with --executor ray),
+paper-fmnist (the full Fashion-MNIST grid, 5 seeds: a cluster's work; see --plan),
+paper-cifar10 (CIFAR-10/100 from --data-root; hours).
 The config format is documented in divqat.experiment.config; start from a preset's YAML
 (src/divqat/experiment/presets/).
 
@@ -419,7 +421,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         cores = args.cores or (os.cpu_count() or 1)
         for line in plan_lines(config, out, cores=cores, cpus_per_stage=args.cpus_per_stage,
-                               times_from=args.times, data_root=args.data_root):
+                               threads=args.threads, executor=args.executor, times_from=args.times,
+                               data_root=args.data_root):
             print(line)
         return 0
     executor = make_executor(args.executor, address=args.address, cpus_per_stage=args.cpus_per_stage)

@@ -2,12 +2,13 @@
 take, from the stage times already measured in the run folder (or another one) or, for kinds
 never measured there, rough defaults measured on a 2-core machine.
 
-A stage's time is modelled as ``rate x work``, with the work counted from its settings (image
-passes of training and evaluation, scaled by the architecture's cost) and the rate of its
-category (``fp32``, ``victim qat``, ``attack knockoff``, ...) taken as total seconds over total
-work of the finished stages of that category. Wall time is a replay of the plan on ``slots``
-workers (each stage starts when its inputs are done and a worker is free, in plan order), with
-every stage taking its estimate: right to the extent the stages' times are.
+A stage's time is modelled as ``rate x work / speedup(threads)``, with the work counted from its
+settings (image passes of training and evaluation, scaled by the architecture's cost), the rate
+of its category (``fp32``, ``victim qat``, ``attack knockoff bf16``, ...) taken as total
+one-thread seconds over total work of the finished stages of that category, and
+``speedup(threads)`` what more torch threads give one stage. Wall time is a replay of the plan
+on ``slots`` workers (each stage starts when its inputs are done and a worker is free, in plan
+order), with every stage taking its estimate: right to the extent the stages' times are.
 """
 
 from __future__ import annotations
@@ -33,14 +34,31 @@ SIZES = {"fashion-mnist": (60000, 10000, 784), "mnist": (4000, 1000, 784),
          "animal-mnist": (8000, 2000, 784), "digits": (1437, 360, 64),
          "cifar10": (50000, 10000, 1024), "cifar100": (50000, 10000, 1024),
          "svhn": (73257, 26032, 1024), "gtsrb": (39209, 12630, 1024)}
-# Seconds per unit of work, per category, measured on this repository's 2-core machine (one
-# stage at a time, 2 threads; README "Experiments"): the estimate where a folder has none.
+# Seconds per unit of work, per category: the estimate where no finished stage says better.
+# From the default preset run serially with 2 threads on a quiet 2-core machine (README, "The
+# default experiment with one seed": teacher 48 s, victims 59-61 s, knockoff 38-44 s, dfme 19-20
+# s), the knockoff stages less the compilations and the test pass this version no longer
+# repeats, and bf16 surrogates 1.7x faster to train (README, "bf16"); the rest rough.
 DEFAULT_RATES = {
-    "fp32": 4.8e-4, "victim qat": 1.2e-3, "victim divqat": 1.3e-3, "defense": 1e-3,
-    "defense mad": 8e-3, "defense adaptive-misinformation": 5e-4, "attack knockoff": 6.2e-4,
-    "attack knockoff-adaptive": 8e-4, "attack jbda": 8e-4, "attack dfme": 4e-3,
-    "attack maze": 4e-3, "timing": 4.0,
+    "fp32": 4.8e-4, "fp32 bf16": 3.3e-4, "victim qat": 1.2e-3, "victim divqat": 1.2e-3,
+    "defense": 4e-4, "defense mad": 4e-3, "defense random-noise": 6e-4,
+    "defense adaptive-misinformation": 5e-4, "attack knockoff": 3.6e-4,
+    "attack knockoff bf16": 2.6e-4, "attack knockoff-adaptive": 5e-4,
+    "attack knockoff-adaptive bf16": 3.5e-4, "attack jbda": 5e-4, "attack jbda bf16": 3.5e-4,
+    "attack dfme": 3.9e-3, "attack maze": 4e-3, "timing": 1.2,
 }
+
+
+# One stage with t torch threads runs speedup(t) = min(t, MAX_USEFUL_THREADS) ** THREAD_EXPONENT
+# times faster than with one: these small convolutions do not scale far (README, "Measured,
+# issue 14": the same stages at 2 threads and at 1).
+THREAD_EXPONENT = 0.5
+MAX_USEFUL_THREADS = 4
+DEFAULT_THREADS = 2  # the threads of DEFAULT_RATES, and of records that do not say
+
+
+def speedup(threads: int) -> float:
+    return max(1, min(threads, MAX_USEFUL_THREADS)) ** THREAD_EXPONENT
 
 
 @dataclass(frozen=True)
@@ -100,15 +118,16 @@ def work(kind: str, spec: dict[str, Any], sizes: Sizes) -> tuple[str, float]:
 
 
 def _default_rate(category: str) -> float:
-    if category in DEFAULT_RATES:
-        return DEFAULT_RATES[category]
+    """A category's default rate, at one thread."""
     base = category.removesuffix(" bf16")
     # bf16 trains faster where the CPU has it; without a measurement, assume fp32's rate.
-    return DEFAULT_RATES.get(base, DEFAULT_RATES.get(base.split(" ")[0], 1e-3))
+    rate = DEFAULT_RATES.get(category, DEFAULT_RATES.get(base, DEFAULT_RATES.get(base.split(" ")[0], 1e-3)))
+    return rate * speedup(DEFAULT_THREADS)
 
 
 def rates(records: Iterable[dict[str, Any]], sizes: Sizes) -> dict[str, tuple[float, int]]:
-    """(seconds per unit, stages measured) per category, from finished stages' records."""
+    """(one-thread seconds per unit, stages measured) per category, from finished stages'
+    records (each at the threads it says it ran with)."""
     seconds: dict[str, float] = defaultdict(float)
     units: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
@@ -119,7 +138,8 @@ def rates(records: Iterable[dict[str, Any]], sizes: Sizes) -> dict[str, tuple[fl
             category, u = work(r["kind"], r["spec"], sizes)
         except (KeyError, TypeError):
             continue
-        seconds[category] += r["seconds"]
+        threads = (r.get("worker") or {}).get("threads") or DEFAULT_THREADS
+        seconds[category] += r["seconds"] * speedup(threads)
         units[category] += u
         count[category] += 1
     return {c: (seconds[c] / units[c], count[c]) for c in seconds if units[c] > 0}
@@ -164,11 +184,13 @@ def duration(seconds: float) -> str:
 
 
 def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_per_stage: int = 1,
+               threads: int | None = None, executor: str = "serial",
                times_from: Iterable[str | Path] = (), data_root: str | None = None,
                every_stage: bool = True) -> list[str]:
     """What ``divqat run --plan`` prints: one line per stage (cached, or to run with its
-    estimate), the stages per kind, and the estimated wall time one stage at a time and with
-    ``cores // cpus_per_stage`` at a time."""
+    estimate under ``executor``), the stages per kind, and the estimated wall time one stage at
+    a time with ``threads`` threads (default: ``cores``) and ``cores // cpus_per_stage`` at a
+    time with ``cpus_per_stage`` threads each."""
     stages = plan_stages(config)
     cache = StageCache(out)
     done = finished_records(stages, cache)
@@ -181,7 +203,7 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
             measured += more
             sources.append(str(folder))
     fitted = rates(measured, sizes)
-    estimate, guessed = {}, set()
+    one_thread, guessed = {}, set()
     for stage in stages:
         if stage.key in done:
             continue
@@ -191,7 +213,12 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
         else:
             rate = _default_rate(category)
             guessed.add(category)
-        estimate[stage.key] = rate * units
+        one_thread[stage.key] = rate * units
+    threads = threads or cores
+    slots = max(1, cores // cpus_per_stage)
+    serial = {k: v / speedup(threads) for k, v in one_thread.items()}
+    parallel = {k: v / speedup(cpus_per_stage) for k, v in one_thread.items()}
+    estimate = parallel if executor == "ray" else serial
 
     n = len(stages)
     width = len(str(n))
@@ -212,18 +239,18 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
              if fitted else "no finished stages to measure from")
     if guessed:
         basis += f"; rough defaults for {', '.join(sorted(guessed))}"
-    lines.append(f"estimated stage time to run: {duration(total)} ({basis})")
-    slots = max(1, cores // cpus_per_stage)
-    serial = wall_time(stages, estimate, 1)
-    line = f"estimated wall time: {duration(serial)} one stage at a time (--executor serial)"
-    if slots > 1:
-        line += (f"; {duration(wall_time(stages, estimate, slots))} with {slots} stages at a time "
-                 f"(--executor ray on {cores} cores, {cpus_per_stage} CPU per stage)")
+    lines.append(f"estimated stage time to run: {duration(total)} with --executor {executor} ({basis})")
+    line = (f"estimated wall time: {duration(wall_time(stages, serial, 1))} one stage at a time "
+            f"with {threads} threads (--executor serial)")
+    if slots > 1 or executor == "ray":
+        line += (f"; {duration(wall_time(stages, parallel, slots))} with {slots} stages at a time, "
+                 f"{cpus_per_stage} thread{'s' if cpus_per_stage > 1 else ''} each (--executor ray "
+                 f"on {cores} cores)")
     lines.append(line)
-    lines.append("  (stage times as measured, at the threads they ran with; stages that run side by "
-                 "side on a loaded machine take longer)")
+    lines.append(f"  (a stage with t threads taken as min(t, {MAX_USEFUL_THREADS})^{THREAD_EXPONENT:g} "
+                 "times faster than with one; stages that share a loaded machine take longer)")
     return lines
 
 
-__all__ = ["ARCH_COST", "DEFAULT_RATES", "SIZES", "dataset_sizes", "duration", "plan_lines", "rates",
-           "wall_time", "work"]
+__all__ = ["ARCH_COST", "DEFAULT_RATES", "SIZES", "THREAD_EXPONENT", "dataset_sizes", "duration",
+           "plan_lines", "rates", "speedup", "wall_time", "work"]

@@ -289,11 +289,18 @@ class Runner:
 
     def _loop(self) -> None:
         pending = list(self.stages)
+        finished = False
         while pending or self._running:
             pending = self._dispatch(pending)
+            if finished and self.executor.slots > 1:
+                self.say(self._status())  # after the freed slots were given new stages
+            finished = False
             if self._running:
                 for outcome in self.executor.wait(timeout=1.0):
                     self._finish(outcome)
+                    finished = True
+        if finished and self.executor.slots > 1:
+            self.say(self._status())
 
     def _dispatch(self, pending: list[Stage]) -> list[Stage]:
         """Settle what needs no work (cached, skipped) and start what can run, in plan order;
@@ -402,8 +409,6 @@ class Runner:
                 self.say(f"{self._head(stage)} ... done in {outcome.seconds:.0f} s: "
                          f"{_summary(stage.kind, result)}")
         self._bar.update()
-        if self.executor.slots > 1:
-            self.say(self._status())
 
     def _status(self) -> str:
         done = len(self.records) + len(self._state)

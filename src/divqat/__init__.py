@@ -7,11 +7,12 @@ boundary, and real extraction attacks in front of it.
 __version__ = "0.1.0"
 
 
-def load_victim(path, device: str = "cpu", compile=None):
-    """Load a victim directory written by ``divqat train``; see ``divqat.victim.load_victim``."""
+def load_victim(path, device: str = "cpu", compile=None, key_file=None):
+    """Load a victim directory written by ``divqat train``, or a device program written by
+    ``divqat export``; see ``divqat.victim.load_victim``."""
     from divqat.victim import load_victim as _load
 
-    return _load(path, device=device, compile=compile)
+    return _load(path, device=device, compile=compile, key_file=key_file)
 
 
 __all__ = ["__version__", "load_victim"]

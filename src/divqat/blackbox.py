@@ -2,7 +2,8 @@
 
 Two views of one defended victim:
 
-- ``BlackBox``, handed to attacks (a ``divqat.boundary.QueryBoundary``, the interface attacks see): ``query(images) -> defended posteriors`` (or
+- ``BlackBox``, handed to attacks in the thief's own process (a ``divqat.boundary.QueryBoundary``,
+  the interface attacks see; ``divqat.remote.RemoteBlackBox`` implements it over HTTP): ``query(images) -> defended posteriors`` (or
   ``query_labels(images) -> labels``), every image counted against a query budget. It holds the
   victim and the defense only inside a closure, so no attribute leads to the model, the defense or
   the counter, and its attributes cannot be assigned.

@@ -17,6 +17,15 @@ Train a victim on a registered dataset and save it as a loadable artifact.
           X86 inductor quantizer), then convert to a real int8 program.
   divqat  as qat, with the loss CE(p_q, y) - alpha * D(p_teacher, p_q).
 
+Out-of-distribution DivQAT (--divergence-on out): the divergence is pushed on outliers instead
+of the training images, which keep CE (plus, with --distill W, a KL pull toward the teacher), so
+in-distribution answers stay faithful while answers to foreign images stop carrying the teacher's
+knowledge. It builds on outlier exposure (Hendrycks, Mazeika, Dietterich, "Deep Anomaly Detection
+with Outlier Exposure", ICLR 2019); unlike it, the target is "away from the teacher" (capped),
+not the uniform distribution. Outliers (--outliers): synth (default: made from each training
+batch: blends of random image pairs, shuffled patches, strong corruptions; no labels used),
+synth:KIND[+KIND] (mix, patches, corrupt), or an unlabeled dataset NAME[:SPLIT].
+
 Writes OUT/victim.pt2, OUT/victim.json and OUT/metrics.json (test_accuracy, int8_test_accuracy,
 kl_to_teacher, l1_to_teacher, train_seconds, per-epoch history).
 
@@ -25,6 +34,7 @@ example:
   divqat train --dataset fashion-mnist --arch resnet8 --mode divqat --teacher runs/fp32 \\
       --epochs 1 --out runs/divqat          # kl, alpha 2, cap 0.15 (the measured default)
   divqat train ... --mode divqat --divergence kl --alpha 0.5 ...  # the paper's plain KL, no cap
+  divqat train --dataset 'fashion-mnist[0-4]' ... --mode divqat --divergence-on out --cap 0.5 ...
 """
 
 
@@ -57,6 +67,11 @@ Transfer sets (--transfer): "holdout" = the training images the victim was train
 (`divqat train --holdout N`; unseen, in-distribution), or NAME[:SPLIT] of any dataset (split
 default: train), adapted to the victim's input. dfme and maze are data-free and take none.
 `divqat attacks` lists the attacks and their parameters.
+
+--victim also takes a device program (`divqat export`, run by ExecuTorch). --attack copy is the
+other threat on a device: whoever holds it copies the .pte file, no queries (--budget not needed;
+--attack-param thief_has_key=false for a sealed file whose key the thief lacks; the defender's key
+from DIVQAT_KEY_FILE).
 
 example:
   divqat attack --victim runs/qat --attack knockoff --defense dcp --param beta=0.5 \\
@@ -114,7 +129,8 @@ DESCRIPTION = ("Protect quantized image classifiers against model stealing (DivQ
                "defenses) and measure it with real extraction attacks.")
 
 
-def _shared_options(device_help: str = "torch device (default: cpu)") -> argparse.ArgumentParser:
+def _shared_options(device_help: str = "torch device (default: cpu)",
+                    progress: bool = True) -> argparse.ArgumentParser:
     """The options every command that loads data and runs models takes (a parent parser)."""
     shared = argparse.ArgumentParser(add_help=False)
     shared.add_argument("--data-root", metavar="DIR",
@@ -123,7 +139,8 @@ def _shared_options(device_help: str = "torch device (default: cpu)") -> argpars
     shared.add_argument("--device", default="cpu", help=device_help)
     shared.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads (default: all cores)")
-    shared.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if progress:
+        shared.add_argument("--no-progress", action="store_true", help="no progress bars")
     return shared
 
 
@@ -134,11 +151,17 @@ def _option(*flags: str, **kwargs) -> argparse.ArgumentParser:
     return parent
 
 
-def _defended_victim(required: bool) -> argparse.ArgumentParser:
-    """--victim, --defense and its --param items (defend needs a defense; attack defaults to none)."""
+def _defended_victim(required: bool, remote: bool = False) -> argparse.ArgumentParser:
+    """--victim, --defense and its --param items (defend needs a defense; attack defaults to none
+    and also takes the URL of a `divqat serve` API)."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--victim", required=True, metavar="DIR",
-                        help="the victim directory (from `divqat train`)")
+    if remote:
+        parent.add_argument("--victim", required=True, metavar="DIR|FILE|URL",
+                            help="the victim directory (from `divqat train`), a device program "
+                                 "(from `divqat export`), or the URL of a `divqat serve` API")
+    else:
+        parent.add_argument("--victim", required=True, metavar="DIR",
+                            help="the victim directory (from `divqat train`)")
     if required:
         parent.add_argument("--defense", required=True, metavar="NAME",
                             help="a defense name (see `divqat defenses`)")
@@ -154,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     from divqat.data import dataset_names
     from divqat.models import model_names
     from divqat.pipelines.train import MODES
-    from divqat.train.losses import DIVERGENCES, RECOMMENDED
+    from divqat.train.losses import DIVERGENCES, PLACEMENTS, RECOMMENDED
     from divqat.train.trainer import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="divqat", description=DESCRIPTION)
@@ -168,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                        parents=[training, _option("--seed", type=int, default=0, help="(default: 0)"),
                                 _option("--out", required=True, metavar="DIR",
                                         help="where to write the victim")])
-    t.add_argument("--dataset", required=True, choices=dataset_names(), metavar="NAME",
-                   help=f"dataset to train on: {', '.join(dataset_names())}")
+    t.add_argument("--dataset", required=True, metavar="NAME",
+                   help=f"dataset to train on: {', '.join(dataset_names())}; NAME[a-b] or NAME[a,b,c] "
+                        "keeps those classes only, relabelled 0..k-1 (e.g. fashion-mnist[0-4])")
     t.add_argument("--arch", default="resnet8", choices=model_names(), metavar="ARCH",
                    help=f"architecture: {', '.join(model_names())} (default: resnet8)")
     t.add_argument("--mode", default="fp32", choices=MODES, help="fp32 | qat | divqat (default: fp32)")
@@ -186,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ramp", type=float, default=0.0, metavar="FRACTION",
                    help="ramp alpha up from 0 over this fraction of the steps (default: 0 = no ramp)")
     t.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of the divergence (default: 1)")
+    t.add_argument("--divergence-on", default="in", choices=PLACEMENTS,
+                   help="where DivQAT pushes the divergence: in = the training images (the paper's), "
+                        "out = outliers only (outlier exposure, Hendrycks et al., ICLR 2019), both "
+                        "(default: in)")
+    t.add_argument("--outliers", default="synth", metavar="SOURCE",
+                   help="outliers for --divergence-on out/both: synth (from the training batches, no "
+                        "labels used), synth:mix+patches+corrupt (some kinds), or an unlabeled dataset "
+                        "NAME[:SPLIT] (default: synth)")
+    t.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="with --divergence-on out: add W * KL(teacher || quantized) on the training "
+                        "images, keeping their answers faithful (default: 0)")
     t.add_argument("--epochs", type=_positive_int, required=True, help="training epochs")
     t.add_argument("--batch-size", type=_positive_int, default=128, help="(default: 128)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 fp32, 0.01 qat/divqat)")
@@ -196,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="fp32 training only: bf16 runs the forward passes under bf16 autocast where "
                         "the CPU has native bf16, fp32 elsewhere (default: fp32)")
+    t.add_argument("--target", default="x86", choices=("x86", "edge"),
+                   help="int8 scheme of qat/divqat: x86 (inductor, oneDNN) or edge (ExecuTorch's "
+                        "XNNPACK, for `divqat export`; needs divqat[edge]) (default: x86)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("defend", help="evaluate a defense on a victim", description=DEFEND_HELP,
@@ -222,17 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attack", help="run an extraction attack against a (defended) victim",
                        description=ATTACK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       parents=[shared, _defended_victim(required=False),
+                       parents=[shared, _defended_victim(required=False, remote=True),
                                 _option("--seed", type=int, default=0,
                                         help="seed of the thief (and of a defense's model) (default: 0)"),
                                 _option("--out", required=True, metavar="DIR",
                                         help="where to write metrics.json")])
-    a.add_argument("--attack", required=True, metavar="NAME", help="an attack name (see `divqat attacks`)")
+    a.add_argument("--attack", required=True, metavar="NAME", help="an attack name (see `divqat attacks`), or "
+                   "copy: the on-device thief who copies the program file")
     a.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack parameter, repeatable (e.g. --attack-param reward=cert)")
     a.add_argument("--transfer", metavar="SET", help="the thief's transfer set: holdout or NAME[:SPLIT]")
-    a.add_argument("--budget", type=_positive_int, nargs="+", required=True, metavar="N",
-                   help="query budget(s); one surrogate per budget")
+    a.add_argument("--budget", type=_positive_int, nargs="+", metavar="N",
+                   help="query budget(s); one surrogate per budget (required, except for --attack copy)")
     a.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
     a.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
                    help="surrogate architecture (default: resnet8)")
@@ -247,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the soft cross-entropy (default: 1)")
     a.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="surrogate training: bf16 autocast where the CPU has it (default: fp32)")
+    _add_remote_attack_options(a)
     a.set_defaults(func=cmd_attack)
 
     al = sub.add_parser("attacks", help="list the attacks with their parameters and defaults")
@@ -280,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="rebuild report.md and the plots of an experiment from its results.json")
     rp.add_argument("dir", metavar="DIR", help="the experiment's output folder (`divqat run --out`)")
     rp.set_defaults(func=cmd_report)
+    _add_service_commands(sub)
+    _add_export(sub)
     return parser
 
 
@@ -301,19 +343,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _set_threads(args.threads)
     if args.mode == "divqat":  # unset options take the recommended setting
-        settings = divqat_settings(args.alpha, args.divergence, args.cap, args.ramp, args.temperature)
+        settings = divqat_settings(args.alpha, args.divergence, args.cap, args.ramp, args.temperature,
+                                   divergence_on=args.divergence_on, outliers=args.outliers,
+                                   distill=args.distill)
     else:
         settings = DivQATSettings(alpha=args.alpha or 0.0, cap=args.cap, ramp=args.ramp,
-                                  temperature=args.temperature)
+                                  temperature=args.temperature, divergence_on=args.divergence_on,
+                                  outliers=args.outliers, distill=args.distill)
     req = TrainRequest(dataset=args.dataset, arch=args.arch, mode=args.mode, out=args.out, epochs=args.epochs,
                        teacher=args.teacher, divqat=settings, limit=args.limit, holdout=args.holdout,
                        seed=args.seed, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                       data_root=args.data_root, device=args.device, progress=not args.no_progress)
+                       data_root=args.data_root, device=args.device, progress=not args.no_progress,
+                       target=args.target)
     m = train_victim(req)
     line = f"{args.mode} {args.arch} on {args.dataset}: test accuracy {m['test_accuracy']:.2%}"
     if "int8_test_accuracy" in m:
         line += (f", int8 test accuracy {m['int8_test_accuracy']:.2%}, KL to teacher {m['kl_to_teacher']:.4f}, "
                  f"L1 to teacher {m['l1_to_teacher']:.4f}")
+    if "kl_to_teacher_outliers" in m:
+        line += f"; on outliers ({m['outlier_set']}) KL to teacher {m['kl_to_teacher_outliers']:.4f}"
     print(f"{line} ({m['train_seconds']:.0f} s training) -> {args.out}")
     return 0
 
@@ -356,10 +404,18 @@ def cmd_defenses(args: argparse.Namespace) -> int:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from divqat.attacks import SurrogateTraining
+    from divqat.errors import ConfigError
     from divqat.pipelines.attack import attack_victim
     from divqat.registry import parse_params
 
+    if _is_url(args.victim):
+        return cmd_attack_remote(args)
+    _refuse_remote_options(args)
     _set_threads(args.threads)
+    if args.attack == "copy":
+        return cmd_copy(args)
+    if not args.budget:
+        raise ConfigError("--budget N [N ...] is required (one surrogate per budget)")
     training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
                                  precision=args.precision, seed=args.seed,
@@ -390,6 +446,308 @@ def cmd_attacks(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {summary}")
         params = params_text(defaults, ", ") or "none"
         print(f"{'':<{width}}  params: {params}")
+    return 0
+
+
+# ---------------------------------------------------------------- the prediction service:
+# `divqat serve`, `divqat keys`, `divqat audit`, and `divqat attack --victim http://...`
+
+SERVE_HELP = """\
+Serve a victim behind its defense as an HTTP prediction API (FastAPI + uvicorn): POST
+/v1/predict (a .npy batch or PNG/JPEG files -> defended posteriors, labels or top-k, as the API
+key allows; JSON or .npy), GET /v1/model, GET /healthz, GET /metrics (Prometheus). Every request
+needs an API key (`divqat keys create`); every image counts against the key's budget, committed
+to --db before the answer leaves; rate limits answer 429 with Retry-After and RateLimit fields;
+every request is in the audit log (`divqat audit`). Concurrent requests are batched into one
+victim call (--max-delay-ms). Listens on 127.0.0.1 unless --host names another address.
+SIGTERM or Ctrl-C finishes the requests in flight, then stops.
+
+example:
+  divqat keys create thief --budget 5000 --db keys.db > thief.key
+  divqat serve --victim runs/qat --defense dcp --param beta=0.5 --db keys.db --port 8000
+  curl -s -H "Authorization: Bearer $(cat thief.key)" -H "Content-Type: application/x-npy" \\
+      --data-binary @batch.npy http://127.0.0.1:8000/v1/predict
+"""
+
+KEYS_HELP = """\
+Manage the API keys of `divqat serve` in its key database (SQLite). The secret is printed once,
+on stdout, and stored only as a hash: `divqat keys create NAME ... > NAME.key`.
+
+  create NAME --budget N [--rate R --window S] [--output soft|labels|top-K]
+  list             every key, its output level, budget and rate
+  usage [NAME]     images counted against each budget, and what is left
+  revoke NAME      the key is refused (401) from its next request on
+"""
+
+
+def _is_url(victim: str) -> bool:
+    return victim.startswith(("http://", "https://"))
+
+
+def _add_remote_attack_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--api-key-file", metavar="FILE",
+                   help="with --victim URL: the thief's API key (a file holding the key `divqat keys "
+                        "create` printed)")
+    a.add_argument("--eval-key-file", metavar="FILE",
+                   help="with --victim URL: a separate key for measuring the victim's answers on its "
+                        "test split (agreement, defender accuracy); without it they are left out")
+
+
+def _refuse_remote_options(args: argparse.Namespace) -> None:
+    from divqat.errors import ConfigError
+
+    if args.api_key_file or args.eval_key_file:
+        raise ConfigError("--api-key-file and --eval-key-file go with --victim http://HOST:PORT")
+
+
+def _add_service_commands(sub) -> None:
+    s = sub.add_parser("serve", help="serve a (defended) victim as an HTTP prediction API",
+                       description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       parents=[_shared_options(progress=False), _defended_victim(required=False),
+                                _option("--seed", type=int, default=0,
+                                        help="seed of a defense's model (default: 0)")])
+    s.add_argument("--db", required=True, metavar="FILE", help="the key database (keys, usage, audit)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1; another only when named here)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port; 0 takes a free one (default: 8000)")
+    s.add_argument("--max-images", type=_positive_int, default=1024, metavar="N",
+                   help="images per request (default: 1024)")
+    s.add_argument("--max-body-mb", type=_positive_int, default=64, metavar="MB",
+                   help="request body size (default: 64)")
+    s.add_argument("--max-batch", type=_positive_int, default=256, metavar="N",
+                   help="most images per batched victim call (default: 256)")
+    s.add_argument("--max-delay-ms", type=float, default=2.0, metavar="MS",
+                   help="how long a request may wait for others to share its victim call (default: 2)")
+    s.add_argument("--fsync", action="store_true",
+                   help="sync every count to disk (survives a power cut, not only a crash; slower)")
+    s.add_argument("--misinformation-epochs", type=_positive_int, default=5, metavar="N",
+                   help="adaptive-misinformation: epochs to train its model on first use (default: 5)")
+    s.set_defaults(func=cmd_serve)
+
+    k = sub.add_parser("keys", help="create, list, revoke the API keys of `divqat serve`",
+                       description=KEYS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ks = k.add_subparsers(dest="action", required=True, metavar="ACTION")
+    kc = ks.add_parser("create", help="a new key; prints its secret once")
+    kc.add_argument("name", metavar="NAME")
+    kc.add_argument("--budget", type=int, required=True, metavar="N", help="images the key may send, in all")
+    kc.add_argument("--rate", type=_positive_int, default=None, metavar="R",
+                    help="images per --window seconds (default: no rate limit)")
+    kc.add_argument("--window", type=_positive_int, default=60, metavar="S",
+                    help="the rate limit's window in seconds (default: 60)")
+    kc.add_argument("--output", default="soft", metavar="soft|labels|top-K",
+                    help="what the key receives: defended posteriors, labels only, or the top K "
+                         "(default: soft)")
+    for name, help_text in (("list", "every key"), ("usage", "images counted per key"),
+                            ("revoke", "refuse a key from now on")):
+        kp = ks.add_parser(name, help=help_text)
+        if name == "usage":
+            kp.add_argument("name", nargs="?", metavar="NAME")
+        elif name == "revoke":
+            kp.add_argument("name", metavar="NAME")
+    for kp in ks.choices.values():
+        kp.add_argument("--db", required=True, metavar="FILE", help="the key database")
+    k.set_defaults(func=cmd_keys)
+
+    au = sub.add_parser("audit", help="per-key usage from the audit log of `divqat serve`")
+    au.add_argument("--db", required=True, metavar="FILE", help="the key database")
+    au.add_argument("--key", metavar="NAME", help="one key only, with its latest requests")
+    au.add_argument("--requests", type=int, default=10, metavar="N",
+                    help="with --key: how many of its latest requests to list (default: 10)")
+    au.set_defaults(func=cmd_audit)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from divqat.registry import parse_params
+    from divqat.serve.app import ServiceLimits
+    from divqat.serve.server import run_service
+
+    _set_threads(args.threads)
+    limits = ServiceLimits(max_images=args.max_images, max_body_bytes=args.max_body_mb * 2**20,
+                           max_batch=args.max_batch, max_delay=args.max_delay_ms / 1e3)
+    run_service(args.victim, args.db, args.defense, parse_params(args.param), host=args.host,
+                port=args.port, limits=limits, fsync=args.fsync, seed=args.seed,
+                data_root=args.data_root, device=args.device,
+                misinformation_epochs=args.misinformation_epochs)
+    return 0
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from divqat.serve.store import KeyStore
+
+    store = KeyStore(args.db, create=args.action == "create")
+    try:
+        if args.action == "create":
+            key, secret = store.create_key(args.name, args.budget, rate=args.rate, window=args.window,
+                                           output=args.output)
+            rate = f", {key.rate} images per {key.window:g} s" if key.rate else ""
+            print(f"created key {key.name!r} ({key.output}, budget {key.budget}{rate}) in {args.db}; "
+                  "its secret follows on stdout, shown only this once", file=sys.stderr)
+            print(secret)
+        elif args.action == "list":
+            rows = [["name", "key id", "output", "budget", "rate", "created", "revoked"]]
+            rows += [[k.name, k.key_id, k.output, str(k.budget),
+                      f"{k.rate}/{k.window:g}s" if k.rate else "-", _when(k.created), _when(k.revoked)]
+                     for k in store.keys()]
+            print(_table(rows) if len(rows) > 1 else f"no keys in {args.db}")
+        elif args.action == "usage":
+            keys = [store.key(args.name)] if args.name else store.keys()
+            rows = [["name", "used", "budget", "left", "revoked"]]
+            rows += [[k.name, str(k.used), str(k.budget), str(k.left), _when(k.revoked)] for k in keys]
+            print(_table(rows) if len(rows) > 1 else f"no keys in {args.db}")
+        else:
+            key = store.revoke(args.name)
+            print(f"revoked key {key.name!r} ({key.used} of {key.budget} images used)")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from divqat.serve.store import KeyStore
+
+    store = KeyStore(args.db, create=False)
+    try:
+        usage = store.usage(args.key)
+        rows = [["key", "output", "budget", "counted", "requests", "answered", "images answered",
+                 "in flight", "refused", "last request"]]
+        rows += [[u["name"], u["output"], str(u["budget"]), str(u["used"]), str(u["requests"]),
+                  str(u["answered_requests"]), str(u["images_answered"]), str(u["in_flight"]),
+                  str(u["refused_requests"]), _when(u["last"])] for u in usage]
+        print(_table(rows))
+        mismatch = [u["name"] for u in usage if u["images_counted"] != u["used"]]
+        if mismatch:  # the counter and the audit are written in one transaction: never expected
+            print(f"warning: the audit's counted images differ from the counter for {', '.join(mismatch)}")
+        if args.key:
+            print()
+            lines = [["time", "images", "counted", "outcome", "status", "ms", "batch sha256"]]
+            lines += [[_when(r["time"]), str(r["images"]), str(r["counted"]), r["outcome"],
+                       str(r["status"] or "-"), "-" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}",
+                       (r["batch_sha256"] or "-")[:16]]
+                      for r in store.audit(args.key, limit=max(0, args.requests))]
+            print(_table(lines))
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_attack_remote(args: argparse.Namespace) -> int:
+    from divqat.attacks import SurrogateTraining
+    from divqat.errors import ConfigError
+    from divqat.pipelines.attack import attack_remote
+    from divqat.registry import parse_params
+    from divqat.remote import read_key_file
+
+    if not args.api_key_file:
+        raise ConfigError("--victim URL needs --api-key-file FILE (the thief's key, `divqat keys create`)")
+    if args.defense != "none" or args.param:
+        raise ConfigError("over HTTP the defense is the service's (`divqat serve --defense`); "
+                          "drop --defense and --param")
+    _set_threads(args.threads)
+    training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, batch_size=args.batch_size,
+                                 lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
+                                 precision=args.precision, seed=args.seed, device=args.device,
+                                 progress=not args.no_progress)
+    m = attack_remote(args.victim, args.attack, parse_params(args.attack_param),
+                      api_key=read_key_file(args.api_key_file),
+                      eval_key=read_key_file(args.eval_key_file) if args.eval_key_file else None,
+                      budgets=args.budget, transfer=args.transfer, training=training,
+                      labels_only=args.labels_only, data_root=args.data_root, device=args.device,
+                      progress=not args.no_progress, log=lambda message: print(message, file=sys.stderr),
+                      out=args.out)
+    kind = "label-only" if m["labels_only"] else f"{m['remote']['output']} answers"
+    for r in m["results"]:
+        agreement = "" if r["agreement"] is None else f", agreement {r['agreement']:.2%}"
+        print(f"{m['attack']} ({kind}, {m['transfer_set'] or 'data-free'}) vs {m['victim']}: budget "
+              f"{r['budget']}: adversary accuracy {r['adversary_accuracy']:.2%} (error "
+              f"{r['adversary_error']:.2%}){agreement}, {r['queries_used']} queries, {r['seconds']:.0f} s")
+    if m["defender_accuracy"] is not None:
+        print(f"defender accuracy {m['defender_accuracy']:.2%} (with the evaluation key)")
+    print(f"thief's key: {m['queries_used']} images counted by the service, {m['remote']['key_left']} left; "
+          f"left out: {', '.join(m['left_out'])} -> {os.path.join(args.out, 'metrics.json')}")
+    return 0
+
+
+
+
+
+# ---------------------------------------------------------------- the device: export, copy
+
+EXPORT_HELP = """\
+Write a victim as an ExecuTorch program (.pte) that a device runtime runs with no Python, torch or
+compiler: the network lowered to XNNPACK (int8, or fp32 for an fp32 victim) with the input
+normalization inside and, with --defense, the softmax and the defense after the last layer, so the
+program answers defended posteriors by itself. The victim's metadata goes inside the file.
+int8 victims must be trained for the device (`divqat train --mode qat|divqat --target edge`).
+--encrypt-key-file seals the file (AES-256-GCM; a missing key file is created with a new key);
+loading decrypts in memory only (key file from DIVQAT_KEY_FILE for the other commands). Needs
+divqat[edge].
+
+Fusable defenses: none (softmax only), top-k, rounding, reverse-sigmoid, dcp.
+
+example:
+  divqat train --dataset fashion-mnist --mode qat --target edge --teacher runs/fp32 --epochs 1 \\
+      --out runs/edge-qat
+  divqat export --victim runs/edge-qat --defense dcp --param beta=0.5 --out qat-dcp.pte
+  divqat export --victim runs/edge-qat --out qat.pte --encrypt-key-file device.key
+  divqat attack --attack copy --victim qat.pte --out runs/copy     # the thief who holds the device
+"""
+
+
+def _add_export(sub) -> None:
+    e = sub.add_parser("export", help="write a victim as an ExecuTorch device program (.pte)",
+                       description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--victim", required=True, metavar="DIR", help="the victim directory (from `divqat train`)")
+    e.add_argument("--defense", metavar="NAME", help="a fusable defense to run inside the program")
+    e.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a defense parameter, repeatable (e.g. --param beta=0.5)")
+    e.add_argument("--out", required=True, metavar="FILE.pte", help="the program file to write")
+    e.add_argument("--encrypt-key-file", metavar="KEY", help="seal the file with this key (created if missing)")
+    e.add_argument("--max-batch", type=_positive_int, default=256,
+                   help="the largest batch one call takes (default: 256)")
+    e.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)")
+    e.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from divqat.pipelines.export import export_victim
+    from divqat.registry import parse_params
+
+    _set_threads(args.threads)
+    m = export_victim(args.victim, args.out, defense=args.defense, defense_params=parse_params(args.param),
+                      encrypt_key_file=args.encrypt_key_file, max_batch=args.max_batch,
+                      log=lambda message: print(message, file=sys.stderr))
+    inside = "logits" if m["defense"] is None else (
+        f"{m['defense']}({', '.join(f'{k}={v}' for k, v in m['defense_params'].items())}) posteriors")
+    sealed = f", encrypted with {args.encrypt_key_file}" if m["encrypted"] else ""
+    print(f"{m['mode']} {m['arch']} -> {m['out']}: {m['precision']} XNNPACK program answering {inside}, "
+          f"{m['bytes'] / 1024:.1f} KiB{sealed} ({m['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from divqat.pipelines.device_copy import copy_attack
+    from divqat.registry import parse_params
+
+    m = copy_attack(args.victim, **parse_params(args.attack_param), data_root=args.data_root, out=args.out)
+    r = m["results"][0]
+    if r["adversary_accuracy"] is None:
+        print(f"copy of {args.victim}: {m['note']} -> {os.path.join(args.out, 'metrics.json')}")
+        return 0
+    print(f"copy of {args.victim} ({m['victim_mode']} {m['victim_arch']}): adversary accuracy "
+          f"{r['adversary_accuracy']:.2%} (victim {m['victim_accuracy']:.2%}), agreement {r['agreement']:.2%}, "
+          f"largest posterior difference {r['max_posterior_difference']:.1e}, 0 queries, "
+          f"{r['seconds']:.1f} s -> {os.path.join(args.out, 'metrics.json')}")
     return 0
 
 

@@ -19,3 +19,7 @@ class ConfigError(DivqatError, ValueError):
 
 class TrainingCollapsed(DivqatError):
     """Training diverged (NaN loss) or accuracy fell to chance; nothing was saved."""
+
+
+class MissingExtra(DivqatError):
+    """An optional part of divqat is used without the packages it needs (e.g. ``divqat[edge]``)."""

@@ -10,7 +10,9 @@ A victim directory holds
 
 ``load_victim(DIR)`` returns a ``Victim``: images float32 in [0, 1], shape (N, C, H, W) at the
 victim's input size -> logits (N, K). int8 programs run through ``torch.compile`` with inductor
-freezing, so they run on real int8 kernels.
+freezing, so they run on real int8 kernels. ``load_victim(FILE.pte)`` (or a folder holding one
+``.pte``) returns the device program of ``divqat export`` run by ExecuTorch, with the same
+interface (``divqat.edge.EdgeVictim``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from divqat.edge import is_program_path
 from divqat.errors import ArtifactError
 from divqat.io import atomic_write, write_json
 from divqat.models.normalized import VictimNet, build_net
@@ -57,8 +60,13 @@ def save_victim(out: str | Path, program: torch.export.ExportedProgram, metadata
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata of a victim directory, with a clear error when it is not one."""
+    """The metadata of a victim directory (or of a device program), with a clear error when it
+    is not one."""
     path = Path(path)
+    if is_program_path(path):
+        from divqat.edge import read_edge_metadata
+
+        return read_edge_metadata(path)
     meta_path = path / METADATA
     if not path.is_dir():
         raise ArtifactError(f"no victim directory at {path} (train one with `divqat train --out {path}`)")
@@ -106,6 +114,8 @@ class Victim:
     # Never edits the images it is given (normalization makes a new tensor), so the black box
     # can skip its defensive copy of every query.
     writes_input = False
+    # What the underlying program answers (an EdgeVictim with a fused defense: "posteriors").
+    outputs = "logits"
 
     def __init__(self, module: nn.Module, metadata: dict, path: Path, device: str = "cpu",
                  compile: bool | None = None) -> None:
@@ -120,7 +130,9 @@ class Victim:
         module = module.to(self.device)
         self._module = module
         self._compiled = self.int8 if compile is None else compile
-        self._forward = compile_int8(module) if self._compiled else module
+        # Edge-target programs (XNNPACK's int8 activations) compile without freezing: see compile_int8.
+        self._freezing = metadata.get("target", "x86") != "edge"
+        self._forward = compile_int8(module, self._freezing) if self._compiled else module
 
     def __repr__(self) -> str:
         return (f"Victim({self.metadata.get('arch')}, mode={self.mode}, dataset={self.metadata.get('dataset')}, "
@@ -180,7 +192,7 @@ class Victim:
         """
         if not self._compiled:
             return None
-        program = compile_int8(_WithEpilogue(self._module, epilogue))
+        program = compile_int8(_WithEpilogue(self._module, epilogue), self._freezing)
 
         @torch.no_grad()
         def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -220,13 +232,20 @@ class _WithEpilogue(nn.Module):
         return (logits, *self.epilogue(logits))
 
 
-def load_victim(path: str | Path, device: str = "cpu", compile: bool | None = None) -> Victim:
-    """Load a victim directory written by ``divqat train`` (in any process).
+def load_victim(path: str | Path, device: str = "cpu", compile: bool | None = None,
+                key_file: str | Path | None = None) -> Victim:
+    """Load a victim directory written by ``divqat train`` (in any process), or a device program
+    written by ``divqat export`` (a ``.pte`` file or a folder holding one: an ``EdgeVictim``, run
+    by ExecuTorch; ``key_file`` decrypts a sealed one, default ``$DIVQAT_KEY_FILE``).
 
     compile: None = compile int8 victims with inductor freezing and run fp32 ones eagerly.
     Raises ``ArtifactError`` with the reason for a missing, truncated or foreign artifact.
     """
     path = Path(path)
+    if is_program_path(path):
+        from divqat.edge import load_edge_victim
+
+        return load_edge_victim(path, device=device, key_file=key_file)
     meta = read_metadata(path)
     program = path / PROGRAM
     if not program.is_file():

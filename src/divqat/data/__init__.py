@@ -4,6 +4,9 @@
     train = load_dataset("fashion-mnist", "train")            # uint8 (60000, 1, 28, 28)
     x = adapt(to_float(train.images[:256]), channels=3, size=32)  # float (256, 3, 32, 32)
 
+A class subset is written after the name: ``load_dataset("fashion-mnist[0-4]")`` keeps those
+classes, relabelled 0..k-1 (``divqat.data.subsets``).
+
 Importing this package registers every format: the offline sets (fashion-mnist, mnist,
 animal-mnist, digits) and the ones read from --data-root (cifar10, cifar100, svhn, gtsrb,
 image-folder).
@@ -21,6 +24,7 @@ from divqat.data.base import (
     register_dataset,
     training_split,
 )
+from divqat.data.subsets import split_subset, subset_name
 from divqat.data.transforms import (
     Normalize,
     adapt,
@@ -43,6 +47,8 @@ __all__ = [
     "dataset_spec",
     "load_dataset",
     "register_dataset",
+    "split_subset",
+    "subset_name",
     "to_float",
     "to_victim_input",
     "training_split",

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from divqat.data._io import as_path, env_root
+from divqat.data.subsets import check_classes, split_subset, subset_name
 from divqat.errors import ConfigError, DatasetError
 from divqat.registry import Registry
 from divqat.stopwatch import phase
@@ -60,6 +61,18 @@ class ImageDataset:
             indices = slice(indices.start, indices.stop, indices.step)
         return ImageDataset(self.name, self.split, self.images[indices], self.labels[indices], self.classes)
 
+    def select_classes(self, classes: tuple[int, ...]) -> ImageDataset:
+        """The images of ``classes`` only, relabelled 0..k-1 in the order given, named
+        ``NAME[...]`` (``divqat.data.subsets``); their order within the split is kept."""
+        name = subset_name(self.name, tuple(classes))
+        check_classes(name, tuple(classes), self.classes)
+        relabel = np.full(len(self.classes), -1, dtype=np.int64)
+        relabel[list(classes)] = np.arange(len(classes))
+        new = relabel[self.labels]
+        keep = np.flatnonzero(new >= 0)
+        return ImageDataset(name, self.split, np.ascontiguousarray(self.images[keep]), new[keep],
+                            tuple(self.classes[k] for k in classes))
+
 
 def training_split(train: ImageDataset, holdout: int = 0,
                    limit: int | None = None) -> tuple[ImageDataset, ImageDataset]:
@@ -109,7 +122,23 @@ def dataset_names() -> list[str]:
 
 
 def dataset_spec(name: str) -> DatasetSpec:
-    """The spec registered under ``name`` or one of its aliases; DatasetError lists the names."""
+    """The spec registered under ``name`` or one of its aliases; DatasetError lists the names.
+
+    A class subset ``NAME[a-b]`` / ``NAME[a,b,c]`` (``divqat.data.subsets``) gets a spec of its
+    own whose name is the canonical spelling and whose loader keeps only those classes.
+    """
+    base, classes = split_subset(name)
+    if classes is not None:
+        spec = dataset_spec(base)
+        loader = spec.loader
+
+        def load_subset(split: str, root: Path | None) -> ImageDataset:
+            return loader(split, root).select_classes(classes)
+
+        shown = subset_name(spec.name, classes)
+        return DatasetSpec(shown, load_subset, hflip=spec.hflip, needs_root=spec.needs_root,
+                           description=f"classes {shown[len(spec.name):]} of {spec.name}, "
+                                       "relabelled 0..k-1")
     key = name.strip().lower()
     if key in DATASETS:
         return DATASETS.get(key)
@@ -123,7 +152,8 @@ def dataset_spec(name: str) -> DatasetSpec:
 def load_dataset(name: str, split: str = "train", root: str | PathLike[str] | None = None) -> ImageDataset:
     """Load one split of a registered dataset into memory.
 
-    name: a registered name or alias (see dataset_names()).
+    name: a registered name or alias (see dataset_names()), optionally with a class subset:
+        ``fashion-mnist[0-4]``, ``mnist[1,7]`` (those classes only, relabelled 0..k-1).
     split: "train" or "test"; sets without an official split get a fixed stratified one.
     root: the user's --data-root. Sets that ship offline also look in their usual places;
         the others (needs_root) read from root, or from $DIVQAT_DATA when root is None.

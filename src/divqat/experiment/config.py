@@ -7,18 +7,26 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
     seeds: [0]                   # every victim, defense and thief is run once per seed; the
                                  # report gives mean ± sd over seeds and paired 95 % CIs
     victim:
-      dataset: fashion-mnist     # a registered dataset (`divqat train --help` lists them)
+      dataset: fashion-mnist     # a registered dataset (`divqat train --help` lists them), or
+                                 # a class subset of one: fashion-mnist[0-4] (relabelled 0..4)
       arch: resnet8              # a registered architecture
       limit: null                # train on the first N training images only
       holdout: 0                 # keep the last N training images out of every victim: the
                                  # "holdout" transfer set (unseen, in-distribution)
       batch_size: 128
+      target: x86                # int8 scheme: x86 (inductor, oneDNN) or edge (XNNPACK: every
+                                 # int8 victim is exported to a .pte and attacked as the ExecuTorch
+                                 # runtime runs it, and the file-copy thief is measured too)
     fp32:    {epochs: 10, lr: 0.1, seed: null,     # seed null: one teacher per run seed
               precision: fp32}           # bf16: autocast where the CPU has it (fp32 elsewhere)
     qat:     {epochs: 1, lr: 0.01}
     divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
-              epochs: 1, lr: 0.01}       # unset: kl, cap 0.15; a divergence given without a cap: uncapped
+              epochs: 1, lr: 0.01,       # unset: kl, cap 0.15; a divergence given without a cap: uncapped
                                          # cap may be a list: a grid axis (alphas x caps)
+              divergence_on: in, outliers: synth, distill: 0.0,  # in = the paper's DivQAT
+              variants: []}      # more DivQAT victims: mappings of the keys above (not variants)
+                                 # overriding the section's, plus name (divqat-..., the label);
+                                 # e.g. {name: divqat-out, divergence_on: out, cap: 0.5}
     defenses:                    # "none" is always included
       - none
       - {name: dcp, params: {beta: [0.3, 0.5]}}     # a list is a grid axis
@@ -73,6 +81,7 @@ class VictimSpec:
     limit: int | None = None
     holdout: int = 0
     batch_size: int = 128
+    target: str = "x86"
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,10 @@ class DivQATSpec:
     epochs: int = 1
     lr: float = 0.01
     caps: tuple[float | None, ...] = ()  # empty: the objective's cap
+    # The variants: more DivQAT victims, each a DivQATSpec of its own labelled "<name> a=<alpha>"
+    # (the section's name is "divqat"); the out-of-distribution DivQAT is in ``objective``.
+    name: str = "divqat"
+    variants: tuple[DivQATSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.caps:
@@ -113,6 +126,17 @@ class DivQATSpec:
     def grid(self) -> list[DivQATSettings]:
         """Every DivQAT victim's settings: alphas x caps, alpha first."""
         return [self.settings(alpha, cap) for alpha in self.alphas for cap in self.caps]
+
+    def __getattr__(self, name: str) -> Any:
+        # The objective's fields read through the spec (``spec.cap``, ``spec.divergence_on``).
+        if name != "objective" and name in DivQATSettings.USER_FIELDS:
+            return getattr(self.objective, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def victims(self) -> list[tuple[DivQATSpec, DivQATSettings]]:
+        """(spec, settings) of every DivQAT victim: the section's alphas x caps, then each
+        variant's alphas."""
+        return [(self, x) for x in self.grid()] + [(v, x) for v in self.variants for x in v.grid()]
 
 
 @dataclass(frozen=True)
@@ -269,17 +293,29 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     divqat = _divqat(top.get("divqat", {}))
     defenses = _defenses(top.get("defenses", []))
     attacks = _attacks(top.get("attacks", []), victim, [d.name for d in defenses])
+    _outliers_are_not_transfer_sets(divqat, attacks)
     return ExperimentConfig(name=name, seeds=seeds, victim=victim, fp32=fp32, qat=qat, divqat=divqat,
                             defenses=defenses, attacks=attacks, source=source)
 
 
 def _victim(raw: Any) -> VictimSpec:
-    m = _Mapping(raw, "victim", ("dataset", "arch", "limit", "holdout", "batch_size"))
-    return VictimSpec(dataset=m.choice("dataset", "fashion-mnist", dataset_names()),
+    m = _Mapping(raw, "victim", ("dataset", "arch", "limit", "holdout", "batch_size", "target"))
+    return VictimSpec(dataset=_dataset(m.get("dataset", "fashion-mnist"), m.where("dataset"), dataset_names()),
                       arch=m.choice("arch", "resnet8", model_names()),
                       limit=m.int("limit", None, 1, optional=True),
                       holdout=m.int("holdout", 0, 0),
-                      batch_size=m.int("batch_size", 128, 1))
+                      batch_size=m.int("batch_size", 128, 1),
+                      target=m.choice("target", "x86", ("x86", "edge")))
+
+
+def _dataset(value: Any, where: str, names: Sequence[str]) -> str:
+    """A registered dataset, optionally a class subset (``fashion-mnist[0-4]``): its canonical name."""
+    from divqat.data import dataset_spec
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a dataset name (one of: {', '.join(names)}), optionally "
+                          f"with a class subset such as fashion-mnist[0-4]; got {value!r}")
+    return _wrapped(where, lambda: dataset_spec(value).name)
 
 
 def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = False) -> TrainingSpec:
@@ -296,26 +332,70 @@ def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = Fal
 _OBJECTIVE_KEYS = tuple(k for k in DivQATSettings.USER_FIELDS if k != "alpha")
 
 
-def _divqat(raw: Any) -> DivQATSpec:
-    m = _Mapping(raw, "divqat", ("alphas", *_OBJECTIVE_KEYS, "epochs", "lr"))
+def _divqat(raw: Any, path: str = "divqat", base: DivQATSpec | None = None) -> DivQATSpec:
+    """The divqat section, or (with ``base``) one of its variants: unset keys take the section's."""
+    keys = ("alphas", *_OBJECTIVE_KEYS, "epochs", "lr") + (("name",) if base is not None else ("variants",))
+    m = _Mapping(raw, path, keys)
+    d = base or DivQATSpec()
     given = {k: m.raw[k] for k in _OBJECTIVE_KEYS if m.raw.get(k) is not None}
-    caps_given = given.pop("cap", None)
-    # Unset fields take the recommended setting, as `divqat train` does (DivQATSettings checks
-    # each value and names it: divqat.cap, divqat.ramp, ...). A list of caps is a grid axis.
-    cap_list = caps_given if isinstance(caps_given, list) else [caps_given]
-    if not cap_list:
-        raise ConfigError("divqat.cap: give at least one value")
-    settings = [divqat_settings(**given, cap=c) for c in cap_list]
-    caps = tuple(s.cap for s in settings)
-    if len(set(caps)) != len(caps):
-        raise ConfigError(f"divqat.cap: each cap once; got {cap_list}")
+    caps_given = given.pop("cap", None) if base is None else None
+    if base is None:
+        # Unset fields take the recommended setting, as `divqat train` does (DivQATSettings checks
+        # each value and names it: divqat.cap, divqat.ramp, ...). A list of caps is a grid axis.
+        cap_list = caps_given if isinstance(caps_given, list) else [caps_given]
+        if not cap_list:
+            raise ConfigError("divqat.cap: give at least one value")
+        settings = [divqat_settings(**given, cap=c) for c in cap_list]
+        caps = tuple(x.cap for x in settings)
+        if len(set(caps)) != len(caps):
+            raise ConfigError(f"divqat.cap: each cap once; got {cap_list}")
+        objective = settings[0]
+    else:
+        # A variant's unset fields take the section's; a divergence it changes without a cap of
+        # its own runs uncapped (the section's cap belongs to the section's divergence). A
+        # variant has one cap (the grid over caps is the section's).
+        if "divergence" in given and given["divergence"] != d.objective.divergence and "cap" not in given:
+            given["cap"] = None
+        if given.get("cap") == 0:
+            given["cap"] = None
+        objective = _wrapped(path, lambda: dataclasses.replace(d.objective, **given))
+        caps = (objective.cap,)
+    on = objective.divergence_on
     spec = DivQATSpec(
-        alphas=m.list("alphas", [RECOMMENDED.alpha], lambda v, w: _number(v, w, 0, low_open=True)),
-        objective=settings[0], epochs=m.int("epochs", 1, 1), lr=m.number("lr", 0.01, 0, low_open=True),
-        caps=caps)
+        alphas=m.list("alphas", list(d.alphas), lambda v, w: _number(v, w, 0, low_open=True)),
+        objective=objective, epochs=m.int("epochs", d.epochs, 1), lr=m.number("lr", d.lr, 0, low_open=True),
+        caps=caps, name=m.get("name", f"divqat-{on}" if base is not None else "divqat"))
+    if not isinstance(spec.name, str) or not spec.name.startswith("divqat") or "|" in spec.name:
+        raise ConfigError(f"{m.where('name')}: must be a label starting with 'divqat' (e.g. divqat-out); "
+                          f"got {spec.name!r}")
     if len(set(spec.alphas)) != len(spec.alphas):
-        raise ConfigError(f"divqat.alphas: each alpha once; got {list(spec.alphas)}")
-    return spec
+        raise ConfigError(f"{m.where('alphas')}: each alpha once; got {list(spec.alphas)}")
+    if base is not None:
+        return spec
+    variants = m.get("variants", [])
+    if not isinstance(variants, list):
+        raise ConfigError(f"divqat.variants: expected a list of mappings (keys: {', '.join(keys[:-1])}, "
+                          f"name); got {_shown(variants)}")
+    out = tuple(_divqat(v, f"divqat.variants[{i}]", spec) for i, v in enumerate(variants))
+    names = [spec.name] + [v.name for v in out]
+    for i, v in enumerate(out):
+        if v.name in names[:i + 1]:
+            raise ConfigError(f"divqat.variants[{i}].name: {v.name!r} already labels other DivQAT victims; "
+                              "give each variant a distinct name (e.g. divqat-out-cap1)")
+    return dataclasses.replace(spec, variants=out)
+
+
+def _outliers_are_not_transfer_sets(divqat: DivQATSpec, attacks: tuple[AttackSpec, ...]) -> None:
+    """A defense trained on the thief's own transfer set would measure memorization of those
+    images, not protection against unseen foreign ones: refused (another split is allowed, and
+    the report says that it is the same dataset)."""
+    for i, v in enumerate((divqat, *divqat.variants)):
+        where = "divqat.outliers" if i == 0 else f"divqat.variants[{i - 1}].outliers"
+        for j, a in enumerate(attacks):
+            if v.divergence_on != "in" and v.outliers in a.transfer:
+                raise ConfigError(f"{where}: {v.outliers} is also attacks[{j}]'s transfer set; the outliers "
+                                  "a defense trains on must not be the thief's queries (use another split "
+                                  "or set, or synth)")
 
 
 def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
@@ -404,6 +484,19 @@ def _surrogate(raw: Any, where: str) -> SurrogateTraining:
     return SurrogateTraining(**SurrogateTraining.check(given, where))
 
 
+def divqat_fields(d: DivQATSpec, full: bool = False) -> dict[str, Any]:
+    """A DivQAT section (or, ``full``, a variant) as config data; the section's out-of-distribution
+    keys only when set, so the config.yaml of a run without them reads as before."""
+    o = d.objective
+    cap = [c or 0 for c in d.caps] if len(d.caps) > 1 else o.cap or 0
+    out: dict[str, Any] = {"alphas": list(d.alphas), "divergence": o.divergence, "cap": cap,
+                           "ramp": o.ramp, "temperature": o.temperature, "epochs": d.epochs, "lr": d.lr}
+    if full or o.divergence_on != "in":
+        out.update(divergence_on=o.divergence_on, outliers=o.outliers, distill=o.distill)
+    return out
+
+
+
 # ---------------------------------------------------------------- files and presets
 
 def load_config(path: str | Path) -> ExperimentConfig:
@@ -469,14 +562,13 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
     return {
         "name": config.name, "seeds": list(config.seeds),
         "victim": {"dataset": v.dataset, "arch": v.arch, "limit": v.limit, "holdout": v.holdout,
-                   "batch_size": v.batch_size},
+                   "batch_size": v.batch_size, "target": v.target},
         "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed,
                  **({"precision": config.fp32.precision} if config.fp32.precision != "fp32" else {})},
         "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},
-        "divqat": {"alphas": list(d.alphas),
-                   **{k: getattr(d.objective, k) for k in _OBJECTIVE_KEYS},
-                   "cap": [c or 0 for c in d.caps] if len(d.caps) > 1 else d.objective.cap or 0,
-                   "epochs": d.epochs, "lr": d.lr},
+        "divqat": {**divqat_fields(d),
+                   **({"variants": [{"name": x.name, **divqat_fields(x, full=True)} for x in d.variants]}
+                      if d.variants else {})},
         "defenses": [defense(x) for x in config.defenses],
         "attacks": [attack(x) for x in config.attacks],
     }

@@ -111,7 +111,8 @@ def perform(task: StageTask, work: StageWork, folder: Path) -> dict[str, Any]:
         return work.train(folder, dataset=s["dataset"], arch=s["arch"], mode=s["mode"],
                           epochs=s["epochs"], lr=s["lr"], seed=s["seed"], limit=s["limit"],
                           holdout=s["holdout"], batch_size=s["batch_size"], divqat=s.get("divqat"),
-                          precision=s.get("precision", "fp32"), teacher=task.folders.get("teacher"))
+                          precision=s.get("precision", "fp32"), target=s.get("target", "x86"),
+                          teacher=task.folders.get("teacher"))
     if task.kind == "defense":
         return work.defense(folder, task.folders["victim"], defense_setting(s, s["seed"]))
     if task.kind == "attack":
@@ -125,6 +126,8 @@ def perform(task: StageTask, work: StageWork, folder: Path) -> dict[str, Any]:
         settings = [(d["label"], defense_setting(d, s["seed"])) for d in s["defenses"]]
         return work.timing(folder, victims, settings, batch_size=s["batch_size"],
                            batches=s["batches"], rounds=s["rounds"], seed=s["seed"])
+    if task.kind == "copy":
+        return work.copy(folder, task.folders["victim"])
     raise ConfigError(f"unknown stage kind {task.kind!r}")
 
 

@@ -102,9 +102,13 @@ def _alpha_axis(ax, alphas: list[float]) -> None:
 
 
 def _by_alpha(rows: list[dict[str, Any]], metric: str, scale: float = 1.0):
-    """(alphas, means, stds) over the rows' victims (qat = alpha 0), sorted by alpha."""
+    """(alphas, means, stds) over the rows' victims (qat = alpha 0), sorted by alpha. Only the
+    paper's DivQAT: an out-of-distribution variant at the same alpha is another method (it is in
+    the report's tables and on the trade-off and budget plots)."""
     groups: dict[float, list[float]] = defaultdict(list)
     for r in rows:
+        if r.get("divergence_on") in ("out", "both"):
+            continue
         if r.get("alpha") is not None and r.get(metric) is not None:
             groups[float(r["alpha"])].append(r[metric] * scale)
     xs = sorted(groups)

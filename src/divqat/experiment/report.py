@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from divqat.errors import DivqatError
 from divqat.experiment.plots import make_plots
 from divqat.experiment.results import (
     RESULTS_CSV,
@@ -27,6 +28,7 @@ from divqat.experiment.results import (
     attack_settings,
     ordered,
     setting_title,
+    short_title,
     victim_labels,
     with_adaptive,
 )
@@ -240,6 +242,36 @@ def budget_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["defense", "thief", "victim", *(f"{b} queries" for b in budgets)], body)
 
 
+def copy_table(results: dict[str, Any]) -> list[str]:
+    """The two threats side by side, per victim: the thief who copies the device program (no
+    queries) and, for each query attack setting at its largest budget against the undefended
+    victim, its best thief (the adaptive one where both soft and label-only ran)."""
+    copies = results.get("copies") or []
+    if not copies:
+        return []
+    queries = [r for r in with_adaptive(results["attacks"]) if r["defense"] == "none"]
+    seeds = ordered(r["seed"] for r in copies)
+    body = []
+    for v in victim_labels(copies):
+        got = [r for r in copies if r["victim"] == v]
+        notes = ordered(r["note"] for r in got if r.get("note"))
+        body.append([v, "file copy", "0", cell([r["adversary_accuracy"] for r in got], 100),
+                     cell([r["agreement"] for r in got], 100), "; ".join(notes)])
+        for setting in attack_settings(queries):
+            mine = [r for r in queries if r["victim"] == v
+                    and (r["attack"], r["attack_params"], r["transfer"]) == setting]
+            if not mine:
+                continue
+            budget = max(r["budget"] for r in mine)
+            top = [r for r in mine if r["budget"] == budget]
+            thief = next(t for t in reversed(THIEVES) if any(r["thief"] == t for r in top))
+            best = [r for r in top if r["thief"] == thief and r["seed"] in seeds]
+            body.append([v, f"{short_title(setting)} ({thief})", f"{budget:,}",
+                         cell([r["adversary_accuracy"] for r in best], 100),
+                         cell([r["agreement"] for r in best], 100), ""])
+    return _table(["victim", "thief", "queries", "adversary accuracy %", "agreement %", "note"], body)
+
+
 def main_table(results: dict[str, Any]) -> str:
     """The table printed at the end of `divqat run`: the first attack setting at its largest
     budget (or the victims when there was no attack)."""
@@ -252,7 +284,75 @@ def main_table(results: dict[str, Any]) -> str:
     n = len(ordered(r["seed"] for r in mine))
     title = (f"{setting_title(setting, rows)}, {budget} queries (mean ± sd over {n} "
              f"seed{'s' if n != 1 else ''}; Δ = divqat − qat paired by seed, [95 % CI])")
-    return "\n".join([title, *attack_table([r for r in mine if r["budget"] == budget])])
+    lines = [title, *attack_table([r for r in mine if r["budget"] == budget])]
+    if results.get("copies"):
+        lines += ["", "on the device: copying the program vs querying it (no defense)", *copy_table(results)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- outliers versus transfer sets
+
+def _set_parts(text: str) -> tuple[str, frozenset[int] | None, str, str]:
+    """``"fashion-mnist[0-4]:train[-5000:]"`` -> (base name, classes or None, split, row slice)."""
+    from divqat.data import split_subset
+
+    name, _, split = text.partition(":")
+    split, bracket, rows = split.partition("[")
+    try:
+        base, classes = split_subset(name)
+    except DivqatError:  # not a name divqat wrote: compared as it is
+        base, classes = name, None
+    return base, None if classes is None else frozenset(classes), split, bracket + rows
+
+
+def overlap_note(outliers: str, transfer: str) -> str | None:
+    """What a reader must know when a victim's outlier set and a thief's transfer set share data:
+    identical sets (a warning), the thief holding the images synthesized outliers are made from,
+    or the same dataset under another split or classes. None when they share nothing."""
+    synth = " of " in outliers
+    source = outliers.split(" of ", 1)[1] if synth else outliers
+    ob, oc, osplit, orows = _set_parts(source)
+    tb, tc, tsplit, trows = _set_parts(transfer)
+    if ob != tb or (oc is not None and tc is not None and not oc & tc):
+        return None
+    if synth:
+        if osplit == tsplit and not trows:
+            return (f"the thief's transfer set {transfer} holds the training images the outliers are "
+                    "synthesized from")
+        return None
+    if outliers == transfer:
+        return (f"WARNING: the outliers are the thief's transfer set {transfer}: against this thief the "
+                "variant was trained on the thief's own queries, so its figures measure memorization, "
+                "not protection")
+    return (f"same dataset as the thief's {transfer} (another split or other classes): an optimistic "
+            "reading of what the variant does against a thief with data it never saw")
+
+
+def outliers_lines(results: dict[str, Any]) -> list[str]:
+    """Per DivQAT victim trained on outliers: where they came from, the transfer sets its thieves
+    used, and every overlap between the two."""
+    victims = [v for v in results["victims"] if v.get("outlier_set")]
+    if not victims:
+        return []
+    transfers: dict[str, list[str]] = defaultdict(list)
+    for r in results["attacks"]:
+        if r.get("transfer_set") and r["transfer_set"] not in transfers[r["victim"]]:
+            transfers[r["victim"]].append(r["transfer_set"])
+    lines = ["## Outliers and the thieves' transfer sets", "",
+             "The out-of-distribution DivQAT victims push their divergence on outliers (outlier "
+             "exposure, Hendrycks et al., ICLR 2019). A thief querying the very images a victim was "
+             "trained on as outliers would measure memorization, not protection: each victim's "
+             "outlier set and its thieves' transfer sets, and where they overlap.", ""]
+    for label in ordered(v["victim"] for v in victims):
+        sets = ordered(v["outlier_set"] for v in victims if v["victim"] == label)
+        thieves = transfers.get(label, [])
+        moved = cell([v.get("kl_to_teacher_outliers") for v in victims if v["victim"] == label], 1, 4)
+        lines.append(f"- {label}: outliers {', '.join(sets)} (KL(fp32 ‖ victim) on outliers made "
+                     f"from the test split: {moved}); thieves' transfer sets: "
+                     f"{', '.join(thieves) or 'none (data-free attacks only)'}")
+        notes = [n for o in sets for t in thieves if (n := overlap_note(o, t))]
+        lines += [f"  - {n}" for n in notes] or ["  - no overlap"]
+    return [*lines, ""]
 
 
 PHASES = ("data", "load", "export", "compile", "train", "attack", "evaluate", "save", "timing", "other")
@@ -319,6 +419,7 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
               f"finished, the latencies are each defense stage's own and their Δ is "
               f"{NOT_COMPARABLE} (not comparable: measured at other moments, under other load).",
               "", "## Victims", "", *victims_table(results), "",
+              *outliers_lines(results),
               "## Defenses on the victims' test split", "", *defenses_table(results), ""]
     rows = results["attacks"]
     if rows:
@@ -332,6 +433,14 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
             if len({r["budget"] for r in mine}) > 1:
                 lines += [f"#### {title}: adversary accuracy % per query budget", "",
                           *budget_table(mine), ""]
+    if results.get("copies"):
+        lines += ["## On the device: copying the program beside the query attacks", "",
+                  "The victims ran as ExecuTorch programs (`victim.target: edge`). Whoever holds the "
+                  "device holds the `.pte` file: the file-copy thief sends no query and gets the "
+                  "victim itself (agreement 100 % unless the file is encrypted and the thief has no "
+                  "key). Beside it, each query attack against the undefended program at its largest "
+                  "budget, with its best thief. Output perturbation and DivQAT only act on the second "
+                  "kind.", "", *copy_table(results), ""]
     collapsed = [r for r in results["victims"] if r.get("collapsed")]
     if collapsed:
         lines += ["## Collapsed victims", ""]
@@ -360,5 +469,5 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
     return "\n".join(lines)
 
 
-__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "report_markdown",
-           "stage_times_table"]
+__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "outliers_lines",
+           "overlap_note", "report_markdown", "stage_times_table"]

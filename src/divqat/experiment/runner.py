@@ -10,6 +10,13 @@ Stages, per seed, each cached under ``OUT/stages/<kind>/<key>/`` (``divqat.exper
              one surrogate per budget (``attack_victim`` with the budget list)
     timing   the latency of every int8 victim behind every defense of the seed, measured in
              turns in one stage: the only timings that compare across victims and defenses
+    copy     (``victim.target: edge``) the on-device thief who copies the victim's program file
+
+With ``victim.target: edge`` the int8 victims are trained with XNNPACK's scheme, each victim stage
+also writes ``victim.pte`` (``divqat export``, no defense inside), and every defense and attack
+runs against that program through the ExecuTorch runtime; the formula defenses run behind the
+black box after it, which gives the answers of the same defense fused into the program to float
+rounding (tests/test_edge.py).
 
 A stage runs as soon as the stages it reads are finished: in plan order in this process
 (``SerialExecutor``), or several at a time as Ray tasks (``RayExecutor``); see
@@ -73,11 +80,13 @@ class Stage:
 
 # ---------------------------------------------------------------- names used everywhere
 
-def victim_label(mode: str, alpha: float | None = None, cap: Any = False) -> str:
-    """"qat", "divqat a=2"; with ``cap`` given (a grid over caps), "divqat a=2 cap=0.15"."""
+def victim_label(mode: str, alpha: float | None = None, cap: Any = False, name: str | None = None) -> str:
+    """"qat", "divqat a=2", a variant's "<name> a=2" ("divqat-out a=2"); with ``cap`` given (a
+    grid over caps), "divqat a=2 cap=0.15"."""
     if mode != "divqat":
         return mode
-    return f"divqat a={alpha:g}" + ("" if cap is False else f" cap={'none' if cap is None else f'{cap:g}'}")
+    return (f"{name or 'divqat'} a={alpha:g}"
+            + ("" if cap is False else f" cap={'none' if cap is None else f'{cap:g}'}"))
 
 
 def victim_name(spec: dict[str, Any], with_cap: bool = False) -> str:
@@ -85,7 +94,8 @@ def victim_name(spec: dict[str, Any], with_cap: bool = False) -> str:
     if spec["mode"] == "fp32":
         return "fp32 teacher"
     div = spec.get("divqat") or {}
-    return victim_label(spec["mode"], div.get("alpha"), div.get("cap") if with_cap else False)
+    return victim_label(spec["mode"], div.get("alpha"), div.get("cap") if with_cap else False,
+                        spec.get("name"))
 
 
 def defense_label(name: str, params: dict[str, Any]) -> str:
@@ -124,13 +134,16 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
             planned.add(teacher.key)
 
         victims = []
-        modes: list[tuple[str, Any]] = [("qat", None)]
-        modes += [("divqat", settings) for settings in config.divqat.grid()]
-        for mode, settings in modes:
-            train = config.qat if mode == "qat" else config.divqat
+        modes: list[tuple[str, Any, Any]] = [("qat", config.qat, None)]
+        modes += [("divqat", d, settings) for d, settings in config.divqat.victims()]  # variants too
+        for mode, train, settings in modes:
             spec = {**data, "mode": mode, "epochs": train.epochs, "lr": train.lr, "seed": seed}
+            if v.target != "x86":  # only then: the keys of x86 victims stay what they were
+                spec["target"] = v.target
             if mode == "divqat":
                 spec["divqat"] = settings.as_dict()
+                if train.name != "divqat":  # a variant's label; the section's keys stay as they were
+                    spec["name"] = train.name
             victims.append(Stage("victim", stage_key("victim", spec, [teacher.key]),
                                  f"victim {victim_name(spec, with_cap)} | seed {seed}", spec,
                                  (teacher.key,), seed))
@@ -166,6 +179,11 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                                      f"| {who} | {dlabel} | seed {seed}")
                             stages.append(Stage("attack", stage_key("attack", spec, inputs), label,
                                                 spec, inputs, seed))
+            if v.target == "edge":
+                spec = {"name": "copy", "seed": seed}
+                stages.append(Stage("copy", stage_key("copy", spec, [victim.key]),
+                                    f"copy the device program | {who} | seed {seed}", spec,
+                                    (victim.key,), seed))
         stages.append(_timing_stage(config, victims, timed, seed, with_cap))
     return stages
 
@@ -259,6 +277,10 @@ class Runner:
         for spec in self.config.transfer_specs():
             if spec != HOLDOUT:
                 name, split = spec.split(":")
+                load_dataset(name, split, self.data_root)
+        for d, _ in self.config.divqat.victims():  # the outlier sets DivQAT variants name
+            if d.divergence_on != "in" and not d.outliers.startswith("synth"):
+                name, split = d.outliers.rsplit(":", 1)
                 load_dataset(name, split, self.data_root)
 
     # -- the loop
@@ -441,6 +463,9 @@ def _summary(kind: str, r: dict[str, Any]) -> str:
         return f"defender accuracy {r['defender_accuracy']:.1%}, L1 {r['l1_distance']:.4f}"
     if kind == "timing":
         return f"{len(r['rows'])} victim x defense pairs timed side by side"
+    if kind == "copy":
+        return r.get("note") or (f"the copy's accuracy {r['adversary_accuracy']:.1%}, agreement "
+                                 f"{r['agreement']:.1%}, 0 queries")
     return "adversary accuracy " + ", ".join(f"{x['adversary_accuracy']:.1%} at {x['budget']}"
                                              for x in r["results"])
 
@@ -489,6 +514,8 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
         r = records[stage.key]["result"]
         return {"seed": stage.seed, "victim": victim_name(s, with_cap), "victim_mode": s["mode"],
                 "alpha": alpha, "divergence": div.get("divergence"), "cap": div.get("cap"),
+                "divergence_on": div.get("divergence_on", "in") if div else None,
+                "outlier_set": r.get("outlier_set"),
                 "victim_accuracy": r.get("int8_test_accuracy", r.get("test_accuracy")),
                 "kl_to_teacher": r.get("kl_to_teacher"), "l1_to_teacher": r.get("l1_to_teacher")}
 
@@ -508,7 +535,7 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
         columns["timing"] = SIDE_BY_SIDE if side else OWN_STAGE
         return columns
 
-    victims, defenses, attacks, stage_times = [], [], [], []
+    victims, defenses, attacks, copies, stage_times = [], [], [], [], []
     for stage in stages:
         if stage.key not in records:
             continue
@@ -523,8 +550,17 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                             "teacher_accuracy": r.get("teacher_test_accuracy"),
                             "train_images": r.get("train_images"), "epochs": r.get("epochs"),
                             "train_seconds": r.get("train_seconds"),
+                            "kl_to_teacher_outliers": r.get("kl_to_teacher_outliers"),
                             "collapsed": bool(r.get("collapsed")), "message": r.get("message"),
                             "stage": stage.key[:16]})
+        elif stage.kind == "copy":
+            copies.append({**_victim_columns(victim_info(by_key[stage.inputs[0]])), "attack": "copy",
+                           "thief": "file copy", "budget": 0, "queries_used": 0,
+                           **{k: r.get(k) for k in ("adversary_accuracy", "adversary_error",
+                                                    "agreement", "max_posterior_difference",
+                                                    "note")},
+                           "program_bytes": r["program"]["bytes"], "attack_seconds": r["attack_seconds"],
+                           "stage": stage.key[:16]})
         elif stage.kind == "defense":
             victim = victim_info(by_key[stage.inputs[0]])
             defenses.append({**_victim_columns(victim), **defense_columns(stage, victim, r),
@@ -554,7 +590,8 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                     "attack_seconds": x["seconds"], "stage": stage.key[:16]})
     return {"experiment": config.name, "source": config.source, "config": config_dict(config),
             "divqat_version": divqat.__version__, "victims": victims, "defenses": defenses,
-            "attacks": attacks, "timings": timings, "stage_times": stage_times}
+            "attacks": attacks, "timings": timings, "stage_times": stage_times,
+            **({"copies": copies} if copies else {})}
 
 
 LATENCY = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
@@ -563,7 +600,8 @@ LATENCY = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
 def _victim_columns(v: dict[str, Any]) -> dict[str, Any]:
     return {"seed": v["seed"], "victim": v["victim"], "victim_mode": v["victim_mode"], "alpha": v["alpha"],
             "divergence": v["divergence"], "cap": v["cap"], "victim_accuracy": v["victim_accuracy"],
-            "kl_to_teacher": v["kl_to_teacher"], "l1_to_teacher": v["l1_to_teacher"]}
+            "kl_to_teacher": v["kl_to_teacher"], "l1_to_teacher": v["l1_to_teacher"],
+            "divergence_on": v["divergence_on"], "outlier_set": v["outlier_set"]}
 
 
 def _defense_columns(stage: Stage, r: dict[str, Any]) -> dict[str, Any]:

@@ -6,4 +6,7 @@ together, reads datasets for them and writes their metrics files.
 - ``defend``: what a defense costs and changes, measured on a saved victim (``divqat defend``).
 - ``attack``: an extraction attack against a saved victim behind a defense, measured
   (``divqat attack``).
+- ``export``: a victim as an ExecuTorch ``.pte`` device program, a formula defense inside,
+  optionally sealed (``divqat export``).
+- ``device_copy``: the on-device thief who copies the program file (``divqat attack --attack copy``).
 """

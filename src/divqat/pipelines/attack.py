@@ -224,4 +224,141 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     return record
 
 
-__all__ = ["HOLDOUT", "attack_victim", "load_transfer_set", "parse_transfer", "predict", "surrogate_metrics"]
+def attack_remote(url: str, attack: str, params: dict[str, Any] | None = None, *, api_key: str,
+                  eval_key: str | None = None, budgets: Sequence[int], transfer: str | None = None,
+                  training: SurrogateTraining | None = None, labels_only: bool = False,
+                  dataset: str | None = None, data_root: str | Path | None = None,
+                  device: str = "cpu", progress: bool = True,
+                  log: Callable[[str], None] | None = None,
+                  out: str | Path | None = None) -> dict[str, Any]:
+    """``attack_victim`` against a ``divqat serve`` prediction API instead of a victim directory.
+
+    The thief queries through ``RemoteBlackBox(url, api_key)``; the service's defense, budget and
+    counter apply. Measured on the test split of the service's dataset (``/v1/model``, or
+    ``dataset``), adapted as ``attack_victim`` does: ``adversary_accuracy`` / ``adversary_error``
+    always; ``agreement`` and ``defender_accuracy`` only with ``eval_key``, a separate key whose
+    answers on the test split stand for the defended victim's (never the thief's key: its budget
+    is the attack's). ``agreement_clean``, ``victim_accuracy`` and the defense's distances need
+    the undefended victim, which the service never shows. What is missing is None in the record
+    and named, with the reason, under ``left_out``.
+
+    ``transfer``: as ``attack_victim``; ``"holdout:N"`` for the last N images of the dataset's
+    training split (``holdout`` alone needs the victim's metadata, which the service does not
+    publish). The record adds ``remote`` (url, the key's output level, budget and what is left).
+    """
+    from divqat.remote import RemoteBlackBox
+
+    say = log or (lambda _msg: None)
+    training = training if training is not None else SurrogateTraining(device=device, progress=progress)
+    if not isinstance(training, SurrogateTraining):
+        raise ConfigError(f"training must be a SurrogateTraining, got {type(training).__name__}")
+    thief = create_attack(attack, **dict(params or {}))
+    if isinstance(budgets, int) and not isinstance(budgets, bool):
+        budgets = [budgets]
+    if not budgets:
+        raise ConfigError("give at least one query budget")
+    budgets = sorted({check_int("", "budget", b, low=1) for b in budgets})
+    holdout = None
+    if transfer is not None and str(transfer).startswith(HOLDOUT):
+        count = str(transfer)[len(HOLDOUT) + 1:]
+        if not str(transfer).startswith(f"{HOLDOUT}:") or not count.isdigit() or int(count) < 1:
+            raise ConfigError(f"over HTTP the victim's holdout size is not published: give it as "
+                              f"--transfer {HOLDOUT}:N (e.g. {HOLDOUT}:10000)")
+        holdout, transfer = int(count), HOLDOUT
+
+    box = RemoteBlackBox(url, api_key, label_only=True if labels_only else None)
+    evaluator = None
+    try:
+        if thief.soft_only and box.label_only:
+            raise ConfigError(f"attack {attack!r} needs posteriors; this key answers labels only")
+        if box.queries_left is not None and box.queries_left < budgets[-1]:
+            raise ConfigError(f"the thief's key has {box.queries_left} of {box.budget} images left; "
+                              f"the largest budget is {budgets[-1]}")
+        dataset = dataset or box.dataset
+        if not dataset:
+            raise ConfigError("the service does not publish its dataset; name the test split's dataset")
+        shape = box.input_shape
+        meta = {"dataset": dataset, "input_shape": list(shape), "holdout": holdout, "mode": "remote"}
+        test = load_dataset(dataset, "test", data_root)
+        if thief.uses_transfer_set:
+            if transfer is None:
+                raise ConfigError(f"attack {attack!r} needs a transfer set: --transfer holdout:N or "
+                                  "--transfer NAME[:SPLIT] (e.g. mnist)")
+            transfer_set = load_transfer_set(transfer, meta, data_root)
+        else:
+            transfer_set = None
+        test_images = to_victim_input(test.images, shape)
+        labels = torch.as_tensor(test.labels).long()
+
+        left_out: dict[str, str] = {
+            key: "needs the undefended victim, which the service never shows"
+            for key in ("agreement_clean", "victim_accuracy", "l1_distance", "kl_divergence",
+                        "argmax_changed")}
+        defended_pred = None
+        if eval_key is not None:
+            # Before the thief, as attack_victim measures the victim before it steals.
+            evaluator = RemoteBlackBox(url, eval_key)
+            if evaluator.queries_left is not None and evaluator.queries_left < len(test_images):
+                raise ConfigError(f"the evaluation key has {evaluator.queries_left} images left; the "
+                                  f"test split has {len(test_images)}")
+            defended_pred = torch.cat([evaluator.query_labels(test_images[i:i + 256])
+                                       for i in range(0, len(test_images), 256)])
+        else:
+            for key in ("agreement", "defender_accuracy"):
+                left_out[key] = "needs the victim's answers on the test split: give an evaluation key"
+        mode = "label-only" if box.label_only else f"{box.output} answers"
+        say(f"{attack} ({mode}) against {url}, budgets {', '.join(map(str, budgets))}"
+            + (f", transfer set {transfer_set.name}" if transfer_set is not None else ""))
+        used_before = box.queries_used
+        start = time.perf_counter()
+        torch.manual_seed(training.seed)
+        stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
+        seconds = time.perf_counter() - start
+
+        results = []
+        for s in stolen:
+            s.surrogate.eval().to(memory_format=torch.channels_last)
+            pred = predict(s.surrogate, test_images.contiguous(memory_format=torch.channels_last),
+                           device=device)
+            accuracy = float((pred == labels).float().mean())
+            row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
+                   **({"epochs": training.epochs_for(s.queries_used)} if thief.uses_transfer_set else {}),
+                   "adversary_accuracy": accuracy, "adversary_error": 1.0 - accuracy,
+                   "agreement": None if defended_pred is None
+                   else float((pred == defended_pred).float().mean()),
+                   "agreement_clean": None, **({"info": s.info} if s.info else {})}
+            results.append(row)
+            agreement = "" if row["agreement"] is None else f", agreement {row['agreement']:.2%}"
+            say(f"  budget {s.budget}: adversary accuracy {accuracy:.2%}{agreement} "
+                f"({s.queries_used} queries, {s.seconds:.0f} s)")
+        top = results[-1]
+        record: dict[str, Any] = {
+            "attack": attack, "params": thief.params(), "labels_only": box.label_only,
+            "defense": None, "defense_params": None, "victim": url, "victim_mode": None,
+            "victim_dataset": dataset, "victim_arch": None, "victim_accuracy": None,
+            "transfer_set": None if transfer_set is None else transfer_set.name,
+            "surrogate": training.arch, "epochs": training.epochs, "min_steps": training.min_steps,
+            "seed": training.seed,
+            "defender_accuracy": None if defended_pred is None
+            else int((defended_pred == labels).sum()) / len(labels),  # as divqat.pipelines.defend
+            "l1_distance": None, "kl_divergence": None, "argmax_changed": None,
+            "adversary_accuracy": top["adversary_accuracy"], "adversary_error": top["adversary_error"],
+            "agreement": top["agreement"], "agreement_clean": None,
+            "budget": top["budget"], "queries_used": box.queries_used - used_before,
+            "attack_seconds": seconds, "results": results,
+            "remote": {"url": url, "output": box.output, "key_budget": box.budget,
+                       "key_used": box.queries_used, "key_left": box.queries_left,
+                       "eval_key": eval_key is not None},
+            "left_out": left_out,
+        }
+    finally:
+        box.close()
+        if evaluator is not None:
+            evaluator.close()
+    if out is not None:
+        write_json(Path(out) / "metrics.json", record)
+    return record
+
+
+__all__ = ["HOLDOUT", "attack_remote", "attack_victim", "load_transfer_set", "parse_transfer", "predict",
+           "surrogate_metrics"]

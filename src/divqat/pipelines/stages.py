@@ -1,6 +1,6 @@
 """The work of one experiment stage, given its settings and the folders of the stages it reads:
-train a teacher or a victim, evaluate a defense, run an attack, or time every victim behind every
-defense side by side.
+train a teacher or a victim, evaluate a defense, run an attack, time every victim behind every
+defense side by side, or copy an edge victim's program file as the on-device thief does.
 
 ``StageWork`` keeps what consecutive stages of one process share: loaded victims (an int8
 victim compiles once per batch size), built defenses and the victim-behind-defense programs
@@ -31,9 +31,15 @@ from divqat.io import write_json
 from divqat.pipelines.attack import attack_victim, load_transfer_set
 from divqat.pipelines.defend import evaluate_served, time_side_by_side
 from divqat.pipelines.defense_models import build_defense
+from divqat.pipelines.device_copy import copy_attack
+from divqat.pipelines.export import export_victim
 from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.train.losses import DivQATSettings
 from divqat.victim import Victim, load_victim
+
+# An edge victim's device program (``divqat export``, no defense inside), in its stage folder;
+# written by the victim stage for ``victim.target: edge``, and then what every later stage runs.
+EDGE_PROGRAM = "victim.pte"
 
 
 @dataclass(frozen=True)
@@ -77,15 +83,16 @@ class StageWork:
     def train(self, folder: str | Path, *, dataset: str, arch: str, mode: str, epochs: int,
               lr: float, seed: int, limit: int | None = None, holdout: int = 0,
               batch_size: int = 128, divqat: dict[str, Any] | None = None,
-              precision: str = "fp32", teacher: str | Path | None = None) -> dict[str, Any]:
+              precision: str = "fp32", target: str = "x86",
+              teacher: str | Path | None = None) -> dict[str, Any]:
         """Train the fp32 teacher (``teacher`` None) or an int8 victim from it into ``folder``;
-        returns its metrics without the per-epoch history. A collapsed DivQAT victim is a
-        finding (the cliff), not a failure: it returns ``{"collapsed": True, "message": ...}``
-        and saves nothing."""
+        returns its metrics without the per-epoch history. An ``edge`` victim is also exported
+        to ``folder/victim.pte``. A collapsed DivQAT victim is a finding (the cliff), not a
+        failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
         settings = DivQATSettings(**divqat) if mode == "divqat" else DivQATSettings()
         req = TrainRequest(dataset=dataset, arch=arch, mode=mode, out=folder, epochs=epochs,
                            teacher=teacher, divqat=settings, limit=limit, holdout=holdout, seed=seed,
-                           batch_size=batch_size, lr=lr, precision=precision,
+                           batch_size=batch_size, lr=lr, precision=precision, target=target,
                            data_root=self.data_root, device=self.device, progress=self.progress,
                            log_epochs=self.progress)
         try:
@@ -95,7 +102,13 @@ class StageWork:
                 raise
             self.log(f"collapsed: {e}")
             return {"collapsed": True, "message": str(e)}
-        return {k: v for k, v in metrics.items() if k != "history"}
+        result = {k: v for k, v in metrics.items() if k != "history"}
+        if target == "edge":
+            exported = export_victim(folder, Path(folder) / EDGE_PROGRAM)
+            result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"])
+            self.log(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
+                     f"{exported['seconds']:.0f} s)")
+        return result
 
     def defense(self, folder: str | Path, victim_dir: str | Path,
                 setting: DefenseSetting) -> dict[str, Any]:
@@ -143,6 +156,12 @@ class StageWork:
         write_json(Path(folder) / "metrics.json", record)
         return record
 
+    def copy(self, folder: str | Path, victim_dir: str | Path) -> dict[str, Any]:
+        """The on-device thief copies the edge victim's program file
+        (``divqat.pipelines.device_copy.copy_attack``), written to ``folder/metrics.json``."""
+        return copy_attack(Path(victim_dir) / EDGE_PROGRAM, data_root=self.data_root, log=self.log,
+                           out=folder)
+
     # -- what is loaded once and reused
 
     def served(self, victim_dir: str | Path, setting: DefenseSetting) -> DefendedVictim:
@@ -174,7 +193,8 @@ class StageWork:
         while len(self._victims) >= self.keep:
             old, _ = self._victims.popitem(last=False)
             self._served = {k: v for k, v in self._served.items() if k[0] != old}
-        self._victims[path] = load_victim(victim_dir, device=self.device)
+        program = Path(victim_dir) / EDGE_PROGRAM  # an edge victim runs as its device program
+        self._victims[path] = load_victim(program if program.is_file() else victim_dir, device=self.device)
         return self._victims[path]
 
     def _defense(self, victim_dir: str | Path, setting: DefenseSetting) -> Defense:
@@ -184,4 +204,4 @@ class StageWork:
                              log=self.log)
 
 
-__all__ = ["DefenseSetting", "StageWork"]
+__all__ = ["EDGE_PROGRAM", "DefenseSetting", "StageWork"]

@@ -15,13 +15,16 @@ import torch
 import torch.nn.functional as F
 
 import divqat
-from divqat.checks import check_int
-from divqat.data import DATASETS, channel_stats, load_dataset, training_split
+from divqat.checks import check_choice, check_int
+from divqat.data import channel_stats, dataset_spec, load_dataset, to_float, training_split
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.io import write_json
 from divqat.models import VictimNet
 from divqat.quant import convert_to_int8, export_dynamic, prepare_qat
-from divqat.train.losses import CrossEntropy, DivQATLoss, DivQATSettings
+from divqat.quant.edge import TARGETS, require_executorch
+from divqat.train.losses import CrossEntropy, DivQATSettings
+from divqat.train.ood import divqat_objective
+from divqat.train.outliers import load_outliers
 from divqat.train.trainer import PRECISIONS, FitConfig, accuracy, fit, predict_logits
 from divqat.victim import (
     INT8_MODES,
@@ -58,6 +61,7 @@ class TrainRequest:
     schedule: str | None = None
     freeze_at: float = DEFAULT_FREEZE_AT
     precision: str = "fp32"  # "bf16": autocast where the CPU has it (fp32 training only)
+    target: str = "x86"
     data_root: str | Path | None = None
     device: str = "cpu"
     progress: bool = True
@@ -73,6 +77,8 @@ class TrainRequest:
             raise ConfigError("--teacher only applies to --mode qat or divqat")
         if self.mode != "divqat" and self.divqat.alpha != 0:
             raise ConfigError(f"--alpha only applies to --mode divqat (got --mode {self.mode})")
+        if self.mode != "divqat" and (self.divqat.divergence_on != "in" or self.divqat.distill):
+            raise ConfigError(f"--divergence-on and --distill only apply to --mode divqat (got --mode {self.mode})")
         check_int("", "--limit", self.limit, low=1, optional=True)
         check_int("", "--holdout", self.holdout, low=0)
         check_int("", "--epochs", self.epochs, low=1)
@@ -82,6 +88,10 @@ class TrainRequest:
         if self.precision != "fp32" and self.mode in INT8_MODES:
             raise ConfigError(f"--precision {self.precision}: QAT fine-tuning runs in fp32 (its fake "
                               "quantization is calibrated on fp32 activations)")
+        check_choice("", "--target", self.target, TARGETS)
+        if self.mode == "fp32" and self.target != "x86":
+            raise ConfigError("--target only applies to --mode qat or divqat (it picks the int8 "
+                              "scheme); an fp32 victim goes to the device as it is: `divqat export`")
 
 
 def _training_split(req: TrainRequest):
@@ -128,12 +138,16 @@ def train_victim(req: TrainRequest) -> dict:
     A qat/divqat victim keeps at least its teacher's held-out images out of its own training
     too (``holdout`` is raised to the teacher's), so they stay unseen by the deployed model.
     """
+    if req.target == "edge":
+        require_executorch()  # before minutes of training, not after
     if req.mode in INT8_MODES and req.teacher is not None:
         teacher_holdout = int(read_metadata(req.teacher).get("holdout") or 0)
         if req.holdout < teacher_holdout:
             req = dataclasses.replace(req, holdout=teacher_holdout)
-    spec = DATASETS.get(req.dataset) if req.dataset in DATASETS else None
+    spec = dataset_spec(req.dataset)  # aliases and class subsets ("fashion-mnist[0-4]") too
     train = _training_split(req)
+    if train.num_classes < 2:
+        raise ConfigError(f"{spec.name} has {train.num_classes} class; a victim needs at least two")
     test = load_dataset(req.dataset, "test", req.data_root)
     lr = req.lr if req.lr is not None else DEFAULT_LR[req.mode]
     schedule = req.schedule or DEFAULT_SCHEDULE[req.mode]
@@ -144,9 +158,12 @@ def train_victim(req: TrainRequest) -> dict:
                     desc=req.mode, precision=req.precision,
                     freeze_at=req.freeze_at if req.mode in INT8_MODES else None)
     torch.manual_seed(req.seed)
-    metrics: dict = {"dataset": req.dataset, "arch": req.arch, "mode": req.mode, "seed": req.seed,
+    metrics: dict = {"dataset": spec.name, "arch": req.arch, "mode": req.mode, "seed": req.seed,
                      "train_images": len(train), "epochs": req.epochs}
+    if req.mode in INT8_MODES:
+        metrics["target"] = req.target
     teacher_meta: dict = {}
+    outliers = None
 
     if req.mode == "fp32":
         mean, std = channel_stats(train.images)
@@ -155,15 +172,22 @@ def train_victim(req: TrainRequest) -> dict:
         model = net
     else:
         teacher, teacher_meta = load_fp32_net(req.teacher)
-        if teacher_meta["dataset"] != req.dataset:
+        if dataset_spec(teacher_meta["dataset"]).name != spec.name:
             raise ConfigError(f"the teacher at {req.teacher} was trained on {teacher_meta['dataset']!r}, "
                               f"not {req.dataset!r}")
         if teacher_meta["arch"] != req.arch:
             raise ConfigError(f"the teacher at {req.teacher} is a {teacher_meta['arch']}, not a {req.arch}")
         mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
         teacher = teacher.to(req.device, memory_format=torch.channels_last)
-        model = prepare_qat(copy.deepcopy(teacher).cpu(), example)
-        objective = DivQATLoss(teacher, req.divqat) if req.mode == "divqat" else CrossEntropy()
+        model = prepare_qat(copy.deepcopy(teacher).cpu(), example, target=req.target)
+        objective = CrossEntropy()
+        if req.mode == "divqat":
+            if req.divqat.divergence_on != "in":  # DivQAT on outliers (divqat.train.ood)
+                outliers = load_outliers(req.divqat.outliers, tuple(train.images.shape[1:]),
+                                         training_set=f"{spec.name}:train[:{len(train)}]",
+                                         data_root=req.data_root)
+                metrics["outlier_set"] = outliers.name
+            objective = divqat_objective(teacher, req.divqat, outliers)
         teacher_acc = teacher_meta["metrics"]["test_accuracy"]
         metrics["teacher_test_accuracy"] = teacher_acc
 
@@ -191,15 +215,21 @@ def train_victim(req: TrainRequest) -> dict:
     else:
         program = convert_to_int8(model.cpu(), example)
         int8 = Victim(program.module(), {"mode": req.mode, "input_shape": list(example.shape[1:]),
-                                         "classes": list(test.classes)}, Path(req.out))
+                                         "classes": list(test.classes), "target": req.target},
+                      Path(req.out))
         int8_logits = predict_logits(int8, test.images)
         metrics["int8_test_accuracy"] = _check_collapse(int8_logits, test.labels, teacher_acc,
                                                         f"the int8 {req.mode} victim")
         teacher_logits = predict_logits(teacher.cpu().to(memory_format=torch.contiguous_format), test.images)
         metrics.update(teacher_distances(teacher_logits, int8_logits))
+        if outliers is not None:  # how far the answers moved on outliers (made from test images)
+            probe = outliers(to_float(test.images[:2000]), torch.Generator().manual_seed(req.seed))
+            probe = probe.mul(255).round().to(torch.uint8)
+            moved = teacher_distances(predict_logits(teacher, probe), predict_logits(int8, probe))
+            metrics.update({f"{k}_outliers": v for k, v in moved.items()})
 
     metadata = {
-        "dataset": req.dataset,
+        "dataset": spec.name,
         "arch": req.arch,
         "mode": req.mode,
         "input_shape": list(train.images.shape[1:]),
@@ -215,6 +245,8 @@ def train_victim(req: TrainRequest) -> dict:
         "lr": lr,
         "schedule": schedule,
         "divqat": req.divqat.as_dict() if req.mode == "divqat" else None,
+        # The int8 scheme: "x86" (inductor, oneDNN) or "edge" (XNNPACK, `divqat export`).
+        "target": req.target if req.mode in INT8_MODES else None,
         "teacher": str(req.teacher) if req.teacher is not None else None,
         "versions": {"divqat": divqat.__version__, "torch": torch.__version__, "torchao": _torchao_version()},
         "metrics": {k: v for k, v in metrics.items() if k != "history"},

@@ -37,8 +37,10 @@ from torch import nn
 
 from divqat.checks import check_choice, check_number
 from divqat.errors import ConfigError
+from divqat.train.outliers import parse_outliers
 
 DIVERGENCES = ("kl", "reverse-kl", "js", "tail-kl")
+PLACEMENTS = ("in", "out", "both")  # where DivQAT pushes the divergence (divqat.train.ood)
 DEFAULT_LOG_CLAMP = math.log(1e-6)
 
 
@@ -98,10 +100,18 @@ class DivQATSettings:
     ramp: float = 0.0
     temperature: float = 1.0
     log_clamp: float = DEFAULT_LOG_CLAMP
+    # Out-of-distribution DivQAT (divqat.train.ood): where the divergence is pushed ("in": the
+    # training images, the paper's; "out": outliers only; "both"), where the outliers come from
+    # (divqat.train.outliers), and the weight of a KL pull toward the teacher on the training
+    # images (only with "out"). The defaults are the paper's DivQAT.
+    divergence_on: str = "in"
+    outliers: str = "synth"
+    distill: float = 0.0
 
     # What a user sets (``divqat train`` options, a config's ``divqat:`` mapping); log_clamp is
     # a numerical guard, recorded but not offered.
-    USER_FIELDS: ClassVar[tuple[str, ...]] = ("alpha", "divergence", "cap", "ramp", "temperature")
+    USER_FIELDS: ClassVar[tuple[str, ...]] = ("alpha", "divergence", "cap", "ramp", "temperature",
+                                              "divergence_on", "outliers", "distill")
 
     def __post_init__(self) -> None:
         # Stored as the checks return them (floats), so ``as_dict`` (a stage key, the victim's
@@ -114,9 +124,16 @@ class DivQATSettings:
             "temperature": check_number("divqat", "temperature", self.temperature, low=0,
                                         low_open=True),
             "log_clamp": check_number("divqat", "log_clamp", self.log_clamp, high=-1e-12),
+            "divergence_on": check_choice("divqat", "divergence_on", self.divergence_on, PLACEMENTS),
+            "distill": check_number("divqat", "distill", self.distill, low=0),
+            "outliers": parse_outliers(self.outliers),  # canonical spelling
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+        if self.distill > 0 and self.divergence_on != "out":
+            raise ConfigError("distill pulls the training images' answers toward the teacher: it only "
+                              "goes with the divergence on the outliers (divergence_on out), not "
+                              f"with {self.divergence_on!r}")
 
     def alpha_at(self, progress: float) -> float:
         """alpha after ``progress`` (0..1) of the fine-tuning steps."""
@@ -125,7 +142,13 @@ class DivQATSettings:
         return self.alpha * min(1.0, progress / self.ramp)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Every field; those of the out-of-distribution variant only when it is used, so the
+        paper's DivQAT is recorded (and its experiment stages keyed) as before they existed."""
+        out = asdict(self)
+        if self.divergence_on == "in":
+            for key in ("divergence_on", "outliers", "distill"):
+                del out[key]
+        return out
 
 
 # What `divqat train --mode divqat` uses when not told otherwise. The paper's plain KL either did
@@ -192,13 +215,15 @@ class DivQATLoss:
 
 
 def divqat_settings(alpha: float | None = None, divergence: str | None = None,
-                    cap: float | None = None, ramp: float = 0.0,
-                    temperature: float = 1.0) -> DivQATSettings:
+                    cap: float | None = None, ramp: float = 0.0, temperature: float = 1.0,
+                    **out_of_distribution) -> DivQATSettings:
     """DivQAT settings where unset options take the recommended ones (``RECOMMENDED``): alpha,
     the divergence and, when the divergence is not given, its cap. A divergence given without a
-    cap runs uncapped (``divergence="kl"`` is the paper's plain KL); ``cap=0`` means no cap."""
+    cap runs uncapped (``divergence="kl"`` is the paper's plain KL); ``cap=0`` means no cap.
+    ``out_of_distribution``: divergence_on, outliers, distill (``divqat.train.ood``)."""
     if cap is None and divergence is None:
         cap = RECOMMENDED.cap
     return DivQATSettings(alpha=RECOMMENDED.alpha if alpha is None else alpha,
                           divergence=divergence or RECOMMENDED.divergence,
-                          cap=None if cap == 0 else cap, ramp=ramp, temperature=temperature)
+                          cap=None if cap == 0 else cap, ramp=ramp, temperature=temperature,
+                          **out_of_distribution)

@@ -133,6 +133,9 @@ def fit(
     synthesized); the model normalizes internally.
     targets: int64 labels (N,) or float posteriors (N, K) (soft labels for surrogates); the
     objective decides what they mean. objective(logits, targets, inputs, progress) -> (loss, logs).
+    An objective with a method ``extra_inputs(images, generator) -> images or None`` (outliers,
+    ``divqat.train.ood``) gets those images appended after each batch in the same forward pass:
+    it then receives N + M rows of logits and inputs for N targets. It is never shown targets.
     A NaN or infinite loss stops training with ``TrainingCollapsed``.
     """
     device = torch.device(cfg.device)
@@ -153,6 +156,7 @@ def fit(
                                 weight_decay=cfg.weight_decay)
     scheduler = _schedule(optimizer, cfg, total_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
+    extra_inputs = getattr(objective, "extra_inputs", None)
     # Never freeze before the first step: the observers must have seen data to hold ranges.
     freeze_step = None if cfg.freeze_at is None else max(1, int(cfg.freeze_at * total_steps))
     precision = resolve_precision(cfg.precision, cfg.device)
@@ -179,6 +183,10 @@ def fit(
             x = to_float(x) if x.dtype == torch.uint8 else x.float()
             if cfg.augment:
                 x = augment(x, pad=cfg.pad, hflip=cfg.hflip, generator=generator)
+            if extra_inputs is not None:
+                more = extra_inputs(x, generator)  # images only: the labels stay here
+                if more is not None and len(more):
+                    x = torch.cat([x, more.to(x.dtype)])
             x = x.to(device, memory_format=memory_format)
             y = targets[idx].to(device)
             with autocast():
@@ -199,7 +207,7 @@ def fit(
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
             hard = y if y.ndim == 1 else y.argmax(dim=1)
-            correct += int((logits.detach().argmax(dim=1) == hard).sum())
+            correct += int((logits.detach()[:len(idx)].argmax(dim=1) == hard).sum())
             seen = min((b + 1) * cfg.batch_size, n)
             bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"acc": f"{correct / seen:.3f}"})
         bar.close()

@@ -1,0 +1,132 @@
+"""The device target: ExecuTorch's XNNPACK quantization scheme and lowering to a ``.pte`` program.
+
+XNNPACK (the CPU backend of ExecuTorch on phones, boards and x86) runs a different int8 scheme
+from the x86 inductor path: int8 per-channel symmetric weights and *int8* (not uint8) per-tensor
+activations. A victim trained for the x86 target cannot be lowered to it (its uint8 quantize /
+dequantize nodes stay outside the delegate and the runtime has no kernels for them), so a device
+victim is trained with this quantizer from the start (``divqat train --target edge``).
+
+ExecuTorch is an optional extra: everything here imports it lazily and says in one line how to
+get it (``pip install 'divqat[edge]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from divqat.errors import MissingExtra
+from divqat.quant import quiet_torchao  # the package, not flow: flow imports this module lazily
+
+TARGETS = ("x86", "edge")
+# The batch dimension of a lowered program is dynamic up to this size; larger queries are run in
+# chunks of it (XNNPACK plans its buffers for the upper bound).
+EDGE_MAX_BATCH = 256
+INSTALL_HINT = "pip install 'divqat[edge]'"
+
+
+def require_executorch() -> None:
+    """Raise ``MissingExtra`` (one line, with the install command) when ExecuTorch is missing."""
+    quiet_torchao()  # ExecuTorch imports torchao, which would print its CPU noise first
+    try:
+        import executorch.exir  # noqa: F401
+    except ImportError:
+        raise MissingExtra(f"the device target needs ExecuTorch: {INSTALL_HINT}") from None
+
+
+def edge_quantizer(is_qat: bool = True):
+    """ExecuTorch's ``XNNPACKQuantizer`` with the symmetric per-channel config (QAT or PTQ)."""
+    require_executorch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+            XNNPACKQuantizer,
+            get_symmetric_quantization_config,
+        )
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
+                                                                           is_qat=is_qat))
+
+
+def lower_to_pte(module: nn.Module, example: torch.Tensor, *, max_batch: int = EDGE_MAX_BATCH,
+                 constant_methods: dict[str, Any] | None = None) -> bytes:
+    """``module`` (a converted int8 program, or an fp32 model) exported with a dynamic batch up to
+    ``max_batch``, lowered to XNNPACK and serialized: the bytes of a ``.pte`` file.
+
+    ``constant_methods`` become methods of the program that return a constant (divqat stores the
+    victim's metadata as one, so the file describes itself). What XNNPACK does not take (a fused
+    defense's float64 formula) runs on ExecuTorch's portable kernels inside the same program.
+    """
+    require_executorch()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    # Victims train in channels_last, and their int8 weights keep that layout; XNNPACK's layout
+    # pass refuses a constant it sees in two layouts, so every tensor goes in contiguous.
+    for tensor in (*module.parameters(), *module.buffers()):
+        if not tensor.is_contiguous():
+            tensor.data = tensor.data.contiguous()
+    batch = Dim("batch", min=1, max=max_batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+        if any(n.target == torch.ops.aten.round.decimals for n in exported.graph.nodes):
+            exported = exported.run_decompositions({torch.ops.aten.round.decimals: _round_decimals})
+        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                           constant_methods=constant_methods)
+        return bytes(edge.to_executorch().buffer)
+
+
+def _round_decimals(x: torch.Tensor, decimals: int = 0) -> torch.Tensor:
+    """``torch.round(x, decimals=d)`` as ATen's CPU kernel computes it, in core ops (the
+    rounding defense's): ``round(x * 10^d) / 10^d`` (``round(x / 10^-d) * 10^-d`` for d < 0).
+    ``aten.round.decimals`` is not a core op and the runtime has no kernel for it."""
+    if decimals < 0:
+        scale = 10.0 ** -decimals
+        return torch.round(x / scale) * scale
+    scale = 10.0 ** decimals
+    return torch.round(x * scale) / scale
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 for a moment: the runtime's C++ side prints cpuinfo warnings
+    about this CPU on its first program load ("Unsupported hardware" and friends), which are
+    noise to a user and cannot be switched off from Python."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def runtime():
+    """The ExecuTorch runtime singleton (``executorch.runtime.Runtime``)."""
+    require_executorch()
+    try:
+        from executorch.runtime import Runtime
+    except ImportError:
+        raise MissingExtra(f"the ExecuTorch runtime is not installed: {INSTALL_HINT}") from None
+    with quiet_stderr():
+        return Runtime.get()
+
+
+def set_runtime_threads(n: int) -> None:
+    """Size the runtime's XNNPACK thread pool (by default as many threads as cores). Only call it
+    while no program is running."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != n:
+        portable_lib._unsafe_reset_threadpool(n)

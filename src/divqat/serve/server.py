@@ -1,0 +1,109 @@
+"""``divqat serve``: load a victim, put its defense in front, warm it up, and run the API under
+uvicorn until SIGTERM or Ctrl-C (both finish the requests in flight first)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from divqat.blackbox import DefendedVictim
+from divqat.errors import ConfigError
+from divqat.serve.app import ServiceLimits, create_app
+from divqat.serve.store import KeyStore
+
+LOOPBACK = "127.0.0.1"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); port 0 takes a free one (read it back with
+    ``getsockname``). ``ConfigError`` for a host that does not resolve or a port in use."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"port must be 0-65535, got {port!r}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot listen on {host!r}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def warm_up(served: DefendedVictim, sizes: tuple[int, ...] = (1, 64, 256)) -> None:
+    """One call at each compiled batch bucket (victim.BUCKETS: 16, 64, 256), so that no client
+    waits for a compilation."""
+    for n in sizes:
+        served(torch.zeros(n, *served.input_shape))
+
+
+def load_service(victim_dir: str | Path, defense: str = "none", params: dict[str, Any] | None = None,
+                 *, seed: int = 0, data_root: str | Path | None = None, device: str = "cpu",
+                 misinformation_epochs: int = 5, log: Callable[[str], None] | None = None
+                 ) -> tuple[DefendedVictim, dict]:
+    """The victim in ``victim_dir`` behind ``defense`` (built as ``divqat defend`` and ``divqat
+    attack`` build it), warmed up; and the victim's metadata."""
+    from divqat.pipelines.defense_models import build_defense, victim_metadata
+    from divqat.victim import load_victim
+
+    meta = victim_metadata(victim_dir)
+    built = build_defense(defense, params, victim_dir, seed=seed, data_root=data_root, device=device,
+                          misinformation_epochs=misinformation_epochs, progress=False, log=log)
+    served = DefendedVictim(load_victim(victim_dir, device=device), built)
+    warm_up(served)
+    return served, meta
+
+
+def run_service(victim_dir: str | Path, db: str | Path, defense: str = "none",
+                params: dict[str, Any] | None = None, *, host: str = LOOPBACK, port: int = 8000,
+                limits: ServiceLimits | None = None, fsync: bool = False, seed: int = 0,
+                data_root: str | Path | None = None, device: str = "cpu",
+                misinformation_epochs: int = 5, log: Callable[[str], None] | None = None) -> None:
+    """Serve the defended victim on http://host:port until SIGTERM / Ctrl-C. Prints one line with
+    the URL once it listens (``port=0``: a free port, shown there)."""
+    import uvicorn
+
+    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    sock = bind(host, port)  # first: a port in use is found before minutes of loading
+    try:
+        store = KeyStore(db, fsync=fsync)  # and a file that is no key database
+        if not any(key.revoked is None for key in store.keys()):
+            say(f"divqat serve: {db} holds no usable API key yet; every request gets 401 until one is "
+                f"created: divqat keys create NAME --budget N --db {db}")
+        store.close()
+        served, meta = load_service(victim_dir, defense, params, seed=seed, data_root=data_root,
+                                    device=device, misinformation_epochs=misinformation_epochs, log=say)
+        app = create_app(served, db, classes=meta["classes"], dataset=meta.get("dataset"),
+                         limits=limits, fsync=fsync)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                timeout_graceful_shutdown=60, server_header=False)
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        if not is_loopback(bound_host):
+            say(f"divqat serve: listening on {bound_host}, reachable from other machines")
+        say(f"divqat serve: {meta.get('mode')} {meta.get('arch')} victim {victim_dir} behind {defense}"
+            f"{' (fused)' if served.fused else ''}, keys in {db}")
+        print(f"listening on http://{shown}:{bound_port}", flush=True)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,0 +1,263 @@
+"""The device target: training for XNNPACK, `divqat export` to a .pte run by ExecuTorch, a fused
+defense inside the program, encryption at rest, the file-copy thief, and `victim.target: edge`."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import sys
+
+import pytest
+import torch
+from conftest import TINY, _load_tiny
+
+pytest.importorskip("executorch.runtime", reason="needs divqat[edge]")
+
+from divqat import load_victim  # noqa: E402
+from divqat.blackbox import DefendedVictim  # noqa: E402
+from divqat.cli import main  # noqa: E402
+from divqat.data import to_float  # noqa: E402
+from divqat.defenses.base import create_defense  # noqa: E402
+from divqat.edge import KEY_ENV, EdgeVictim  # noqa: E402
+from divqat.errors import ArtifactError, ConfigError, MissingExtra  # noqa: E402
+from divqat.experiment import parse_config, plan_stages  # noqa: E402
+from divqat.experiment.report import copy_table, main_table  # noqa: E402
+from divqat.pipelines.defend import defend_victim  # noqa: E402
+from divqat.pipelines.device_copy import copy_attack  # noqa: E402
+from divqat.pipelines.export import export_victim  # noqa: E402
+from divqat.pipelines.train import TrainRequest, train_victim  # noqa: E402
+from divqat.sealed import MAGIC, new_key, read_key, seal, unseal  # noqa: E402
+
+
+def _test_images():
+    test = _load_tiny("test", None)
+    return to_float(test.images), torch.as_tensor(test.labels)
+
+
+@pytest.fixture(scope="session")
+def edge(tiny_victims, tmp_path_factory):
+    """A tiny QAT victim trained for the edge target; its plain program; and, through the CLI,
+    the same victim with DCP fused inside, sealed with a new key."""
+    root = tmp_path_factory.mktemp("edge")
+    victim = root / "edge-qat"
+    train_victim(TrainRequest(dataset=TINY, mode="qat", teacher=tiny_victims["fp32"], epochs=1,
+                              out=victim, progress=False, target="edge"))
+    plain = root / "qat.pte"
+    info = export_victim(victim, plain)
+    key = root / "device.key"
+    sealed = root / "qat-dcp.pte"
+    assert main(["export", "--victim", str(victim), "--defense", "dcp", "--param", "beta=0.5",
+                 "--out", str(sealed), "--encrypt-key-file", str(key)]) == 0
+    return {"victim": victim, "plain": plain, "sealed": sealed, "key": key, "info": info}
+
+
+# ---------------------------------------------------------------- export and reload
+
+def test_export_and_reload_keep_the_victim_interface(edge, tmp_path):
+    meta = load_victim(edge["victim"]).metadata
+    assert meta["target"] == "edge" and meta["mode"] == "qat"
+    assert edge["info"]["precision"] == "int8" and edge["info"]["outputs"] == "logits"
+    v = load_victim(edge["plain"])
+    assert isinstance(v, EdgeVictim) and v.outputs == "logits" and v.defense is None
+    assert (v.mode, v.input_shape, v.num_classes, v.int8) == ("qat", (1, 16, 16), 4, True)
+    assert v.classes == tuple(meta["classes"]) and v.writes_input is False
+    assert v.metadata["program"]["backend"] == "xnnpack" and v.max_batch == 256
+    x, _ = _test_images()
+    many = torch.cat([x, x, x])  # 384 rows: more than one call of at most 256
+    out = v(many)
+    assert out.shape == (384, 4) and out.dtype == torch.float32
+    assert torch.equal(out[:128], v(x)) and torch.equal(v(x[:1]), out[:1])
+    assert v(x[:0]).shape == (0, 4)
+    # A folder holding one program loads as that program.
+    folder = tmp_path / "device"
+    folder.mkdir()
+    shutil.copy(edge["plain"], folder)
+    assert torch.equal(load_victim(folder)(x), out[:128])
+    with pytest.raises(ValueError, match=r"shape \(N, 1, 16, 16\)"):
+        v(torch.rand(2, 3, 16, 16))
+
+
+def test_parity_with_the_torch_int8_victim(edge):
+    x, labels = _test_images()
+    torch_int8 = load_victim(edge["victim"])(x)
+    program = load_victim(edge["plain"])(x)
+    agree = (program.argmax(1) == torch_int8.argmax(1)).float().mean().item()
+    assert agree >= 0.99
+    # XNNPACK requantizes in integers where the reference program rounds in float: a few
+    # quantization steps of the logits at most.
+    assert (program - torch_int8).abs().max().item() < 0.5
+    acc = (program.argmax(1) == labels).float().mean().item()
+    assert acc > 0.5  # chance is 0.25
+
+
+# ---------------------------------------------------------------- a defense inside the program
+
+def test_fused_defense_answers_the_defended_posteriors(edge, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, str(edge["key"]))
+    x, _ = _test_images()
+    fused = load_victim(edge["sealed"])
+    assert fused.outputs == "posteriors" and fused.defense == "dcp"
+    assert fused.metadata["program"]["defense_params"]["beta"] == 0.5
+    answers = fused.program_outputs(x)
+    assert torch.allclose(answers.sum(1), torch.ones(len(x)), atol=1e-6)
+    # The same defense run in-process on the plain program's logits (its clean answers).
+    plain = load_victim(edge["plain"])
+    defended = DefendedVictim(plain, create_defense("dcp", beta=0.5))(x)
+    assert (answers - defended.defended).abs().max().item() < 1e-5
+    assert (answers - defended.clean).abs().max().item() > 1e-3  # DCP did change them
+    # Served behind no further defense, the thief gets exactly the device's answers.
+    served = DefendedVictim(fused)(x).defended
+    assert (served - answers).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("defense, reason", [
+    ("random-noise", "random noise"), ("mad", "surrogate model"),
+    ("adaptive-misinformation", "second model"),
+])
+def test_defenses_that_are_not_formulas_are_refused(edge, tmp_path, defense, reason):
+    with pytest.raises(ConfigError, match=reason) as e:
+        export_victim(edge["victim"], tmp_path / "x.pte", defense=defense)
+    assert "fusable: dcp, none" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x.pte").exists()
+
+
+def test_an_x86_victim_is_refused_with_the_command_to_train_one(tiny_victims, tmp_path, capsys):
+    code = main(["export", "--victim", str(tiny_victims["qat"]), "--out", str(tmp_path / "x.pte")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "x86 target" in err and "--target edge" in err
+    with pytest.raises(ConfigError, match="only applies to --mode qat or divqat"):
+        TrainRequest(dataset=TINY, mode="fp32", target="edge")
+
+
+def test_missing_executorch_is_one_line_with_the_install_command(tiny_victims, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "executorch.exir", None)  # import fails
+    with pytest.raises(MissingExtra, match=r"pip install 'divqat\[edge\]'"):
+        export_victim(tiny_victims["qat"], tmp_path / "x.pte")
+
+
+# ---------------------------------------------------------------- protection at rest
+
+def test_encrypted_round_trip_decrypts_in_memory_only(edge, tmp_path, monkeypatch):
+    data = edge["sealed"].read_bytes()
+    assert data.startswith(MAGIC) and b"divqat_metadata" not in data and b"dcp" not in data
+    assert stat.S_IMODE(edge["key"].stat().st_mode) == 0o600
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with pytest.raises(ArtifactError, match=f"encrypted.*{KEY_ENV}"):
+        load_victim(edge["sealed"])
+    folder = tmp_path / "device"
+    folder.mkdir()
+    shutil.copy(edge["sealed"], folder)
+    before = sorted(p.name for p in folder.iterdir())
+    v = load_victim(folder, key_file=edge["key"])
+    assert v.defense == "dcp"
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing decrypted to disk
+    # Two seals of the same program differ (fresh nonce) and both open.
+    key = read_key(edge["key"])
+    assert seal(b"program", key) != seal(b"program", key)
+    assert unseal(seal(b"program", key), key) == b"program"
+
+
+def test_wrong_key_and_tampered_file_are_refused_in_one_line(edge, tmp_path, capsys, monkeypatch):
+    other = tmp_path / "other.key"
+    new_key(other)
+    with pytest.raises(ArtifactError, match="different key"):
+        load_victim(edge["sealed"], key_file=other)
+    with pytest.raises(ArtifactError, match="never written over"):
+        new_key(other)
+    data = bytearray(edge["sealed"].read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tampered = tmp_path / "tampered.pte"
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="altered or truncated"):
+        load_victim(tampered, key_file=edge["key"])
+    truncated = tmp_path / "truncated.pte"
+    truncated.write_bytes(edge["sealed"].read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match="altered or truncated"):
+        load_victim(truncated, key_file=edge["key"])
+    bad = tmp_path / "bad.key"
+    bad.write_text("not hex\n")
+    with pytest.raises(ArtifactError, match="64 hex characters"):
+        load_victim(edge["sealed"], key_file=bad)
+    # Through the CLI (key from the environment): one line, exit 2.
+    monkeypatch.setenv(KEY_ENV, str(edge["key"]))
+    code = main(["attack", "--attack", "copy", "--victim", str(tampered), "--out", str(tmp_path / "o")])
+    assert code == 2 and "altered or truncated" in capsys.readouterr().err
+    # A damaged plain program is refused too.
+    broken = tmp_path / "broken.pte"
+    broken.write_bytes(edge["plain"].read_bytes()[:5000])
+    with pytest.raises(ArtifactError, match="not a loadable ExecuTorch program"):
+        load_victim(broken)
+
+
+# ---------------------------------------------------------------- the device's two threats
+
+def test_copy_attack_gets_the_victim_itself_and_nothing_without_the_key(edge, tmp_path, monkeypatch):
+    record = copy_attack(edge["plain"], out=tmp_path / "copy")
+    row = record["results"][0]
+    assert row["queries_used"] == 0 and row["identical_copy"]
+    assert row["agreement"] == 1.0 and row["max_posterior_difference"] == 0.0
+    assert row["adversary_accuracy"] == record["victim_accuracy"] > 0.5
+    assert (tmp_path / "copy" / "metrics.json").exists()
+
+    monkeypatch.setenv(KEY_ENV, str(edge["key"]))
+    with_key = copy_attack(edge["sealed"])
+    assert with_key["agreement"] == 1.0 and with_key["program"]["encrypted"]
+    no_key = copy_attack(edge["sealed"], thief_has_key=False)
+    assert no_key["adversary_accuracy"] is None and "no key" in no_key["note"]
+    with pytest.raises(ConfigError, match="device program"):
+        copy_attack(edge["victim"])
+
+
+def test_defend_and_attack_run_against_the_program(edge, tmp_path, capsys):
+    m = defend_victim(edge["plain"], "top-k", {"k": 1}, progress=False)
+    assert m["victim_mode"] == "qat" and m["defender_accuracy"] == m["victim_accuracy"]
+    assert main(["attack", "--victim", str(edge["plain"]), "--attack", "knockoff", "--transfer",
+                 f"{TINY}:train", "--budget", "64", "--epochs", "1", "--no-progress",
+                 "--out", str(tmp_path / "steal")]) == 0
+    assert "budget 64" in capsys.readouterr().out
+    assert main(["attack", "--victim", str(edge["plain"]), "--attack", "knockoff",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--budget" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- victim.target: edge
+
+EDGE_CONFIG = {
+    "name": "tiny-edge", "seeds": [0],
+    "victim": {"dataset": TINY, "holdout": 96, "target": "edge"},
+    "fp32": {"epochs": 1}, "divqat": {"alphas": [2.0]},
+    "defenses": ["none"],
+    "attacks": [{"name": "knockoff", "transfer": "holdout", "budgets": [40]}],
+}
+
+
+def test_edge_target_plans_a_copy_stage_per_victim_and_keeps_x86_keys():
+    config = parse_config(EDGE_CONFIG)
+    assert config.victim.target == "edge"
+    stages = plan_stages(config)
+    victims = [s for s in stages if s.kind == "victim"]
+    assert all(s.spec["target"] == "edge" for s in victims)
+    copies = [s for s in stages if s.kind == "copy"]
+    assert [s.inputs for s in copies] == [(v.key,) for v in victims]
+    x86 = plan_stages(parse_config({**EDGE_CONFIG, "victim": {"dataset": TINY, "holdout": 96}}))
+    assert not any(s.kind == "copy" or "target" in s.spec for s in x86)
+    assert [s.key for s in x86 if s.kind == "fp32"] == [s.key for s in stages if s.kind == "fp32"]
+    with pytest.raises(ConfigError, match="victim.target.*x86, edge"):
+        parse_config({**EDGE_CONFIG, "victim": {"dataset": TINY, "target": "arm"}})
+
+
+def test_report_puts_the_copy_beside_the_query_attacks():
+    base = {"seed": 0, "victim_mode": "qat", "alpha": 0.0, "defense": "none", "defense_label": "none",
+            "attack_params": "", "transfer": "holdout", "transfer_set": "tiny:train[-96:]",
+            "budget": 500, "defender_error": 0.12, "l1_distance": 0.0, "ms_per_query_defended": 0.01}
+    attacks = [{**base, "victim": "qat", "attack": "knockoff", "thief": t, "adversary_accuracy": a,
+                "adversary_error": 1 - a, "agreement": g, "disagreement": 1 - g}
+               for t, a, g in (("soft", 0.80, 0.85), ("label-only", 0.82, 0.86))]
+    copies = [{"seed": 0, "victim": "qat", "alpha": 0.0, "attack": "copy", "thief": "file copy",
+               "adversary_accuracy": 0.88, "agreement": 1.0, "note": None}]
+    results = {"victims": [], "defenses": [], "attacks": attacks, "copies": copies}
+    table = "\n".join(copy_table(results))
+    assert "| qat | file copy | 0 | 88.0 | 100.0 |" in table
+    assert "| qat | knockoff holdout (adaptive) | 500 | 82.0 | 86.0 |" in table
+    assert "file copy" in main_table(results)

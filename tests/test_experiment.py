@@ -335,6 +335,10 @@ def test_report_rebuilds_from_stored_results_with_seeds(tiny_run, tmp_path, caps
     assert "(divqat worse for the thief)" in report and "within noise" in report
     assert "95 % confidence interval" in report and "(n=1, no interval)" not in report
     assert (tmp_path / "plots" / "budget.png").is_file()
+    # The summary of where DivQAT pays: the adaptive thief's loss, paired by seed, per defense.
+    pays = report.split("## Where DivQAT pays")[1].split("\n## ")[0]
+    row = next(line for line in pays.splitlines() if line.startswith("| divqat a=2 | none |"))
+    assert row.count("(divqat worse for the thief)") == 1  # the one attack setting's column
 
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no results.json" in capsys.readouterr().err

@@ -242,6 +242,43 @@ def budget_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["defense", "thief", "victim", *(f"{b} queries" for b in budgets)], body)
 
 
+def pays_table(results: dict[str, Any]) -> list[str]:
+    """Where DivQAT pays, one row per DivQAT victim and defense: what it costs the defender (Δ
+    test accuracy of the int8 victim) and what it takes from the adaptive thief (Δ adversary
+    accuracy, the better of soft and label-only per seed) in each attack setting at its largest
+    budget; every Δ against qat paired by seed with its 95 % interval. Empty without an attack
+    setting that has both thieves."""
+    attacks = with_adaptive(results["attacks"])
+    adaptive = [r for r in attacks if r["thief"] == "adaptive"]
+    if not adaptive:
+        return []
+    settings = attack_settings(adaptive)
+    top = {st: max(r["budget"] for r in adaptive if (r["attack"], r["attack_params"], r["transfer"]) == st)
+           for st in settings}
+    index = {(r["victim"], r["defense_label"], (r["attack"], r["attack_params"], r["transfer"]), r["seed"]): r
+             for r in adaptive if r["budget"] == top[(r["attack"], r["attack_params"], r["transfer"])]}
+    trained = {(r["victim"], r["seed"]): r for r in results["victims"] if not r.get("collapsed")}
+    seeds = ordered(r["seed"] for r in adaptive)
+    body = []
+    for v in victim_labels(adaptive):
+        if not v.startswith("divqat"):
+            continue
+        paired = [s for s in seeds if (v, s) in trained and ("qat", s) in trained]
+        cost = delta_cell([trained[(v, s)]["victim_accuracy"] - trained[("qat", s)]["victim_accuracy"]
+                           for s in paired], "victim_accuracy", 100)
+        for d in ordered(r["defense_label"] for r in adaptive):
+            cells = []
+            for st in settings:
+                diffs = [index[(v, d, st, s)]["adversary_accuracy"] - index[("qat", d, st, s)]["adversary_accuracy"]
+                         for s in seeds if (v, d, st, s) in index and ("qat", d, st, s) in index]
+                cells.append(delta_cell(diffs, "adversary_accuracy", 100))
+            if any(c != "–" for c in cells):
+                body.append([v, d, cost, *cells])
+    header = ["victim", "defense", "Δ test accuracy % (defender)",
+              *(f"Δ adaptive thief accuracy %: {short_title(st)}, {top[st]:,} queries" for st in settings)]
+    return _table(header, body)
+
+
 def copy_table(results: dict[str, Any]) -> list[str]:
     """The two threats side by side, per victim: the thief who copies the device program (no
     queries) and, for each query attack setting at its largest budget against the undefended
@@ -433,6 +470,14 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
             if len({r["budget"] for r in mine}) > 1:
                 lines += [f"#### {title}: adversary accuracy % per query budget", "",
                           *budget_table(mine), ""]
+    pays = pays_table(results)
+    if pays:
+        lines += ["## Where DivQAT pays", "",
+                  "Per DivQAT victim and defense: what it costs the defender (Δ int8 test accuracy) "
+                  "and what it takes from the adaptive thief in each attack setting at its largest "
+                  "budget (negative: the thief copies worse). Every Δ is against qat, paired by seed, "
+                  "with its 95 % confidence interval; within noise where that contains 0.", "",
+                  *pays, ""]
     if results.get("copies"):
         lines += ["## On the device: copying the program beside the query attacks", "",
                   "The victims ran as ExecuTorch programs (`victim.target: edge`). Whoever holds the "
@@ -469,5 +514,5 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
     return "\n".join(lines)
 
 
-__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "outliers_lines",
+__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "outliers_lines", "pays_table",
            "overlap_note", "report_markdown", "stage_times_table"]

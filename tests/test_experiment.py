@@ -14,7 +14,7 @@ import yaml
 from conftest import TINY
 
 from divqat.cli import main
-from divqat.errors import ConfigError
+from divqat.errors import ConfigError, DatasetError
 from divqat.experiment import (
     load_config,
     load_preset,
@@ -24,10 +24,11 @@ from divqat.experiment import (
     preset_names,
     run_experiment,
 )
-from divqat.experiment import runner as runner_module
 from divqat.experiment.cache import DONE, StageCache, stage_key
+from divqat.experiment.config import config_dict
 from divqat.experiment.report import delta_cell
 from divqat.experiment.results import with_adaptive
+from divqat.pipelines import stages as stages_module
 
 TINY_CONFIG = {
     "name": "tiny",
@@ -40,8 +41,8 @@ TINY_CONFIG = {
     "attacks": [{"name": "knockoff", "transfer": "holdout", "labels_only": [False, True],
                  "budgets": [40, 80], "surrogate": {"epochs": 2, "batch_size": 32}}],
 }
-# fp32, qat, divqat; 2 victims x 2 defenses; 2 victims x 2 defenses x (soft, label-only).
-N_STAGES, N_ATTACKS = 1 + 2 + 4 + 8, 8
+# fp32, qat, divqat; 2 victims x 2 defenses; 2 victims x 2 defenses x (soft, label-only); timing.
+N_STAGES, N_ATTACKS = 1 + 2 + 4 + 8 + 1, 8
 
 
 def tiny(**changes) -> dict:
@@ -144,19 +145,21 @@ def _keys(config: dict) -> dict[str, str]:
 
 def test_stage_keys_change_exactly_when_their_inputs_change():
     base = _keys(tiny(divqat__alphas=[0.5, 2.0]))
-    assert len(base) == len(set(base.values())) == 1 + 3 + 6 + 12
+    assert len(base) == len(set(base.values())) == 1 + 3 + 6 + 12 + 1
     assert _keys(tiny(divqat__alphas=[0.5, 2.0])) == base  # deterministic
 
     moved = _keys(tiny(divqat__alphas=[0.5, 3.0]))
     changed = {label for label, key in base.items() if key not in moved.values()}
-    # Exactly the alpha-2 victim and everything downstream of it.
-    assert changed == {label for label in base if "divqat a=2 " in label + " "}
-    assert len(changed) == 1 + 2 + 4
+    # Exactly the alpha-2 victim and everything downstream of it (the timing stage reads it).
+    assert changed == {label for label in base if "divqat a=2 " in label + " "
+                       or label.startswith("timing")}
+    assert len(changed) == 1 + 2 + 4 + 1
 
     beta = _keys(tiny(defenses=["none", {"name": "dcp", "params": {"beta": 0.6}}]))
     changed = {label for label, key in _keys(tiny()).items() if key not in beta.values()}
-    assert changed and all("dcp" in label for label in changed)  # 2 defenses + their 4 attacks
-    assert len(changed) == 2 + 4
+    # 2 defenses + their 4 attacks, and the timing stage that serves every defense
+    assert changed and all("dcp" in label or label.startswith("timing") for label in changed)
+    assert len(changed) == 2 + 4 + 1
 
     epochs = _keys(tiny(attacks__0__surrogate={"epochs": 3, "batch_size": 32}))
     changed = {label for label, key in _keys(tiny()).items() if key not in epochs.values()}
@@ -214,7 +217,7 @@ def tiny_run(tmp_path_factory):
     config = parse_config(TINY_CONFIG)
     calls: Counter = Counter()
     interrupt_at = {"attack": 3}
-    real = {name: getattr(runner_module, name) for name in ("train_victim", "attack_victim", "load_victim")}
+    real = {name: getattr(stages_module, name) for name in ("train_victim", "attack_victim", "load_victim")}
 
     def counting(name):
         def wrapper(*args, **kwargs):
@@ -227,7 +230,7 @@ def tiny_run(tmp_path_factory):
     runs = []
     with pytest.MonkeyPatch.context() as mp:
         for name in real:
-            mp.setattr(runner_module, name, counting(name))
+            mp.setattr(stages_module, name, counting(name))
         lines: list[str] = []
         with pytest.raises(KeyboardInterrupt):
             run_experiment(config, out, progress=False, say=lines.append)
@@ -259,7 +262,7 @@ def test_interrupted_run_keeps_finished_stages_and_resumes(tiny_run):
     cached = 3 + 2 + 2
     assert sum(line.endswith("... cached") for line in resumed["lines"]) == cached
     assert resumed["results"]["stages"] == {"total": N_STAGES, "ran": N_STAGES - cached,
-                                            "cached": cached, "skipped": 0}
+                                            "cached": cached, "skipped": 0, "failed": 0}
 
     # A third run finds everything done: no training, no attack, no victim even loaded.
     assert again["calls"] == {}
@@ -311,23 +314,31 @@ def test_report_and_plots_of_the_run(tiny_run):
 
 def test_report_rebuilds_from_stored_results_with_seeds(tiny_run, tmp_path, capsys):
     results = load_results(tiny_run["out"])
-    # A second seed, as a stored file would have it: the thief does worse against divqat.
-    for table in ("victims", "defenses", "attacks"):
-        extra = copy.deepcopy(results[table])
-        for row in extra:
-            row["seed"] = 1
-            if table == "attacks" and row["victim_mode"] == "divqat":
-                row["adversary_error"] = min(1.0, row["adversary_error"] + 0.3)
-                row["adversary_accuracy"] = 1 - row["adversary_error"]
-        results[table] += extra
-    results["config"]["seeds"] = [0, 1]
+    # Three seeds, as a stored file would have them: the thief does clearly worse against divqat
+    # (its error 30-32 points higher, seed by seed), so the paired interval excludes 0.
+    for table in ("victims", "defenses", "attacks", "timings"):
+        rows = []
+        for seed in (0, 1, 2):
+            for row in copy.deepcopy(results[table]):
+                row["seed"] = seed
+                if table == "attacks" and row["victim_mode"] == "divqat":
+                    row["adversary_error"] = row["adversary_error"] + 0.30 + 0.01 * seed
+                    row["adversary_accuracy"] = 1 - row["adversary_error"]
+                rows.append(row)
+        results[table] = rows
+    results["config"]["seeds"] = [0, 1, 2]
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert main(["report", str(tmp_path)]) == 0
     assert "report.md" in capsys.readouterr().out
     report = (tmp_path / "report.md").read_text()
-    assert "seeds 0, 1" in report and " ± " in report
-    assert "(divqat worse for the thief)" in report
+    assert "seeds 0, 1, 2" in report and " ± " in report
+    assert "(divqat worse for the thief)" in report and "within noise" in report
+    assert "95 % confidence interval" in report and "(n=1, no interval)" not in report
     assert (tmp_path / "plots" / "budget.png").is_file()
+    # The summary of where DivQAT pays: the adaptive thief's loss, paired by seed, per defense.
+    pays = report.split("## Where DivQAT pays")[1].split("\n## ")[0]
+    row = next(line for line in pays.splitlines() if line.startswith("| divqat a=2 | none |"))
+    assert row.count("(divqat worse for the thief)") == 1  # the one attack setting's column
 
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "no results.json" in capsys.readouterr().err
@@ -345,12 +356,34 @@ def test_run_cli_on_a_finished_config_prints_the_main_table(tiny_run, tmp_path, 
 
 # ---------------------------------------------------------------- report pieces, CLI errors
 
-def test_delta_cell_makes_the_sign_obvious():
-    assert delta_cell([0.021], "adversary_error", 100) == "+2.1 (divqat worse for the thief)"
-    assert delta_cell([-0.021], "adversary_error", 100) == "-2.1 (divqat better for the thief)"
-    assert delta_cell([0.01, 0.03], "defender_error", 100) == "+2.0 ± 1.4 (divqat less accurate)"
-    assert delta_cell([0.0001], "adversary_error", 100) == "0.0 (no change)"
+def test_delta_cell_gives_the_paired_interval_and_says_within_noise():
+    assert delta_cell([0.021], "adversary_error", 100) == "+2.1 (n=1, no interval)"
+    assert delta_cell([0.02, 0.025, 0.03], "defender_error", 100) == "+2.5 [+1.3, +3.7] (divqat less accurate)"
+    assert delta_cell([-0.02, -0.025, -0.03], "adversary_error", 100) == (
+        "-2.5 [-3.7, -1.3] (divqat better for the thief)")
+    # Two seeds: t(0.975, 1) = 12.7, so a spread of 1.4 points gives a wide interval.
+    assert delta_cell([0.01, 0.03], "defender_error", 100) == "+2.0 [-10.7, +14.7] within noise"
     assert delta_cell([], "adversary_error") == "–"
+    # A timing difference is a measurement, never worded as a property of the method.
+    assert delta_cell([0.010, 0.011, 0.012], "ms_per_query_defended", 1, 3) == "+0.011 [+0.009, +0.013]"
+    assert "within noise" in delta_cell([0.001, 0.002, 0.003, -0.004], "ms_per_query_clean", 1, 3)
+
+
+def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
+    from scipy import stats as scipy_stats
+
+    from divqat.experiment.stats import paired_difference
+
+    divqat, qat = [0.81, 0.79, 0.84, 0.80, 0.83], [0.78, 0.79, 0.80, 0.77, 0.79]
+    d = paired_difference(a - b for a, b in zip(divqat, qat, strict=True))
+    diffs = [a - b for a, b in zip(divqat, qat, strict=True)]
+    low, high = scipy_stats.t.interval(0.95, len(diffs) - 1, loc=sum(diffs) / 5,
+                                       scale=scipy_stats.sem(diffs))
+    assert d.n == 5 and abs(d.low - low) < 1e-12 and abs(d.high - high) < 1e-12
+    assert not d.within_noise and d.low > 0
+    one = paired_difference([0.3, None, float("nan")])
+    assert one.n == 1 and not one.has_interval and not one.within_noise
+    assert paired_difference([]) is None
 
 
 def test_adaptive_thief_takes_the_better_of_soft_and_label_only():
@@ -420,3 +453,154 @@ def test_plots_single_budget_ticks_and_tradeoff_legend(tiny_run, tmp_path, monke
     assert {"qat", "divqat a=2", "defense: none", "defense: dcp beta=0.5"} <= set(labels)
     assert plots.budget_text(500) == "500" and plots.budget_text(2500) == "2.5k"
     assert plots.budget_text(10000) == "10k"
+
+
+# ---------------------------------------------------------------- a failing stage
+
+def test_a_failing_stage_is_named_the_others_finish_and_a_rerun_runs_only_it(tiny_run, tmp_path,
+                                                                              monkeypatch, capsys):
+    """A transfer set that cannot be loaded at attack time (a folder gone, a node without it):
+    the attacks that need it fail with the error named, every other stage finishes (here: is
+    cached), the run exits 1, and the next run runs only the failed stages."""
+    import shutil
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run["out"], out)
+    config = tiny(attacks=[*TINY_CONFIG["attacks"],
+                           {"name": "knockoff", "transfer": "mnist", "labels_only": [False],
+                            "budgets": [40], "defenses": ["none"],
+                            "surrogate": {"epochs": 1, "batch_size": 32}}])
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    real = stages_module.load_transfer_set
+
+    def unreadable(spec, meta, data_root=None, limit=None):
+        if spec.startswith("mnist"):
+            raise DatasetError(f"cannot read {spec}: the folder is gone")
+        return real(spec, meta, data_root, limit)
+
+    monkeypatch.setattr(stages_module, "load_transfer_set", unreadable)
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    failed = [line for line in captured.out.splitlines() if "... failed" in line]
+    assert len(failed) == 2 and all("attack knockoff soft mnist:train" in line for line in failed)
+    assert all("DatasetError: cannot read mnist:train: the folder is gone" in line for line in failed)
+    assert "2 failed" in captured.out and "run the same command again" in captured.err
+    assert "attack knockoff soft mnist:train | qat | none | seed 0: DatasetError" in captured.err
+    results = load_results(out)
+    assert results["stages"]["failed"] == 2 and results["stages"]["cached"] == N_STAGES
+    assert len(results["attacks"]) == N_ATTACKS * 2  # every other attack is in the results
+    assert "## Failed stages" in (out / "report.md").read_text()
+    folder = next(p for p in (out / "stages" / "attack").iterdir() if (p / "error.txt").exists())
+    assert "DatasetError" in (folder / "error.txt").read_text() and not (folder / DONE).exists()
+
+    monkeypatch.setattr(stages_module, "load_transfer_set", real)  # the folder is back
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ran = [line for line in lines if line.endswith("... running")]
+    assert len(ran) == 2 and all("mnist:train" in line for line in ran)
+    assert sum(line.endswith("... cached") for line in lines) == N_STAGES
+    assert len(load_results(out)["attacks"]) == N_ATTACKS * 2 + 2
+
+
+def test_a_failed_victim_skips_what_needs_it_and_the_timing_keeps_the_others(tiny_run, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run["out"], out)
+    config = parse_config(TINY_CONFIG)
+    divqat = next(s for s in plan_stages(config) if s.label.startswith("victim divqat"))
+    (StageCache(out).folder("victim", divqat.key) / DONE).unlink()  # it has to run again...
+    real = stages_module.train_victim
+
+    def full_disk(req):
+        if req.mode == "divqat":
+            raise OSError(28, "No space left on device")
+        return real(req)
+
+    monkeypatch.setattr(stages_module, "train_victim", full_disk)  # ... and fails
+    lines: list[str] = []
+    results = run_experiment(config, out, progress=False, say=lines.append)
+    assert results["stages"] == {"total": N_STAGES, "ran": 1, "cached": 1 + 1 + 2 + 4,
+                                 "skipped": 2 + 4, "failed": 1}
+    assert [f["stage"] for f in results["failures"]] == ["victim divqat a=2 | seed 0"]
+    assert "OSError: [Errno 28] No space left on device" in results["failures"][0]["error"]
+    skipped = [line for line in lines if "... skipped" in line]
+    assert len(skipped) == 6 and all("victim divqat a=2 | seed 0 failed" in line for line in skipped)
+    # The timing stage ran again with the victims that are there (its inputs changed).
+    assert {r["victim"] for r in results["timings"]} == {"qat"}
+    assert {r["victim"] for r in results["attacks"]} == {"qat"}
+
+
+# ---------------------------------------------------------------- presets, grids, the plan
+
+def test_default_preset_has_three_seeds_and_the_paper_fmnist_preset_every_method():
+    from divqat.attacks import ATTACKS
+    from divqat.defenses import DEFENSES
+
+    default = load_preset("default")
+    assert default.seeds == (0, 1, 2)
+    stages = plan_stages(default)
+    assert sum(s.kind == "timing" for s in stages) == 3
+    paper = load_preset("paper-fmnist")
+    assert len(paper.seeds) == 5 and paper.fp32.epochs == 15
+    assert len(paper.divqat.alphas) > 1 and len(paper.divqat.caps) > 1
+    assert {d.name for d in paper.defenses} == set(DEFENSES.names())
+    assert {a.name for a in paper.attacks} == set(ATTACKS.names())
+    labels = [s.label for s in plan_stages(paper) if s.kind == "victim"]
+    assert "victim divqat a=2 cap=0.15 | seed 0" in labels
+
+
+def test_cap_grid_and_precision_keep_the_keys_of_configs_without_them():
+    base = _keys(tiny())
+    assert _keys(tiny(divqat__cap=0.15)) == base  # the recommended cap, written out
+    assert _keys(tiny(fp32={"epochs": 3, "precision": "fp32"},
+                      attacks__0__surrogate={"epochs": 2, "batch_size": 32, "precision": "fp32"})) == base
+    grid = _keys(tiny(divqat__cap=[0.15, 0.3]))
+    assert "victim divqat a=2 cap=0.15 | seed 0" in grid and "victim divqat a=2 cap=0.3 | seed 0" in grid
+    # The cap-0.15 victim is the one the single-cap config trains (only its label names the cap).
+    assert grid["victim divqat a=2 cap=0.15 | seed 0"] == base["victim divqat a=2 | seed 0"]
+    bf16 = _keys(tiny(attacks__0__surrogate={"epochs": 2, "batch_size": 32, "precision": "bf16"}))
+    changed = {label for label, key in base.items() if key not in bf16.values()}
+    assert changed == {label for label in base if label.startswith("attack")}
+    teacher = _keys(tiny(fp32={"epochs": 3, "precision": "bf16"}))
+    assert teacher["fp32 teacher | seed 0"] != base["fp32 teacher | seed 0"]
+    with pytest.raises(ConfigError, match=r"fp32\.precision"):
+        parse_config(tiny(fp32={"epochs": 3, "precision": "fp16"}))
+    with pytest.raises(ConfigError, match=r"qat\.precision: unknown key"):
+        parse_config(tiny(qat={"epochs": 1, "precision": "bf16"}))
+    with pytest.raises(ConfigError, match=r"divqat\.cap"):
+        parse_config(tiny(divqat__cap=[0.15, -1]))
+    config = parse_config(tiny(divqat__cap=[0.15, 0.3]))
+    assert parse_config(yaml.safe_load(yaml.safe_dump(config_dict(config)))) == config
+
+
+def test_plan_lists_the_stages_what_is_cached_and_the_time_left(tiny_run, tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny(seeds=[0, 1])))
+    assert main(["run", str(path), "--out", str(tiny_run["out"]), "--plan", "--cores", "4"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0].startswith(f"plan: tiny ({path}) -> {tiny_run['out']}: {2 * N_STAGES} stages, "
+                               f"{N_STAGES} cached, {N_STAGES} to run")
+    assert sum(line.endswith("... cached") for line in lines) == N_STAGES
+    assert sum("... to run, ~" in line for line in lines) == N_STAGES
+    assert f"rates from {N_STAGES} finished stages in {tiny_run['out']}" in out
+    assert "one stage at a time with 4 threads (--executor serial)" in out
+    assert "with 4 stages at a time, 1 thread each (--executor ray on 4 cores)" in out
+    assert not list((tiny_run["out"] / "stages").glob("*/*/error.txt"))  # nothing ran
+
+
+def test_wall_time_replays_the_plan_on_workers():
+    from divqat.experiment.estimate import wall_time
+    from divqat.experiment.runner import Stage
+
+    def stage(key, *inputs):
+        return Stage("x", key, key, {}, tuple(inputs), 0)
+
+    plan = [stage("t"), stage("a", "t"), stage("b", "t"), stage("c", "a"), stage("d", "b")]
+    seconds = {"t": 10, "a": 5, "b": 5, "c": 5, "d": 5}
+    assert wall_time(plan, seconds, 1) == 30
+    assert wall_time(plan, seconds, 2) == 20
+    assert wall_time(plan, {**seconds, "t": 0}, 8) == 10  # a cached teacher takes no time

@@ -133,6 +133,11 @@ class DefendedVictim:
         return self._defense
 
     @property
+    def victim(self) -> Callable[[Tensor], Tensor]:
+        """The victim itself (for timing it alone beside the served path)."""
+        return self._victim
+
+    @property
     def fused(self) -> bool:
         """Whether the defense runs inside the victim's compiled program (known after the first
         query)."""

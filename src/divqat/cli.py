@@ -88,16 +88,30 @@ transfer set x label-only flag x seed, one surrogate per budget) -> results and 
 
 Every stage is cached in OUT/stages/<kind>/<key>/ under a hash of its settings and inputs: a
 second run skips what is done, an interrupted run (Ctrl-C, SIGTERM) resumes where it stopped,
-and changing one setting recomputes only what depends on it. Writes OUT/results.csv (one row per
-victim x defense x attack x budget x seed), OUT/results.json, OUT/report.md and OUT/plots/.
+and changing one setting recomputes only what depends on it. A stage that fails is reported
+with its error, the stages that need it are skipped, the others finish, and the run exits 1;
+running it again runs only what is missing. Writes OUT/results.csv (one row per victim x
+defense x attack x budget x seed), OUT/results.json, OUT/report.md (mean ± sd over seeds,
+divqat - qat with 95 % confidence intervals paired by seed) and OUT/plots/.
+
+Executors: serial (one stage at a time in this process, --threads threads) or ray (each stage a
+Ray task with --cpus-per-stage CPUs and as many torch threads, started as soon as the stages it
+reads are done; a local Ray instance on this machine's cores, or the cluster at --address /
+RAY_ADDRESS, whose nodes must all see OUT at the same path). --plan prints the stages, what is
+cached and an estimate of the time left, and runs nothing.
 
 Presets (shipped with divqat): smoke (a complete tiny pipeline, about 2 minutes on 2 cores),
-default (Fashion-MNIST, about 30 minutes), paper-cifar10 (CIFAR-10/100 from --data-root; hours).
+default (Fashion-MNIST, 3 seeds, sized for 45 minutes on 2 cores with --executor ray),
+paper-fmnist (the full Fashion-MNIST grid, 5 seeds: a cluster's work; see --plan),
+paper-cifar10 (CIFAR-10/100 from --data-root; hours).
 The config format is documented in divqat.experiment.config; start from a preset's YAML
 (src/divqat/experiment/presets/).
 
 example:
   divqat run --preset smoke --out runs/smoke
+  divqat run --preset default --executor ray --cpus-per-stage 1      # 2 stages at a time on 2 cores
+  divqat run --preset paper-fmnist --plan --cores 64                  # its size and wall time
+  divqat run --preset paper-fmnist --executor ray --address ray://head:10001 --out /shared/runs/p
   divqat run --preset paper-cifar10 --data-root ~/data --device cuda
   divqat run my-experiment.yaml --out runs/mine
   divqat report runs/mine          # rebuild report.md and the plots from results.json
@@ -164,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     from divqat.models import model_names
     from divqat.pipelines.train import MODES
     from divqat.train.losses import DIVERGENCES, PLACEMENTS, RECOMMENDED
+    from divqat.train.trainer import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="divqat", description=DESCRIPTION)
     training = _shared_options("torch device for training (default: cpu)")
@@ -213,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="keep the last N training images out of training (an unseen in-distribution "
                         "transfer set for attacks) (default: 0)")
+    t.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="fp32 training only: bf16 runs the forward passes under bf16 autocast where "
+                        "the CPU has native bf16, fp32 elsewhere (default: fp32)")
     t.add_argument("--target", default="x86", choices=("x86", "edge"),
                    help="int8 scheme of qat/divqat: x86 (inductor, oneDNN) or edge (ExecuTorch's "
                         "XNNPACK, for `divqat export`; needs divqat[edge]) (default: x86)")
@@ -266,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=float, default=0.1, help="surrogate peak learning rate, cosine (default: 0.1)")
     a.add_argument("--temperature", type=float, default=1.0,
                    help="temperature of the soft cross-entropy (default: 1)")
+    a.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="surrogate training: bf16 autocast where the CPU has it (default: fp32)")
     _add_remote_attack_options(a)
     a.set_defaults(func=cmd_attack)
 
@@ -281,6 +301,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", choices=preset_names(), metavar="NAME",
                    help=f"a shipped config instead of CONFIG: {', '.join(preset_names())}")
     r.add_argument("--out", metavar="DIR", help="output folder (default: runs/NAME, NAME from the config)")
+    r.add_argument("--executor", choices=("serial", "ray"), default="serial",
+                   help="serial: one stage at a time in this process; ray: stages as Ray tasks, as "
+                        "many at a time as the CPUs allow (default: serial)")
+    r.add_argument("--address", metavar="ADDR",
+                   help="ray: join the running Ray cluster at ADDR (default: $RAY_ADDRESS, else a "
+                        "local Ray instance on this machine's cores)")
+    r.add_argument("--cpus-per-stage", type=_positive_int, default=1, metavar="N",
+                   help="ray: CPUs (and torch threads) per stage (default: 1)")
+    r.add_argument("--plan", action="store_true",
+                   help="print the stages, what is cached and the estimated time left; run nothing")
+    r.add_argument("--cores", type=_positive_int, default=None, metavar="N",
+                   help="--plan: estimate the wall time on N cores (default: this machine's)")
+    r.add_argument("--times", action="append", default=[], metavar="DIR",
+                   help="--plan: also estimate from the stage times measured in DIR (repeatable)")
     r.set_defaults(func=cmd_run)
 
     rp = sub.add_parser("report", help="rebuild report.md and the plots of an experiment from its results.json")
@@ -319,8 +353,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   outliers=args.outliers, distill=args.distill)
     req = TrainRequest(dataset=args.dataset, arch=args.arch, mode=args.mode, out=args.out, epochs=args.epochs,
                        teacher=args.teacher, divqat=settings, limit=args.limit, holdout=args.holdout,
-                       seed=args.seed, batch_size=args.batch_size, lr=args.lr, data_root=args.data_root,
-                       device=args.device, progress=not args.no_progress, target=args.target)
+                       seed=args.seed, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+                       data_root=args.data_root, device=args.device, progress=not args.no_progress,
+                       target=args.target)
     m = train_victim(req)
     line = f"{args.mode} {args.arch} on {args.dataset}: test accuracy {m['test_accuracy']:.2%}"
     if "int8_test_accuracy" in m:
@@ -384,7 +419,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise ConfigError("--budget N [N ...] is required (one surrogate per budget)")
     training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
-                                 seed=args.seed,
+                                 precision=args.precision, seed=args.seed,
                                  device=args.device, progress=not args.no_progress)
     m = attack_victim(args.victim, args.attack, parse_params(args.attack_param), budgets=args.budget,
                       defense=args.defense, defense_params=parse_params(args.param),
@@ -653,7 +688,8 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     training = SurrogateTraining(arch=args.surrogate, epochs=args.epochs, batch_size=args.batch_size,
                                  lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
-                                 seed=args.seed, device=args.device, progress=not args.no_progress)
+                                 precision=args.precision, seed=args.seed, device=args.device,
+                                 progress=not args.no_progress)
     m = attack_remote(args.victim, args.attack, parse_params(args.attack_param),
                       api_key=read_key_file(args.api_key_file),
                       eval_key=read_key_file(args.eval_key_file) if args.eval_key_file else None,
@@ -915,21 +951,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     from divqat.errors import ConfigError
     from divqat.experiment import load_config, load_preset, main_table, run_experiment
     from divqat.experiment.config import preset_names
+    from divqat.experiment.executors import make_executor
 
     if (args.config is None) == (args.preset is None):
         what = "not both" if args.config is not None else f"one of: {', '.join(preset_names())}"
         raise ConfigError(f"give a CONFIG file or --preset NAME ({what})")
     config = load_config(args.config) if args.config else load_preset(args.preset)
     out = args.out or os.path.join("runs", config.name)
+    if args.executor == "serial" and args.address:
+        raise ConfigError("--address joins a Ray cluster: use it with --executor ray")
+    if args.executor == "ray" and args.threads:
+        raise ConfigError("--threads is for --executor serial; with ray each stage gets "
+                          "--cpus-per-stage threads")
+    if args.plan:
+        from divqat.experiment.estimate import plan_lines
+
+        cores = args.cores or (os.cpu_count() or 1)
+        for line in plan_lines(config, out, cores=cores, cpus_per_stage=args.cpus_per_stage,
+                               threads=args.threads, executor=args.executor, times_from=args.times,
+                               data_root=args.data_root):
+            print(line)
+        return 0
+    executor = make_executor(args.executor, address=args.address, cpus_per_stage=args.cpus_per_stage)
     _set_threads(args.threads)
     start = time.perf_counter()
-    try:  # SIGTERM stops like Ctrl-C: the stage that runs is dropped, the finished ones are kept
+    try:  # SIGTERM stops like Ctrl-C: the running stages are dropped, the finished ones are kept
         previous = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread
         previous = None
     try:
         results = run_experiment(config, out, data_root=args.data_root, device=args.device,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, executor=executor)
     except KeyboardInterrupt:
         print(f"divqat run: stopped; finished stages are kept in {os.path.join(out, 'stages')}; "
               "run the same command again to resume", file=sys.stderr)
@@ -941,8 +993,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(main_table(results))
     print(f"\n{stages['total']} stages ({stages['ran']} run, {stages['cached']} cached, "
-          f"{stages['skipped']} skipped) in {time.perf_counter() - start:.0f} s")
+          f"{stages['skipped']} skipped, {stages['failed']} failed) in "
+          f"{time.perf_counter() - start:.0f} s ({args.executor})")
     print(f"report: {os.path.join(out, 'report.md')} (results.csv, results.json, plots/)")
+    if results["failures"]:
+        for failure in results["failures"]:
+            print(f"divqat run: failed: {failure['stage']}: {failure['error']}", file=sys.stderr)
+        print(f"divqat run: {stages['failed']} stage(s) failed and {stages['skipped']} were skipped; "
+              "run the same command again to run only those", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -32,6 +32,7 @@ from divqat.errors import ArtifactError
 from divqat.io import atomic_write, write_json
 from divqat.models.normalized import VictimNet, build_net
 from divqat.quant import compile_int8, quiet_torchao
+from divqat.stopwatch import phase, timed
 
 FORMAT = "divqat-victim"
 FORMAT_VERSION = 1
@@ -42,6 +43,7 @@ INT8_MODES = ("qat", "divqat")
 BUCKETS = (16, 64, 256)
 
 
+@timed("save")
 def save_victim(out: str | Path, program: torch.export.ExportedProgram, metadata: dict,
                 weights: dict | None = None) -> Path:
     """Write a victim directory (program, metadata and, for fp32, the weights). Returns the path."""
@@ -148,11 +150,17 @@ class Victim:
         return images.float()
 
     def _chunks(self, images: torch.Tensor):
-        """(chunk on the victim's device, real rows) in order; compiled victims get chunks of at
-        most 256 rows zero-padded up to a bucket size."""
+        """(chunk on the victim's device, the rows of its output that answer new images) in
+        order. Compiled victims get chunks of at most 256 rows, a short one zero-padded up to a
+        bucket size; the short last chunk of a longer query is instead topped up with the images
+        before it, so that it runs through the 256 program already compiled rather than
+        compiling another (seconds, in every process that serves the victim)."""
+        n = images.shape[0]
         step = BUCKETS[-1] if self._compiled else 1024
-        for start in range(0, images.shape[0], step):
-            chunk = images[start:start + step]
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            low = max(0, stop - step) if self._compiled else start
+            chunk = images[low:stop]
             if chunk.device != self.device:
                 chunk = chunk.to(self.device)
             m = chunk.shape[0]
@@ -160,14 +168,14 @@ class Victim:
                 size = next(b for b in BUCKETS if b >= m)
                 if size != m:
                     chunk = torch.cat([chunk, chunk.new_zeros((size - m, *chunk.shape[1:]))])
-            yield chunk, m
+            yield chunk, slice(start - low, stop - low)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = self._check(images)
         if images.shape[0] == 0:
             return torch.empty(0, self.num_classes)
-        return torch.cat([self._forward(chunk)[:m].float().cpu() for chunk, m in self._chunks(images)])
+        return torch.cat([self._forward(chunk)[rows].float().cpu() for chunk, rows in self._chunks(images)])
 
     def with_epilogue(self, epilogue: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
                       ) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None:
@@ -188,13 +196,15 @@ class Victim:
 
         @torch.no_grad()
         def run(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            parts = [(program(chunk), m) for chunk, m in self._chunks(images)]
-            first, m = parts[0]
-            if len(parts) == 1 and m == first[0].shape[0]:
+            parts = [(program(chunk), rows) for chunk, rows in self._chunks(images)]
+            first, rows = parts[0]
+            if len(parts) == 1 and rows.stop - rows.start == first[0].shape[0]:
                 outputs = first  # the common case: one full bucket, nothing to slice
             else:
+                # A count (a 0-dim output) sums over the chunks, rows that top up a short
+                # last chunk included: it can only overcount, and it is tested for 0.
                 outputs = tuple(sum(out[i] for out, _ in parts) if first[i].ndim == 0
-                                else torch.cat([out[i][:m] for out, m in parts])
+                                else torch.cat([out[i][rows] for out, rows in parts])
                                 for i in range(len(first)))
             if self.device.type != "cpu":
                 outputs = tuple(t.cpu() for t in outputs)
@@ -242,7 +252,7 @@ def load_victim(path: str | Path, device: str = "cpu", compile: bool | None = No
         raise ArtifactError(f"{program} is missing; the victim directory is incomplete, retrain it")
     quiet_torchao()  # registers the quantized ops the int8 program refers to
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), phase("load"):
             warnings.simplefilter("ignore")  # "No complete tensor found in the group": CPU weights, harmless
             module = torch.export.load(program).module()
     except Exception as e:  # torch raises many types for a damaged archive

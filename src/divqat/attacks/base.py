@@ -37,7 +37,7 @@ from divqat.data import channel_stats, to_float
 from divqat.errors import ConfigError
 from divqat.models import VictimNet, model_names
 from divqat.registry import Registry
-from divqat.train.trainer import FitConfig, fit
+from divqat.train.trainer import PRECISIONS, FitConfig, fit
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 
@@ -55,7 +55,10 @@ class SurrogateTraining:
     surrogate; a small query set gets more epochs (measured: a 500-query KnockoffNets thief of
     the Fashion-MNIST QAT victim reached 42.9 % after 5 epochs = 20 steps and 79.1 % after
     300 steps), so a small budget measures what the answers teach, not an undertrained
-    surrogate (default 0: ``epochs`` as given). temperature: of the soft cross-entropy (1 = the
+    surrogate (default 0: ``epochs`` as given). precision: "bf16" trains under bf16 autocast
+    where the CPU has native bf16 (fp32 elsewhere; see ``divqat.train.trainer``); it applies to
+    the surrogates trained on stored queries (``train_surrogate``), not to the data-free
+    attacks' online training, which stays fp32. temperature: of the soft cross-entropy (1 = the
     reference). augment / hflip: random crop (pad 4) and horizontal flip of the stored transfer
     images. seed: initialization and batch order. device: where the surrogate trains.
     """
@@ -67,6 +70,7 @@ class SurrogateTraining:
     weight_decay: float = 5e-4
     temperature: float = 1.0
     min_steps: int = 0
+    precision: str = "fp32"
     augment: bool = True
     hflip: bool = True
     seed: int = 0
@@ -76,7 +80,7 @@ class SurrogateTraining:
     # The fields that make up the recipe (what a config's ``surrogate:`` mapping and a stage key
     # hold); seed, device and progress are set per run.
     RECIPE: ClassVar[tuple[str, ...]] = ("arch", "epochs", "batch_size", "lr", "weight_decay",
-                                         "temperature", "min_steps")
+                                         "temperature", "min_steps", "precision")
 
     def __post_init__(self) -> None:
         # Stored as the checks return them (lr 1 -> 1.0), so a stage key does not depend on how
@@ -99,16 +103,20 @@ class SurrogateTraining:
             "weight_decay": lambda v: check_number(owner, "weight_decay", v, low=0),
             "temperature": lambda v: check_number(owner, "temperature", v, low=0, low_open=True),
             "min_steps": lambda v: check_int(owner, "min_steps", v, low=0),
+            "precision": lambda v: check_choice(owner, "precision", v, PRECISIONS),
         }
         return {name: checks[name](fields[name]) for name in SurrogateTraining.RECIPE
                 if name in fields}
 
     def recipe(self) -> dict[str, Any]:
-        """The recipe fields as plain data (a stage's settings); ``min_steps`` only when set, so
-        the stage keys of configs written before it existed stay valid."""
+        """The recipe fields as plain data (a stage's settings); ``min_steps`` and ``precision``
+        only when they differ from their defaults, so the stage keys of configs written before
+        they existed stay valid."""
         out = {k: getattr(self, k) for k in self.RECIPE}
         if not out["min_steps"]:
             del out["min_steps"]
+        if out["precision"] == "fp32":
+            del out["precision"]
         return out
 
     def epochs_for(self, n_images: int) -> int:
@@ -121,7 +129,8 @@ class SurrogateTraining:
         return FitConfig(epochs=self.epochs_for(n_images), batch_size=self.batch_size, lr=self.lr,
                          weight_decay=self.weight_decay, schedule="cosine", augment=self.augment,
                          hflip=self.hflip, seed=self.seed, device=self.device,
-                         progress=self.progress, log_epochs=False, desc=desc)
+                         precision=self.precision, progress=self.progress, log_epochs=False,
+                         desc=desc)
 
 
 @dataclass(frozen=True)

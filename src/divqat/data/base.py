@@ -13,6 +13,7 @@ from divqat.data._io import as_path, env_root
 from divqat.data.subsets import check_classes, split_subset, subset_name
 from divqat.errors import ConfigError, DatasetError
 from divqat.registry import Registry
+from divqat.stopwatch import phase
 
 SPLITS = ("train", "test")
 
@@ -165,4 +166,5 @@ def load_dataset(name: str, split: str = "train", root: str | PathLike[str] | No
     root_path = as_path(root)
     if root_path is None and spec.needs_root:
         root_path = env_root()
-    return spec.loader(split, root_path)
+    with phase("data"):
+        return spec.loader(split, root_path)

@@ -42,6 +42,18 @@ class StageCache:
     def folder(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:KEY_CHARS]
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every finished stage's record in the folder, whatever config it belonged to."""
+        out = []
+        for path in sorted(self.root.glob(f"*/*/{DONE}")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict) and "kind" in record and "seconds" in record:
+                out.append(record)
+        return out
+
     def load(self, kind: str, key: str, input_tokens: dict[str, str]) -> dict[str, Any] | None:
         """The ``done.json`` record of a finished stage, or None when the stage has to run:
         never run, interrupted, or run on inputs that were recomputed since."""
@@ -65,11 +77,13 @@ class StageCache:
         return folder
 
     def finish(self, kind: str, key: str, *, label: str, spec: dict[str, Any],
-               input_tokens: dict[str, str], result: dict[str, Any], seconds: float) -> dict[str, Any]:
-        """Write ``done.json`` (last, atomically) and return the record."""
+               input_tokens: dict[str, str], result: dict[str, Any], seconds: float,
+               **extra: Any) -> dict[str, Any]:
+        """Write ``done.json`` (last, atomically) and return the record. ``extra`` is kept in it
+        as is (where the stage ran, where its time went)."""
         record = {"kind": kind, "key": key, "label": label, "spec": spec, "inputs": input_tokens,
                   "token": uuid.uuid4().hex, "seconds": seconds,
-                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "result": result}
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra, "result": result}
         write_json(self.folder(kind, key) / DONE, record)
         return record
 

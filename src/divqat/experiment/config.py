@@ -4,7 +4,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
 (``attacks[1].budgets``) and what is allowed there. The schema, with the defaults::
 
     name: default                # names the output folder (runs/NAME) and the report
-    seeds: [0]                   # every victim, defense and thief is run once per seed
+    seeds: [0]                   # every victim, defense and thief is run once per seed; the
+                                 # report gives mean ± sd over seeds and paired 95 % CIs
     victim:
       dataset: fashion-mnist     # a registered dataset (`divqat train --help` lists them), or
                                  # a class subset of one: fashion-mnist[0-4] (relabelled 0..4)
@@ -16,10 +17,12 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
       target: x86                # int8 scheme: x86 (inductor, oneDNN) or edge (XNNPACK: every
                                  # int8 victim is exported to a .pte and attacked as the ExecuTorch
                                  # runtime runs it, and the file-copy thief is measured too)
-    fp32:    {epochs: 10, lr: 0.1, seed: null}     # seed null: one teacher per run seed
+    fp32:    {epochs: 10, lr: 0.1, seed: null,     # seed null: one teacher per run seed
+              precision: fp32}           # bf16: autocast where the CPU has it (fp32 elsewhere)
     qat:     {epochs: 1, lr: 0.01}
     divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
               epochs: 1, lr: 0.01,       # unset: kl, cap 0.15; a divergence given without a cap: uncapped
+                                         # cap may be a list: a grid axis (alphas x caps)
               divergence_on: in, outliers: synth, distill: 0.0,  # in = the paper's DivQAT
               variants: []}      # more DivQAT victims: mappings of the keys above (not variants)
                                  # overriding the section's, plus name (divqat-..., the label);
@@ -35,7 +38,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
         budgets: [500, 2000, 10000]                 # one surrogate per budget
         surrogate: {arch: resnet8, epochs: 30, batch_size: 128, lr: 0.1,
                     weight_decay: 0.0005, temperature: 1.0,
-                    min_steps: 0}            # at least this many SGD steps per surrogate
+                    min_steps: 0,            # at least this many SGD steps per surrogate
+                    precision: fp32}         # bf16: autocast where the CPU has it
         defenses: null           # restrict to these defense names (default: every defense)
 """
 
@@ -61,6 +65,7 @@ from divqat.pipelines.attack import HOLDOUT, parse_transfer
 from divqat.pipelines.defense_models import check_defense
 from divqat.registry import params_text
 from divqat.train.losses import RECOMMENDED, DivQATSettings, divqat_settings
+from divqat.train.trainer import PRECISIONS
 
 _REQUIRED = object()
 
@@ -81,30 +86,46 @@ class VictimSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """Epochs and peak learning rate of one training mode; ``seed`` only for the fp32 teacher
-    (None: one teacher per run seed; an integer: one teacher shared by every seed)."""
+    """Epochs and peak learning rate of one training mode; ``seed`` and ``precision`` only for
+    the fp32 teacher (seed None: one teacher per run seed; an integer: one teacher shared by
+    every seed; precision "bf16": autocast where the CPU has it)."""
 
     epochs: int
     lr: float
     seed: int | None = None
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
 class DivQATSpec:
-    """The DivQAT victims: one per alpha, all with the same objective otherwise (``objective``,
-    whose own alpha is ignored), fine-tuned for ``epochs`` at peak ``lr``."""
+    """The DivQAT victims: one per alpha (and per cap, when ``caps`` holds several), all with
+    the same objective otherwise (``objective``, whose own alpha is ignored and whose cap is the
+    first of ``caps``), fine-tuned for ``epochs`` at peak ``lr``."""
 
     alphas: tuple[float, ...] = (RECOMMENDED.alpha,)
     objective: DivQATSettings = RECOMMENDED
     epochs: int = 1
     lr: float = 0.01
+    caps: tuple[float | None, ...] = ()  # empty: the objective's cap
     # The variants: more DivQAT victims, each a DivQATSpec of its own labelled "<name> a=<alpha>"
     # (the section's name is "divqat"); the out-of-distribution DivQAT is in ``objective``.
     name: str = "divqat"
     variants: tuple[DivQATSpec, ...] = ()
 
-    def settings(self, alpha: float) -> DivQATSettings:
-        return dataclasses.replace(self.objective, alpha=alpha)
+    def __post_init__(self) -> None:
+        if not self.caps:
+            object.__setattr__(self, "caps", (self.objective.cap,))
+
+    def settings(self, alpha: float, cap: float | None | bool = False) -> DivQATSettings:
+        """The objective at ``alpha`` (and ``cap``, when given)."""
+        changes: dict[str, Any] = {"alpha": alpha}
+        if cap is not False:
+            changes["cap"] = cap
+        return dataclasses.replace(self.objective, **changes)
+
+    def grid(self) -> list[DivQATSettings]:
+        """Every DivQAT victim's settings: alphas x caps, alpha first."""
+        return [self.settings(alpha, cap) for alpha in self.alphas for cap in self.caps]
 
     def __getattr__(self, name: str) -> Any:
         # The objective's fields read through the spec (``spec.cap``, ``spec.divergence_on``).
@@ -112,9 +133,10 @@ class DivQATSpec:
             return getattr(self.objective, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def victims(self) -> list[tuple[DivQATSpec, float]]:
-        """(spec, alpha) of every DivQAT victim: the section's alphas, then each variant's."""
-        return [(self, a) for a in self.alphas] + [(v, a) for v in self.variants for a in v.alphas]
+    def victims(self) -> list[tuple[DivQATSpec, DivQATSettings]]:
+        """(spec, settings) of every DivQAT victim: the section's alphas x caps, then each
+        variant's alphas."""
+        return [(self, x) for x in self.grid()] + [(v, x) for v in self.variants for x in v.grid()]
 
 
 @dataclass(frozen=True)
@@ -297,11 +319,13 @@ def _dataset(value: Any, where: str, names: Sequence[str]) -> str:
 
 
 def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = False) -> TrainingSpec:
-    keys = ("epochs", "lr", "seed") if with_seed else ("epochs", "lr")
+    # QAT fine-tuning stays fp32 (its observers calibrate on fp32 activations): no precision.
+    keys = ("epochs", "lr", "seed", "precision") if with_seed else ("epochs", "lr")
     m = _Mapping(raw, path, keys)
     seed = m.int("seed", None, 0, optional=True) if with_seed else None
+    precision = m.choice("precision", "fp32", PRECISIONS) if with_seed else "fp32"
     return TrainingSpec(epochs=m.int("epochs", epochs, 1), lr=m.number("lr", lr, 0, low_open=True),
-                        seed=seed)
+                        seed=seed, precision=precision)
 
 
 # The DivQAT objective's own fields (all but alpha, which is the grid axis ``alphas``).
@@ -314,23 +338,33 @@ def _divqat(raw: Any, path: str = "divqat", base: DivQATSpec | None = None) -> D
     m = _Mapping(raw, path, keys)
     d = base or DivQATSpec()
     given = {k: m.raw[k] for k in _OBJECTIVE_KEYS if m.raw.get(k) is not None}
+    caps_given = given.pop("cap", None) if base is None else None
     if base is None:
         # Unset fields take the recommended setting, as `divqat train` does (DivQATSettings checks
-        # each value and names it: divqat.cap, divqat.ramp, ...).
-        objective = divqat_settings(**given)
+        # each value and names it: divqat.cap, divqat.ramp, ...). A list of caps is a grid axis.
+        cap_list = caps_given if isinstance(caps_given, list) else [caps_given]
+        if not cap_list:
+            raise ConfigError("divqat.cap: give at least one value")
+        settings = [divqat_settings(**given, cap=c) for c in cap_list]
+        caps = tuple(x.cap for x in settings)
+        if len(set(caps)) != len(caps):
+            raise ConfigError(f"divqat.cap: each cap once; got {cap_list}")
+        objective = settings[0]
     else:
         # A variant's unset fields take the section's; a divergence it changes without a cap of
-        # its own runs uncapped (the section's cap belongs to the section's divergence).
+        # its own runs uncapped (the section's cap belongs to the section's divergence). A
+        # variant has one cap (the grid over caps is the section's).
         if "divergence" in given and given["divergence"] != d.objective.divergence and "cap" not in given:
             given["cap"] = None
         if given.get("cap") == 0:
             given["cap"] = None
         objective = _wrapped(path, lambda: dataclasses.replace(d.objective, **given))
+        caps = (objective.cap,)
     on = objective.divergence_on
     spec = DivQATSpec(
         alphas=m.list("alphas", list(d.alphas), lambda v, w: _number(v, w, 0, low_open=True)),
         objective=objective, epochs=m.int("epochs", d.epochs, 1), lr=m.number("lr", d.lr, 0, low_open=True),
-        name=m.get("name", f"divqat-{on}" if base is not None else "divqat"))
+        caps=caps, name=m.get("name", f"divqat-{on}" if base is not None else "divqat"))
     if not isinstance(spec.name, str) or not spec.name.startswith("divqat") or "|" in spec.name:
         raise ConfigError(f"{m.where('name')}: must be a label starting with 'divqat' (e.g. divqat-out); "
                           f"got {spec.name!r}")
@@ -454,7 +488,8 @@ def divqat_fields(d: DivQATSpec, full: bool = False) -> dict[str, Any]:
     """A DivQAT section (or, ``full``, a variant) as config data; the section's out-of-distribution
     keys only when set, so the config.yaml of a run without them reads as before."""
     o = d.objective
-    out: dict[str, Any] = {"alphas": list(d.alphas), "divergence": o.divergence, "cap": o.cap or 0,
+    cap = [c or 0 for c in d.caps] if len(d.caps) > 1 else o.cap or 0
+    out: dict[str, Any] = {"alphas": list(d.alphas), "divergence": o.divergence, "cap": cap,
                            "ramp": o.ramp, "temperature": o.temperature, "epochs": d.epochs, "lr": d.lr}
     if full or o.divergence_on != "in":
         out.update(divergence_on=o.divergence_on, outliers=o.outliers, distill=o.distill)
@@ -528,7 +563,8 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
         "name": config.name, "seeds": list(config.seeds),
         "victim": {"dataset": v.dataset, "arch": v.arch, "limit": v.limit, "holdout": v.holdout,
                    "batch_size": v.batch_size, "target": v.target},
-        "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed},
+        "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed,
+                 **({"precision": config.fp32.precision} if config.fp32.precision != "fp32" else {})},
         "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},
         "divqat": {**divqat_fields(d),
                    **({"variants": [{"name": x.name, **divqat_fields(x, full=True)} for x in d.variants]}

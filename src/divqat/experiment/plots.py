@@ -12,8 +12,10 @@
   points around that budget. Each victim x thief is shifted sideways a little so error bars
   at the same budget stay apart.
 
-Points are means over seeds, error bars one standard deviation. Colours, markers and legends
-are shared by all panels of a figure (one legend below it), so no legend covers data.
+Points are means over seeds, error bars one standard deviation (each figure's title says over
+how many seeds). Colours, markers and legends are shared by all panels of a figure (one legend
+below it), so no legend covers data. A DivQAT grid over several caps draws one line per cap
+(qat, alpha 0, starts each).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullForma
 
 from divqat.experiment.results import (
     attack_settings,
-    mean_std,
     setting_title,
     short_title,
     victim_labels,
 )
+from divqat.experiment.stats import mean_sd
 
 MARKERS = "osD^v<>p*h"
 THIEF_STYLES = {"soft": "-", "label-only": "--"}  # the adaptive thief is in the report's tables
@@ -110,8 +112,24 @@ def _by_alpha(rows: list[dict[str, Any]], metric: str, scale: float = 1.0):
         if r.get("alpha") is not None and r.get(metric) is not None:
             groups[float(r["alpha"])].append(r[metric] * scale)
     xs = sorted(groups)
-    stats = [mean_std(groups[x]) for x in xs]
+    stats = [mean_sd(groups[x]) for x in xs]
     return xs, [s[0] for s in stats], [s[1] or 0.0 for s in stats]
+
+
+def _per_cap(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(label suffix, rows) per DivQAT cap, each with the qat rows; one group when the
+    experiment has one cap."""
+    caps = sorted({r.get("cap") for r in rows if r.get("victim_mode") == "divqat"},
+                  key=lambda c: (c is None, c or 0.0))
+    if len(caps) <= 1:
+        return [("", rows)]
+    return [(f", cap {'none' if c is None else f'{c:g}'}",
+             [r for r in rows if r.get("victim_mode") != "divqat" or r.get("cap") == c]) for c in caps]
+
+
+def _seeds_note(fig: Figure, results: dict[str, Any]) -> None:
+    n = len({r["seed"] for r in results["victims"]}) or len(results.get("config", {}).get("seeds", []))
+    fig.suptitle(f"mean ± sd over {n} seed{'s' if n != 1 else ''}", fontsize=7, color="0.4")
 
 
 def _largest_budget(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -132,28 +150,33 @@ def plot_error_vs_alpha(results: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, axes = _figure(width=6.4, height=4.8)
     ax = axes[0, 0]
-    xs, ys, es = _by_alpha(victims, "victim_error", 100)
-    ax.errorbar(xs, ys, yerr=es, marker="o", color="black", capsize=3, label="victim (int8 test)")
-    alphas = xs
+    alphas: list[float] = []
+    for k, (cap, group) in enumerate(_per_cap(victims)):
+        xs, ys, es = _by_alpha(group, "victim_error", 100)
+        ax.errorbar(xs, ys, yerr=es, marker="o", color=str(0.45 * k / max(1, k + 1)), capsize=3,
+                    linestyle=("-", "--", ":", "-.")[k % 4], label=f"victim (int8 test){cap}")
+        alphas = sorted(set(alphas) | set(xs))
     teachers = [1 - r["victim_accuracy"] for r in results["victims"] if r["victim_mode"] == "fp32"
                 and r.get("victim_accuracy") is not None]
     if teachers:
-        ax.axhline(100 * mean_std(teachers)[0], color="gray", linestyle=":", label="fp32 teacher")
+        ax.axhline(100 * mean_sd(teachers)[0], color="gray", linestyle=":", label="fp32 teacher")
     undefended = [r for r in results["attacks"] if r["defense"] == "none"]
     for i, setting in enumerate(attack_settings(undefended)):
         rows = _largest_budget(_of_setting(undefended, setting))
         for j, (thief, style) in enumerate(THIEF_STYLES.items()):
             mine = [r for r in rows if r["thief"] == thief]
-            if mine:
-                xs, ys, es = _by_alpha(mine, "adversary_error", 100)
-                ax.errorbar(xs, ys, yerr=es, marker=MARKERS[(2 * i + j + 1) % len(MARKERS)],
-                            linestyle=style, capsize=3, color=f"C{2 * i + j}",
+            for k, (cap, group) in enumerate(_per_cap(mine) if mine else []):
+                xs, ys, es = _by_alpha(group, "adversary_error", 100)
+                ax.errorbar(xs, ys, yerr=es, marker=MARKERS[(2 * i + j + 1 + k) % len(MARKERS)],
+                            linestyle=style, capsize=3, color=f"C{(2 * i + j) % 10}",
+                            alpha=1.0 - 0.25 * k / max(1, k + 1),
                             label=f"thief {short_title(setting)}, {thief}, "
-                                  f"{budget_text(rows[0]['budget'])} queries")
+                                  f"{budget_text(rows[0]['budget'])} queries{cap}")
     _alpha_axis(ax, alphas)
     ax.set_ylabel("test error %")
     ax.set_title("Victim and adversary error vs alpha (no defense)")
     ax.grid(alpha=0.3)
+    _seeds_note(fig, results)
     handles, labels = ax.get_legend_handles_labels()
     ours = [h for h, label in zip(handles, labels, strict=True) if not label.startswith("thief")]
     thieves = [h for h, label in zip(handles, labels, strict=True) if label.startswith("thief")]
@@ -169,9 +192,17 @@ def plot_kl_vs_alpha(results: dict[str, Any], path: Path) -> Path | None:
         return None
     fig, axes = _figure(width=5.6, height=3.8)
     ax = axes[0, 0]
-    xs, ys, es = _by_alpha(victims, "kl_to_teacher")
-    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, color="C3")
-    if all(y > 0 for y in ys):
+    groups = _per_cap(victims)
+    every: list[float] = []
+    for k, (cap, group) in enumerate(groups):
+        xs, ys, es = _by_alpha(group, "kl_to_teacher")
+        ax.errorbar(xs, ys, yerr=es, marker=MARKERS[k % len(MARKERS)], capsize=3, color=f"C{3 + k}",
+                    label=cap.removeprefix(", ") or None)
+        every += ys
+    xs = sorted({x for _, group in groups for x in _by_alpha(group, "kl_to_teacher")[0]})
+    if len(groups) > 1:
+        ax.legend(fontsize=7)
+    if all(y > 0 for y in every):
         ax.set_yscale("log")
         # Plain numbers at 1, 2, 5 x 10^k: the default labels every minor tick as "4 x 10^-3".
         ax.yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
@@ -181,6 +212,7 @@ def plot_kl_vs_alpha(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("KL(fp32 ‖ victim), nats")
     ax.set_title("How far the int8 posteriors moved from fp32")
     ax.grid(alpha=0.3)
+    _seeds_note(fig, results)
     return _save(fig, path)
 
 
@@ -207,8 +239,8 @@ def plot_tradeoff(results: dict[str, Any], path: Path) -> Path | None:
             for k, d in enumerate(defenses):
                 group = [r for r in mine if r["victim"] == v and r["defense_label"] == d]
                 if group:
-                    dx, sx, _ = mean_std(100 * r["defender_error"] for r in group)
-                    ay, sy, _ = mean_std(100 * r["adversary_error"] for r in group)
+                    dx, sx, _ = mean_sd(100 * r["defender_error"] for r in group)
+                    ay, sy, _ = mean_sd(100 * r["adversary_error"] for r in group)
                     points.append((dx, ay, sx or 0.0, sy or 0.0, k))
             if not points:
                 continue
@@ -226,6 +258,7 @@ def plot_tradeoff(results: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(f"{setting_title(setting, rows)}\n{thief}, {budget_text(mine[0]['budget'])} "
                      "queries", fontsize=9)
         ax.grid(alpha=0.3)
+    _seeds_note(fig, results)
     _figure_legend(fig, [Line2D([], [], color=f"C{i}", lw=2, label=v) for i, v in enumerate(victims)],
                    [Line2D([], [], color="0.3", marker=MARKERS[k % len(MARKERS)], linestyle="none",
                            markerfacecolor="0.8", label=f"defense: {d}") for k, d in enumerate(defenses)])
@@ -259,7 +292,7 @@ def plot_budget(results: dict[str, Any], path: Path) -> Path | None:
                     if not line:
                         continue
                     xs = sorted({r["budget"] for r in line})
-                    stats = [mean_std(100 * r["adversary_accuracy"] for r in line if r["budget"] == b)
+                    stats = [mean_sd(100 * r["adversary_accuracy"] for r in line if r["budget"] == b)
                              for b in xs]
                     shift = DODGE ** (i * len(thieves) + j - (n_series - 1) / 2)
                     ax.errorbar([x * shift for x in xs], [s[0] for s in stats],
@@ -270,6 +303,7 @@ def plot_budget(results: dict[str, Any], path: Path) -> Path | None:
             ax.set_ylabel("adversary accuracy %")
             ax.set_title(f"{setting_title(setting, rows)}\ndefense: {d}", fontsize=8)
             ax.grid(alpha=0.3)
+    _seeds_note(fig, results)
     _figure_legend(fig, [Line2D([], [], color=f"C{i}", marker=MARKERS[i % len(MARKERS)], label=v)
                          for i, v in enumerate(victims)]
                    + [Line2D([], [], color="0.3", linestyle=THIEF_STYLES[t], label=f"{t} thief")

@@ -1,10 +1,15 @@
 """The experiment's report, built from its results (``divqat.experiment.results``).
 
 - ``report.md``: the paper-style tables (defender error, adversary error, disagreement, L1,
-  latency per query) for qat versus divqat, mean ± std over seeds, with the difference
-  divqat - qat paired by seed and its meaning spelled out; the adaptive thief (per victim x
-  defense x budget, the better of the soft-label and the label-only thief) beside the others;
-  and the plots (``divqat.experiment.plots``).
+  latency per query) for qat versus divqat, mean ± sd over seeds, with the difference
+  divqat - qat paired by seed, its 95 % confidence interval (``divqat.experiment.stats``) and
+  its meaning spelled out, or "within noise" where the interval contains 0; the adaptive thief
+  (per victim x defense x budget, the better of the soft-label and the label-only thief)
+  beside the others; where the stages' time went; and the plots (``divqat.experiment.plots``).
+
+Latencies compare only when they were measured side by side (the timing stage serves every
+victim behind every defense in turns): a timing difference between stages run at different
+moments measures the load on the machine, not the method. Such cells say "n/c".
 """
 
 from __future__ import annotations
@@ -21,18 +26,19 @@ from divqat.experiment.results import (
     RESULTS_JSON,
     THIEVES,
     attack_settings,
-    mean_std,
     ordered,
     setting_title,
     short_title,
     victim_labels,
     with_adaptive,
 )
+from divqat.experiment.stats import mean_sd, paired_difference
 from divqat.io import write_text
 
 REPORT = "report.md"
 
-# What the sign of divqat - qat means, per metric: (when positive, when negative).
+# What the sign of divqat - qat means, per metric: (when positive, when negative). Timings have
+# no entry: a latency difference is a property of a measurement, not of the method.
 MEANING = {
     "victim_accuracy": ("divqat more accurate", "divqat less accurate"),
     "kl_to_teacher": ("divqat further from fp32", "divqat closer to fp32"),
@@ -42,9 +48,10 @@ MEANING = {
     "disagreement": ("copy less faithful", "copy more faithful"),
     "argmax_changed": ("more answers changed", "fewer answers changed"),
     "l1_distance": ("more perturbed", "less perturbed"),
-    "ms_per_query_clean": ("divqat slower", "divqat faster"),
-    "ms_per_query_defended": ("divqat slower", "divqat faster"),
 }
+TIMINGS = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
+SIDE_BY_SIDE = "side by side"
+NOT_COMPARABLE = "n/c"
 
 
 def build_report(results: dict[str, Any], out: str | Path) -> Path:
@@ -59,8 +66,8 @@ def build_report(results: dict[str, Any], out: str | Path) -> Path:
 # ---------------------------------------------------------------- numbers
 
 def cell(values: Iterable[Any], scale: float = 1.0, digits: int = 1) -> str:
-    """"mean ± std" (std only with two seeds or more), scaled (100 for percentages)."""
-    m, s, n = mean_std(values)
+    """"mean ± sd" over seeds (sd only with two seeds or more), scaled (100 for percentages)."""
+    m, s, n = mean_sd(values)
     if n == 0:
         return "–"
     text = f"{m * scale:.{digits}f}"
@@ -68,16 +75,32 @@ def cell(values: Iterable[Any], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def delta_cell(differences: Iterable[Any], metric: str, scale: float = 1.0, digits: int = 1) -> str:
-    """A divqat - qat difference with its sign made obvious: "+2.1 (divqat worse for the thief)"."""
-    m, s, n = mean_std(differences)
-    if n == 0:
+    """A divqat - qat difference paired by seed with its 95 % confidence interval and what it
+    means: "+2.1 [+0.4, +3.8] (divqat worse for the thief)", "+0.5 [-1.2, +2.2] within noise",
+    "+2.1 (n=1, no interval)". Timing metrics get no meaning: they describe a measurement."""
+    d = paired_difference(differences)
+    if d is None:
         return "–"
-    shown = round(m * scale, digits)
-    spread = "" if s is None else f" ± {s * scale:.{digits}f}"
-    if shown == 0:
-        return f"{0:.{digits}f}{spread} (no change)"
-    up, down = MEANING.get(metric, ("higher", "lower"))
-    return f"{shown:+.{digits}f}{spread} ({up if shown > 0 else down})"
+
+    def signed(x: float) -> str:
+        shown = round(x * scale, digits)
+        return f"{0:.{digits}f}" if shown == 0 else f"{shown:+.{digits}f}"
+
+    text = signed(d.mean)
+    if not d.has_interval:
+        return f"{text} (n=1, no interval)"
+    text += f" [{signed(d.low)}, {signed(d.high)}]"
+    if d.within_noise:
+        return f"{text} within noise"
+    if metric not in MEANING:
+        return text
+    up, down = MEANING[metric]
+    return f"{text} ({up if d.mean > 0 else down})"
+
+
+def side_by_side(rows: Iterable[dict[str, Any]]) -> bool:
+    """Whether the rows' latencies come from the timing stage (and so compare)."""
+    return all(r.get("timing") == SIDE_BY_SIDE for r in rows)
 
 
 # ---------------------------------------------------------------- tables
@@ -146,13 +169,22 @@ def _delta_rows(index: dict, defense: str, victims: list[str], seeds: list[Any],
         if not v.startswith("divqat"):
             continue
         cells = []
+        pairs = [(index[(defense, v, s)], index[(defense, "qat", s)]) for s in seeds
+                 if (defense, v, s) in index and (defense, "qat", s) in index]
         for _, metric, scale, digits in metrics:
-            diffs = [index[(defense, v, s)][metric] - index[(defense, "qat", s)][metric]
-                     for s in seeds if (defense, v, s) in index and (defense, "qat", s) in index]
-            cells.append(delta_cell(diffs, metric, scale, digits))
+            cells.append(_delta(pairs, metric, scale, digits))
         if any(c != "–" for c in cells):
             out.append(["", f"Δ {v} − qat", *cells])
     return out
+
+
+def _delta(pairs: list[tuple[dict[str, Any], dict[str, Any]]], metric: str, scale: float,
+           digits: int) -> str:
+    """The divqat - qat cell of a metric over (divqat row, qat row) pairs of the same seed; a
+    timing is compared only where both were measured side by side."""
+    if metric in TIMINGS and pairs and not side_by_side(r for pair in pairs for r in pair):
+        return NOT_COMPARABLE
+    return delta_cell([a[metric] - b[metric] for a, b in pairs], metric, scale, digits)
 
 
 def attack_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -185,9 +217,9 @@ def attack_table(rows: list[dict[str, Any]]) -> list[str]:
                 continue
             cells = []
             for _, metric, t, scale, digits in columns:
-                diffs = [index[(d, v, s, t)][metric] - index[(d, "qat", s, t)][metric]
-                         for s in seeds if (d, v, s, t) in index and (d, "qat", s, t) in index]
-                cells.append(delta_cell(diffs, metric, scale, digits))
+                pairs = [(index[(d, v, s, t)], index[(d, "qat", s, t)]) for s in seeds
+                         if (d, v, s, t) in index and (d, "qat", s, t) in index]
+                cells.append(_delta(pairs, metric, scale, digits))
             if any(c != "–" for c in cells):
                 body.append(["", f"Δ {v} − qat", *cells])
     return _table(["defense", "victim", *(c[0] for c in columns)], body)
@@ -208,6 +240,43 @@ def budget_table(rows: list[dict[str, Any]]) -> list[str]:
                 if any(c != "–" for c in cells):
                     body.append([d, t, v, *cells])
     return _table(["defense", "thief", "victim", *(f"{b} queries" for b in budgets)], body)
+
+
+def pays_table(results: dict[str, Any]) -> list[str]:
+    """Where DivQAT pays, one row per DivQAT victim and defense: what it costs the defender (Δ
+    test accuracy of the int8 victim) and what it takes from the adaptive thief (Δ adversary
+    accuracy, the better of soft and label-only per seed) in each attack setting at its largest
+    budget; every Δ against qat paired by seed with its 95 % interval. Empty without an attack
+    setting that has both thieves."""
+    attacks = with_adaptive(results["attacks"])
+    adaptive = [r for r in attacks if r["thief"] == "adaptive"]
+    if not adaptive:
+        return []
+    settings = attack_settings(adaptive)
+    top = {st: max(r["budget"] for r in adaptive if (r["attack"], r["attack_params"], r["transfer"]) == st)
+           for st in settings}
+    index = {(r["victim"], r["defense_label"], (r["attack"], r["attack_params"], r["transfer"]), r["seed"]): r
+             for r in adaptive if r["budget"] == top[(r["attack"], r["attack_params"], r["transfer"])]}
+    trained = {(r["victim"], r["seed"]): r for r in results["victims"] if not r.get("collapsed")}
+    seeds = ordered(r["seed"] for r in adaptive)
+    body = []
+    for v in victim_labels(adaptive):
+        if not v.startswith("divqat"):
+            continue
+        paired = [s for s in seeds if (v, s) in trained and ("qat", s) in trained]
+        cost = delta_cell([trained[(v, s)]["victim_accuracy"] - trained[("qat", s)]["victim_accuracy"]
+                           for s in paired], "victim_accuracy", 100)
+        for d in ordered(r["defense_label"] for r in adaptive):
+            cells = []
+            for st in settings:
+                diffs = [index[(v, d, st, s)]["adversary_accuracy"] - index[("qat", d, st, s)]["adversary_accuracy"]
+                         for s in seeds if (v, d, st, s) in index and ("qat", d, st, s) in index]
+                cells.append(delta_cell(diffs, "adversary_accuracy", 100))
+            if any(c != "–" for c in cells):
+                body.append([v, d, cost, *cells])
+    header = ["victim", "defense", "Δ test accuracy % (defender)",
+              *(f"Δ adaptive thief accuracy %: {short_title(st)}, {top[st]:,} queries" for st in settings)]
+    return _table(header, body)
 
 
 def copy_table(results: dict[str, Any]) -> list[str]:
@@ -249,7 +318,9 @@ def main_table(results: dict[str, Any]) -> str:
     setting = attack_settings(rows)[0]
     mine = [r for r in rows if (r["attack"], r["attack_params"], r["transfer"]) == setting]
     budget = max(r["budget"] for r in mine)
-    title = f"{setting_title(setting, rows)}, {budget} queries (mean ± std over seeds; Δ = divqat − qat)"
+    n = len(ordered(r["seed"] for r in mine))
+    title = (f"{setting_title(setting, rows)}, {budget} queries (mean ± sd over {n} "
+             f"seed{'s' if n != 1 else ''}; Δ = divqat − qat paired by seed, [95 % CI])")
     lines = [title, *attack_table([r for r in mine if r["budget"] == budget])]
     if results.get("copies"):
         lines += ["", "on the device: copying the program vs querying it (no defense)", *copy_table(results)]
@@ -321,6 +392,38 @@ def outliers_lines(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+PHASES = ("data", "load", "export", "compile", "train", "attack", "evaluate", "save", "timing", "other")
+
+
+def stage_times_table(results: dict[str, Any]) -> list[str]:
+    """Per kind of stage (attacks per attack and transfer set): how many, their seconds, and the
+    share of each phase (loading data and victims, compiling, training, evaluating)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results.get("stage_times") or []:
+        label = r["label"].split(" | ")[0]
+        kind = r["kind"]
+        name = {"fp32": "fp32 teacher", "timing": "timing"}.get(kind)
+        if name is None:
+            name = label if kind == "attack" else f"{kind} {label.split(' ', 2)[1]}"
+            if kind == "victim":
+                name = "victim " + ("qat" if label == "victim qat" else "divqat")
+        groups[name].append(r)
+    if not groups:
+        return []
+    body = []
+    for name, rows in groups.items():
+        seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
+        phases: dict[str, float] = defaultdict(float)
+        for r in rows:
+            for k, v in (r.get("phases") or {}).items():
+                phases[k if k in PHASES else "other"] += v
+        total = sum(phases.values()) or 1.0
+        shares = [f"{100 * phases[k] / total:.0f}" if phases else "–" for k in PHASES]
+        body.append([name, str(len(rows)), f"{sum(seconds):.0f}", cell(seconds, 1, 0), *shares])
+    return _table(["stages", "n", "total s", "s per stage (mean ± sd)",
+                   *(f"% {k}" for k in PHASES)], body)
+
+
 # ---------------------------------------------------------------- the report
 
 def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) -> str:
@@ -334,15 +437,25 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
     stages = results.get("stages")
     if stages:
         lines[-1] += (f" Stages: {stages['total']} ({stages['ran']} run now, {stages['cached']} "
-                      f"cached, {stages['skipped']} skipped).")
+                      f"cached, {stages['skipped']} skipped"
+                      + (f", {stages['failed']} failed" if stages.get("failed") else "") + ").")
     lines += ["",
-              "Numbers are mean ± std over seeds (the std only with two seeds or more). Errors, "
+              "Numbers are mean ± sd over seeds (the sd only with two seeds or more). Errors, "
               "disagreement (100 − agreement with the defended victim's labels) and accuracies in %; "
               "L1 is the mean sum |y' − y| between defended and clean posteriors; latency in ms per "
-              "query image with the defense. **Δ = divqat − qat**, paired by seed, with what its "
-              "sign means in parentheses. The adaptive thief is, per victim × defense × budget × "
-              "seed, the better (higher adversary accuracy) of the soft-label and the label-only "
-              "thief.", "", "## Victims", "", *victims_table(results), "",
+              "query image with the defense. **Δ = divqat − qat**, paired by seed: the mean of the "
+              "per-seed differences with its 95 % confidence interval [low, high] (Student's t, "
+              "n − 1 degrees of freedom), and what its sign means in parentheses, or **within "
+              "noise** where the interval contains 0 (with one seed: n=1, no interval). The "
+              "adaptive thief is, per victim × defense × budget × seed, the better (higher "
+              "adversary accuracy) of the soft-label and the label-only thief.", "",
+              "Latencies come from each seed's timing stage, which serves every victim behind "
+              "every defense in turns in one process, so that they compare; a latency difference "
+              "describes that measurement on this machine, not the method (the qat and divqat "
+              "victims are the same int8 program, with other weights). Where no timing stage "
+              f"finished, the latencies are each defense stage's own and their Δ is "
+              f"{NOT_COMPARABLE} (not comparable: measured at other moments, under other load).",
+              "", "## Victims", "", *victims_table(results), "",
               *outliers_lines(results),
               "## Defenses on the victims' test split", "", *defenses_table(results), ""]
     rows = results["attacks"]
@@ -357,6 +470,14 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
             if len({r["budget"] for r in mine}) > 1:
                 lines += [f"#### {title}: adversary accuracy % per query budget", "",
                           *budget_table(mine), ""]
+    pays = pays_table(results)
+    if pays:
+        lines += ["## Where DivQAT pays", "",
+                  "Per DivQAT victim and defense: what it costs the defender (Δ int8 test accuracy) "
+                  "and what it takes from the adaptive thief in each attack setting at its largest "
+                  "budget (negative: the thief copies worse). Every Δ is against qat, paired by seed, "
+                  "with its 95 % confidence interval; within noise where that contains 0.", "",
+                  *pays, ""]
     if results.get("copies"):
         lines += ["## On the device: copying the program beside the query attacks", "",
                   "The victims ran as ExecuTorch programs (`victim.target: edge`). Whoever holds the "
@@ -370,8 +491,22 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
         lines += ["## Collapsed victims", ""]
         lines += [f"- {r['victim']}, seed {r['seed']}: {r.get('message')}" for r in collapsed]
         lines += [""]
+    failures = results.get("failures") or []
+    if failures:
+        lines += ["## Failed stages", "",
+                  "These stages raised; the stages that need them were skipped. Rerunning the same "
+                  "command runs only what is missing.", ""]
+        lines += [f"- {f['stage']}: {f['error']} (traceback: `{f['folder']}/error.txt`)"
+                  for f in failures]
+        lines += [""]
+    times = stage_times_table(results)
+    if times:
+        lines += ["## Where the time went", "",
+                  "Stages finished in this folder (this run's and cached ones), by kind; the phases "
+                  "are exclusive (compiling inside an evaluation counts as compile).", "", *times, ""]
     if plots:
-        lines += ["## Plots", ""]
+        lines += ["## Plots", "", f"Points are means over seeds, error bars one standard deviation "
+                  f"({len(seeds)} seed{'s' if len(seeds) != 1 else ''}).", ""]
         lines += [f"![{p.stem.replace('_', ' ')}]({p.as_posix()})" for p in plots]
         lines += [""]
     lines += [f"Long-format results: `{RESULTS_CSV}` (one row per victim × defense × attack × "
@@ -379,5 +514,5 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
     return "\n".join(lines)
 
 
-__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "outliers_lines",
-           "overlap_note", "report_markdown"]
+__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "outliers_lines", "pays_table",
+           "overlap_note", "report_markdown", "stage_times_table"]

@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
-import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,7 +28,7 @@ CSV_COLUMNS = (
     "defender_accuracy", "defender_error", "argmax_changed",
     "adversary_accuracy", "adversary_error", "agreement", "disagreement", "agreement_clean",
     "l1_distance", "kl_divergence", "ms_per_query_clean", "ms_per_query_defended", "latency_ratio",
-    "surrogate", "surrogate_epochs", "attack_seconds", "thief", "defense_label", "stage",
+    "timing", "surrogate", "surrogate_epochs", "attack_seconds", "thief", "defense_label", "stage",
 )
 THIEVES = ("soft", "label-only", "adaptive")
 
@@ -65,21 +63,6 @@ def load_results(folder: str | Path) -> dict[str, Any]:
     if not isinstance(results, dict) or not {"victims", "defenses", "attacks"} <= set(results):
         raise ArtifactError(f"{path} is not a divqat results file (no victims/defenses/attacks)")
     return results
-
-
-# ---------------------------------------------------------------- numbers
-
-def finite(values: Iterable[Any]) -> list[float]:
-    return [float(v) for v in values if isinstance(v, int | float) and not isinstance(v, bool)
-            and math.isfinite(v)]
-
-
-def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
-    """Mean, sample standard deviation (None for one value) and count of the finite values."""
-    xs = finite(values)
-    if not xs:
-        return None, None, 0
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None), len(xs)
 
 
 # ---------------------------------------------------------------- grouping
@@ -136,6 +119,6 @@ def with_adaptive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["CSV_COLUMNS", "RESULTS_CSV", "RESULTS_JSON", "THIEVES", "attack_settings", "finite",
-           "load_results", "mean_std", "ordered", "setting_title", "short_title", "victim_labels",
+__all__ = ["CSV_COLUMNS", "RESULTS_CSV", "RESULTS_JSON", "THIEVES", "attack_settings",
+           "load_results", "ordered", "setting_title", "short_title", "victim_labels",
            "with_adaptive", "write_results"]

@@ -1,13 +1,15 @@
-"""Run an experiment from its config: plan the stages, skip the finished ones, run the rest,
-collect one long results table, write the report.
+"""Run an experiment from its config: plan the stages, skip the finished ones, run the rest
+with an executor, collect one long results table, write the report.
 
 Stages, per seed, each cached under ``OUT/stages/<kind>/<key>/`` (``divqat.experiment.cache``):
 
     fp32     the teacher (one per seed, or one shared when ``fp32.seed`` is set)
-    victim   the int8 victims: qat, and divqat per alpha, fine-tuned from the teacher
+    victim   the int8 victims: qat, and divqat per alpha (and cap), fine-tuned from the teacher
     defense  the defense metrics of one victim x defense setting on the victim's test split
     attack   one attack x transfer set x label-only flag against one victim x defense setting;
              one surrogate per budget (``attack_victim`` with the budget list)
+    timing   the latency of every int8 victim behind every defense of the seed, measured in
+             turns in one stage: the only timings that compare across victims and defenses
     copy     (``victim.target: edge``) the on-device thief who copies the victim's program file
 
 With ``victim.target: edge`` the int8 victims are trained with XNNPACK's scheme, each victim stage
@@ -16,8 +18,10 @@ runs against that program through the ExecuTorch runtime; the formula defenses r
 black box after it, which gives the answers of the same defense fused into the program to float
 rounding (tests/test_edge.py).
 
-A victim is loaded once (int8 victims compile per batch size) and reused by all its defense and
-attack stages, which the plan keeps together; transfer sets are loaded once per run.
+A stage runs as soon as the stages it reads are finished: in plan order in this process
+(``SerialExecutor``), or several at a time as Ray tasks (``RayExecutor``); see
+``divqat.experiment.executors``. A worker keeps its victims loaded and their defenses compiled
+for the next stage that reads them, and the plan keeps each victim's stages together.
 
     >>> results = run_experiment(load_preset("smoke"), "runs/smoke")
 """
@@ -34,33 +38,36 @@ import yaml
 from tqdm.auto import tqdm
 
 import divqat
-from divqat.attacks import SurrogateTraining
 from divqat.data import load_dataset, training_split
 from divqat.defenses import DEFENSES
-from divqat.errors import ConfigError, TrainingCollapsed
+from divqat.errors import ConfigError
 from divqat.experiment.cache import StageCache, stage_key
 from divqat.experiment.config import ExperimentConfig, config_dict
+from divqat.experiment.executors import (
+    STAGE_ERROR,
+    Executor,
+    Outcome,
+    RunSettings,
+    SerialExecutor,
+    StageTask,
+)
 from divqat.experiment.report import build_report
 from divqat.experiment.results import write_results
-from divqat.io import write_json, write_text
-from divqat.pipelines.attack import HOLDOUT, attack_victim, load_transfer_set
-from divqat.pipelines.defend import evaluate_defense
-from divqat.pipelines.defense_models import build_defense
-from divqat.pipelines.device_copy import copy_attack
-from divqat.pipelines.export import export_victim
-from divqat.pipelines.train import TrainRequest, train_victim
+from divqat.io import write_text
+from divqat.pipelines.attack import HOLDOUT
 from divqat.registry import params_text
-from divqat.train.losses import DivQATSettings
-from divqat.victim import load_victim
 
-EDGE_PROGRAM = "victim.pte"  # in an edge victim's stage folder
+# The timing stage: batches of the victim's test split, each timed through every victim alone and
+# served behind every defense, in a new random order each round; medians over the rounds.
+TIMING = {"batch_size": 256, "batches": 4, "rounds": 10}
 
 
 @dataclass(frozen=True)
 class Stage:
     """One unit of work. ``spec`` is what the stage itself is told (and hashed into ``key``);
     ``inputs`` are the keys of the stages it reads: the teacher for a victim, the victim for a
-    defense, the victim and the defense for an attack."""
+    defense, the victim and the defense for an attack, every int8 victim and its defenses for
+    a timing stage (``groups``: those inputs per victim)."""
 
     kind: str
     key: str
@@ -68,13 +75,27 @@ class Stage:
     spec: dict[str, Any]
     inputs: tuple[str, ...]
     seed: int
+    groups: tuple[tuple[str, ...], ...] = ()
 
 
 # ---------------------------------------------------------------- names used everywhere
 
-def victim_label(mode: str, alpha: float | None = None, name: str | None = None) -> str:
-    """``qat``, ``divqat a=2``, or a variant's ``<name> a=2`` (``divqat-out a=2``)."""
-    return f"{name or 'divqat'} a={alpha:g}" if mode == "divqat" else mode
+def victim_label(mode: str, alpha: float | None = None, cap: Any = False, name: str | None = None) -> str:
+    """"qat", "divqat a=2", a variant's "<name> a=2" ("divqat-out a=2"); with ``cap`` given (a
+    grid over caps), "divqat a=2 cap=0.15"."""
+    if mode != "divqat":
+        return mode
+    return (f"{name or 'divqat'} a={alpha:g}"
+            + ("" if cap is False else f" cap={'none' if cap is None else f'{cap:g}'}"))
+
+
+def victim_name(spec: dict[str, Any], with_cap: bool = False) -> str:
+    """The label of the victim a victim stage's ``spec`` trains."""
+    if spec["mode"] == "fp32":
+        return "fp32 teacher"
+    div = spec.get("divqat") or {}
+    return victim_label(spec["mode"], div.get("alpha"), div.get("cap") if with_cap else False,
+                        spec.get("name"))
 
 
 def defense_label(name: str, params: dict[str, Any]) -> str:
@@ -97,12 +118,15 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
     v = config.victim
     data = {"dataset": v.dataset, "arch": v.arch, "limit": v.limit, "holdout": v.holdout,
             "batch_size": v.batch_size}
+    with_cap = len(config.divqat.caps) > 1
     stages: list[Stage] = []
     planned: set[str] = set()
     for seed in config.seeds:
         teacher_seed = seed if config.fp32.seed is None else config.fp32.seed
         spec = {**data, "mode": "fp32", "epochs": config.fp32.epochs, "lr": config.fp32.lr,
                 "seed": teacher_seed}
+        if config.fp32.precision != "fp32":  # absent when fp32: the keys of older configs hold
+            spec["precision"] = config.fp32.precision
         teacher = Stage("fp32", stage_key("fp32", spec), f"fp32 teacher | seed {teacher_seed}", spec,
                         (), teacher_seed)
         if teacher.key not in planned:  # a shared teacher is trained once
@@ -110,24 +134,24 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
             planned.add(teacher.key)
 
         victims = []
-        modes: list[tuple[str, Any, float | None]] = [("qat", config.qat, None)]
-        modes += [("divqat", d, alpha) for d, alpha in config.divqat.victims()]  # variants too
-        for mode, train, alpha in modes:
+        modes: list[tuple[str, Any, Any]] = [("qat", config.qat, None)]
+        modes += [("divqat", d, settings) for d, settings in config.divqat.victims()]  # variants too
+        for mode, train, settings in modes:
             spec = {**data, "mode": mode, "epochs": train.epochs, "lr": train.lr, "seed": seed}
             if v.target != "x86":  # only then: the keys of x86 victims stay what they were
                 spec["target"] = v.target
             if mode == "divqat":
-                spec["divqat"] = train.settings(alpha).as_dict()
+                spec["divqat"] = settings.as_dict()
                 if train.name != "divqat":  # a variant's label; the section's keys stay as they were
                     spec["name"] = train.name
             victims.append(Stage("victim", stage_key("victim", spec, [teacher.key]),
-                                 f"victim {victim_label(mode, alpha, spec.get('name'))} | seed {seed}", spec,
+                                 f"victim {victim_name(spec, with_cap)} | seed {seed}", spec,
                                  (teacher.key,), seed))
         stages += victims
 
+        timed: list[tuple[str, ...]] = []
         for victim in victims:
-            who = victim_label(victim.spec["mode"], victim.spec.get("divqat", {}).get("alpha"),
-                               victim.spec.get("name"))
+            who = victim_name(victim.spec, with_cap)
             defenses = []
             for d in config.defenses:
                 for params in d.grid():
@@ -139,6 +163,7 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                                           f"defense {label} | {who} | seed {seed}", spec,
                                           (victim.key,), seed))
             stages += defenses
+            timed.append((victim.key, *(d.key for d in defenses)))
             for defense in defenses:
                 dlabel = defense_label(defense.spec["name"], defense.spec["params"])
                 for a in config.attacks:
@@ -159,30 +184,83 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                 stages.append(Stage("copy", stage_key("copy", spec, [victim.key]),
                                     f"copy the device program | {who} | seed {seed}", spec,
                                     (victim.key,), seed))
+        stages.append(_timing_stage(config, victims, timed, seed, with_cap))
     return stages
+
+
+def _timing_stage(config: ExperimentConfig, victims: list[Stage], groups: list[tuple[str, ...]],
+                  seed: int, with_cap: bool) -> Stage:
+    """The seed's timing stage: every int8 victim behind every defense setting, side by side."""
+    defenses = []
+    for d in config.defenses:
+        for params in d.grid():
+            entry = {"label": defense_label(d.name, params), "name": d.name, "params": params}
+            if DEFENSES.get(d.name).trains_model:
+                entry["misinformation_epochs"] = d.misinformation_epochs
+            defenses.append(entry)
+    spec = {"victims": [victim_name(v.spec, with_cap) for v in victims], "defenses": defenses,
+            **TIMING, "seed": seed}
+    inputs = tuple(k for group in groups for k in group)
+    label = f"timing {len(victims)} victims x {len(defenses)} defenses side by side | seed {seed}"
+    return Stage("timing", stage_key("timing", spec, inputs), label, spec, inputs, seed, tuple(groups))
 
 
 # ---------------------------------------------------------------- running it
 
+# What a stage that is not run now is: its own outcome (cached, skipped, failed) or an input's.
+CACHED, SKIPPED, FAILED = "cached", "skipped", "failed"
+
+
+def finished_records(stages: list[Stage], cache: StageCache) -> dict[str, dict[str, Any]]:
+    """The ``done.json`` records of the stages that are finished and still valid (their inputs'
+    tokens unchanged), walking the plan in order; touches nothing."""
+    records: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        inputs = usable_inputs(stage, records)
+        if inputs is None:
+            continue
+        record = cache.load(stage.kind, stage.key, {k: records[k]["token"] for k in inputs})
+        if record is not None:
+            records[stage.key] = record
+    return records
+
+
+def usable_inputs(stage: Stage, records: dict[str, dict[str, Any]]) -> list[str] | None:
+    """The inputs a stage reads now, or None when it cannot run: an input is missing or
+    collapsed. A timing stage is the exception: it times the victims whose victim and defense
+    stages all finished and leaves out the others (a collapsed DivQAT victim has nothing to time)."""
+    def ok(key: str) -> bool:
+        return key in records and not records[key]["result"].get("collapsed")
+
+    if stage.kind != "timing":
+        return list(stage.inputs) if all(ok(k) for k in stage.inputs) else None
+    usable = [k for group in stage.groups if all(ok(k) for k in group) for k in group]
+    return usable or None
+
+
 class Runner:
-    """Runs the planned stages of one config into ``out``; see ``run_experiment``."""
+    """Runs the planned stages of one config into ``out`` with an executor (default: serial);
+    see ``run_experiment``."""
 
     def __init__(self, config: ExperimentConfig, out: str | Path, *, data_root: str | Path | None = None,
                  device: str = "cpu", progress: bool = True,
-                 say: Callable[[str], None] | None = None) -> None:
-        self.config, self.out = config, Path(out)
-        self.data_root, self.device, self.progress = data_root, device, progress
+                 say: Callable[[str], None] | None = None, executor: Executor | None = None) -> None:
+        self.config, self.out = config, Path(out).resolve()
+        self.data_root = None if data_root is None else str(Path(data_root).resolve())
+        self.device, self.progress = device, progress
         self.say = say or tqdm.write
+        self.executor = executor or SerialExecutor()
         self.cache = StageCache(self.out)
         self.stages = plan_stages(config)
+        self.with_cap = len(config.divqat.caps) > 1
         self.by_key = {s.key: s for s in self.stages}
+        self.number = {s.key: i for i, s in enumerate(self.stages, 1)}
         self.records: dict[str, dict[str, Any]] = {}
-        self.counts = {"ran": 0, "cached": 0, "skipped": 0}
-        self._test = None
-        self._victim_key: str | None = None
-        self._victim = None
-        self._defenses: dict[str, Any] = {}
-        self._transfer_sets: dict[tuple, Any] = {}
+        self.counts = {"ran": 0, "cached": 0, "skipped": 0, "failed": 0}
+        self.failures: list[dict[str, Any]] = []
+        self._state: dict[str, str] = {}  # key -> cached / skipped / failed (and done: in records)
+        self._running: dict[str, float] = {}  # key -> start time
+        self._ready: dict[str, StageTask] = {}  # stages that can run, waiting for a free slot
 
     # -- data, checked before anything runs
 
@@ -191,11 +269,11 @@ class Runner:
         after an hour of training. Raises ``DatasetError`` naming the folder and the layout."""
         v = self.config.victim
         train = load_dataset(v.dataset, "train", self.data_root)
-        self._test = load_dataset(v.dataset, "test", self.data_root)
         try:
             training_split(train, v.holdout, v.limit)
         except ConfigError as e:
             raise ConfigError(f"victim.{e}") from None
+        load_dataset(v.dataset, "test", self.data_root)
         for spec in self.config.transfer_specs():
             if spec != HOLDOUT:
                 name, split = spec.split(":")
@@ -210,146 +288,168 @@ class Runner:
     def run(self) -> dict[str, Any]:
         self.check_data()
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text(self.out / "config.yaml",
-                          yaml.safe_dump(config_dict(self.config), sort_keys=False))
-        n = len(self.stages)
-        width = len(str(n))
-        bar = tqdm(total=n, desc=self.config.name, unit="stage", disable=None if self.progress else True,
-                   dynamic_ncols=True)
+        write_text(self.out / "config.yaml", yaml.safe_dump(config_dict(self.config), sort_keys=False))
+        self._bar = tqdm(total=len(self.stages), desc=self.config.name, unit="stage",
+                         disable=None if self.progress else True, dynamic_ncols=True)
         try:
-            for i, stage in enumerate(self.stages, 1):
-                head = f"[{i:>{width}}/{n}] {stage.label}"
-                try:
-                    self._step(stage, head)
-                except KeyboardInterrupt:
-                    done = self.counts["ran"] + self.counts["cached"]
-                    self.say(f"interrupted during stage {i}/{n} ({stage.label}); the {done} finished "
-                             f"stages are kept in {self.cache.root}: run the same command again to "
-                             "resume")
-                    raise
-                bar.update()
+            self.executor.start(RunSettings(str(self.out), self.data_root, self.device,
+                                            self.progress, self.say))
+            self._loop()
+        except KeyboardInterrupt:
+            self.executor.stop()
+            self._interrupted()
+            raise
         finally:
-            bar.close()
+            self.executor.close()
+            self._bar.close()
         results = collect_results(self.config, self.stages, self.records)
-        results["stages"] = {"total": n, **self.counts}
+        results["stages"] = {"total": len(self.stages), **self.counts}
+        results["failures"] = self.failures
         write_results(results, self.out)
         build_report(results, self.out)
         return results
 
-    def _step(self, stage: Stage, head: str) -> None:
-        tokens = {k: self.records[k]["token"] for k in stage.inputs if k in self.records}
-        blocked = [k for k in stage.inputs if k not in self.records
-                   or self.records[k]["result"].get("collapsed")]
-        if blocked:
-            self.counts["skipped"] += 1
-            self.say(f"{head} ... skipped ({self.by_key[blocked[0]].label} did not finish)")
-            return
-        record = self.cache.load(stage.kind, stage.key, tokens)
-        if record is not None:
-            self.counts["cached"] += 1
-            self.records[stage.key] = record
-            self.say(f"{head} ... cached")
-            return
-        self.say(f"{head} ... running")
-        folder = self.cache.start(stage.kind, stage.key)
-        start = time.perf_counter()
-        result = getattr(self, f"_run_{stage.kind}")(stage, folder)
-        seconds = time.perf_counter() - start
-        self.records[stage.key] = self.cache.finish(stage.kind, stage.key, label=stage.label,
-                                                    spec=stage.spec, input_tokens=tokens,
-                                                    result=result, seconds=seconds)
-        self.counts["ran"] += 1
-        self.say(f"{' ' * (head.index(']') + 1)} done in {seconds:.0f} s: {_summary(stage.kind, result)}")
+    def _loop(self) -> None:
+        pending = list(self.stages)
+        finished = False
+        while pending or self._running:
+            pending = self._dispatch(pending)
+            if finished and self.executor.slots > 1:
+                self.say(self._status())  # after the freed slots were given new stages
+            finished = False
+            if self._running:
+                for outcome in self.executor.wait(timeout=1.0):
+                    self._finish(outcome)
+                    finished = True
+        if finished and self.executor.slots > 1:
+            self.say(self._status())
 
-    def _detail(self, message: str) -> None:
-        self.say(f"    {message}")
+    def _dispatch(self, pending: list[Stage]) -> list[Stage]:
+        """Settle what needs no work (cached, skipped) and start what can run, in plan order;
+        returns the stages still pending. A serial executor looks no further than the first
+        stage that has to wait, so stages run and report in plan order."""
+        left: list[Stage] = []
+        ready: list[Stage] = []
+        for n, stage in enumerate(pending):
+            if stage.key in self._ready:
+                ready.append(stage)  # known to need running: not looked up again
+                continue
+            if any(k not in self.records and k not in self._state for k in stage.inputs):
+                left.append(stage)  # an input is still to come
+                if self.executor.in_order:
+                    return left + pending[n + 1:]
+                continue
+            inputs = usable_inputs(stage, self.records)
+            if inputs is None:
+                self._skip(stage)
+                continue
+            tokens = {k: self.records[k]["token"] for k in inputs}
+            record = self.cache.load(stage.kind, stage.key, tokens)
+            if record is not None:
+                self.records[stage.key] = record
+                self._settle(stage, CACHED, "cached")
+                continue
+            self._ready[stage.key] = self._task(stage, inputs, tokens)
+            ready.append(stage)
+            if self.executor.in_order:
+                self._start(stage)
+                return pending[n + 1:]
+        while ready and len(self._running) < self.executor.slots:
+            self._start(ready.pop(self.executor.pick([self._ready[s.key] for s in ready])))
+        order = {s.key: i for i, s in enumerate(pending)}
+        return sorted(left + ready, key=lambda s: order[s.key])
 
-    # -- the four kinds of stage
+    def _task(self, stage: Stage, inputs: list[str], tokens: dict[str, str]) -> StageTask:
+        folders: dict[str, str] = {}
+        context: dict[str, Any] = {}
+        for key in inputs:
+            source = self.by_key[key]
+            folder = str(self.cache.folder(source.kind, key))
+            if source.kind == "fp32":
+                folders["teacher"] = folder
+            elif source.kind == "victim":
+                folders["victim"] = folder
+                if stage.kind == "timing":
+                    folders[f"victim:{victim_name(source.spec, self.with_cap)}"] = folder
+            elif source.kind == "defense":
+                context["defense"] = source.spec
+        if stage.kind == "timing":
+            folders.pop("victim", None)
+            context = {}
+        return StageTask(stage.kind, stage.key, stage.label, stage.spec, tokens, folders,
+                         str(self.out), context)
 
-    def _run_fp32(self, stage: Stage, folder: Path) -> dict[str, Any]:
-        return self._train(stage, folder, teacher=None)
+    # -- what the user sees
 
-    def _run_victim(self, stage: Stage, folder: Path) -> dict[str, Any]:
-        teacher = self.cache.folder("fp32", stage.inputs[0])
-        try:
-            result = self._train(stage, folder, teacher)
-            if stage.spec.get("target") == "edge":
-                exported = export_victim(folder, folder / EDGE_PROGRAM)
-                result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"])
-                self._detail(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
-                             f"{exported['seconds']:.0f} s)")
-            return result
-        except TrainingCollapsed as e:
-            # A collapsed DivQAT victim is a finding (the cliff), not a crash of the experiment:
-            # it is recorded, and the stages that would attack it are skipped.
-            self._detail(f"collapsed: {e}")
-            return {"collapsed": True, "message": str(e)}
+    def _head(self, stage: Stage) -> str:
+        n = len(self.stages)
+        return f"[{self.number[stage.key]:>{len(str(n))}}/{n}] {stage.label}"
 
-    def _train(self, stage: Stage, folder: Path, teacher: Path | None) -> dict[str, Any]:
-        s = stage.spec
-        settings = DivQATSettings(**s["divqat"]) if s["mode"] == "divqat" else DivQATSettings()
-        req = TrainRequest(dataset=s["dataset"], arch=s["arch"], mode=s["mode"], out=folder,
-                           epochs=s["epochs"], teacher=teacher, divqat=settings, limit=s["limit"],
-                           holdout=s["holdout"], seed=s["seed"], batch_size=s["batch_size"], lr=s["lr"],
-                           data_root=self.data_root, device=self.device, progress=self.progress,
-                           log_epochs=self.progress, target=s.get("target", "x86"))
-        metrics = train_victim(req)
-        return {k: v for k, v in metrics.items() if k != "history"}
+    def _start(self, stage: Stage) -> None:
+        where = self.executor.submit(self._ready.pop(stage.key))
+        self._running[stage.key] = time.perf_counter()
+        self.say(f"{self._head(stage)} ... running" + (f" ({where})" if where else ""))
 
-    def _run_defense(self, stage: Stage, folder: Path) -> dict[str, Any]:
-        victim = self._load_victim(stage.inputs[0])
-        metrics = evaluate_defense(victim, self._built_defense(stage), self._test)
-        write_json(folder / "metrics.json", metrics)
-        return metrics
+    def _settle(self, stage: Stage, state: str, line: str) -> None:
+        self._state[stage.key] = state
+        self.counts["cached" if state == CACHED else state] += 1
+        self.say(f"{self._head(stage)} ... {line}")
+        self._bar.update()
 
-    def _run_attack(self, stage: Stage, folder: Path) -> dict[str, Any]:
-        s = stage.spec
-        victim_key, defense_key = stage.inputs
-        victim = self._load_victim(victim_key)
-        defense = self.by_key[defense_key]
-        transfer_set = None
-        if s["transfer"] is not None:
-            transfer_set = self._transfer_set(s["transfer"], victim.metadata)
-        training = SurrogateTraining(**s["surrogate"], seed=s["seed"], device=self.device,
-                                     progress=self.progress)
-        return attack_victim(self.cache.folder("victim", victim_key), s["name"], s["params"],
-                             budgets=s["budgets"], defense=defense.spec["name"],
-                             defense_params=defense.spec["params"], transfer=s["transfer"],
-                             training=training, labels_only=s["labels_only"], data_root=self.data_root,
-                             device=self.device, progress=self.progress, log=self._detail, out=folder,
-                             victim=victim, built_defense=self._built_defense(defense),
-                             transfer_set=transfer_set)
+    def _skip(self, stage: Stage) -> None:
+        why = ""
+        for key in stage.inputs:
+            label = self.by_key[key].label
+            if self._state.get(key) == FAILED:
+                why = f"{label} failed"
+            elif self._state.get(key) == SKIPPED:
+                why = f"{label} was skipped"
+            elif key in self.records and self.records[key]["result"].get("collapsed"):
+                why = f"{label} collapsed"
+            if why:
+                break
+        self._settle(stage, SKIPPED, f"skipped ({why or 'an input did not finish'})")
 
-    def _run_copy(self, stage: Stage, folder: Path) -> dict[str, Any]:
-        program = self.cache.folder("victim", stage.inputs[0]) / EDGE_PROGRAM
-        return copy_attack(program, data_root=self.data_root, log=self._detail, out=folder)
+    def _finish(self, outcome: Outcome) -> None:
+        stage = self.by_key[outcome.key]
+        self._running.pop(stage.key, None)
+        pad = " " * (len(self._head(stage)) - len(stage.label) - 1)
+        if outcome.error is not None:
+            self.failures.append({"stage": stage.label, "kind": stage.kind, "error": outcome.error,
+                                  "folder": str(self.cache.folder(stage.kind, stage.key))})
+            self._state[stage.key] = FAILED
+            self.counts["failed"] += 1
+            self.say(f"{self._head(stage)} ... failed after {outcome.seconds:.0f} s: {outcome.error} "
+                     f"(traceback: {self.cache.folder(stage.kind, stage.key) / STAGE_ERROR})")
+        else:
+            self.records[stage.key] = outcome.record
+            self.counts["ran"] += 1
+            result = outcome.record["result"]
+            if self.executor.in_order:
+                self.say(f"{pad} done in {outcome.seconds:.0f} s: {_summary(stage.kind, result)}")
+            else:
+                self.say(f"{self._head(stage)} ... done in {outcome.seconds:.0f} s: "
+                         f"{_summary(stage.kind, result)}")
+        self._bar.update()
 
-    # -- what is loaded once and reused
+    def _status(self) -> str:
+        done = len(self.records) + len(self._state)
+        running = [self.by_key[k] for k in self._running]
+        left = len(self.stages) - done - len(running)
+        line = f"    progress: {done}/{len(self.stages)} done, {len(running)} running"
+        if running:
+            now = time.perf_counter()
+            line += " (" + "; ".join(f"[{self.number[s.key]}] {s.label}, {now - self._running[s.key]:.0f} s"
+                                     for s in running) + ")"
+        self._bar.set_postfix(running=len(running), left=left)
+        return f"{line}, {left} left"
 
-    def _load_victim(self, key: str):
-        if self._victim_key != key:
-            # The plan keeps each victim's stages together: one victim in memory at a time.
-            self._victim, self._defenses = None, {}
-            folder = self.cache.folder("victim", key)
-            edge = self.by_key[key].spec.get("target") == "edge"
-            self._victim = load_victim(folder / EDGE_PROGRAM if edge else folder, device=self.device)
-            self._victim_key = key
-        return self._victim
-
-    def _built_defense(self, stage: Stage):
-        if stage.key not in self._defenses:
-            s = stage.spec
-            self._defenses[stage.key] = build_defense(
-                s["name"], s["params"], self.cache.folder("victim", stage.inputs[0]), seed=s["seed"],
-                misinformation_epochs=s.get("misinformation_epochs", 5), data_root=self.data_root,
-                device=self.device, progress=self.progress, log=self._detail)
-        return self._defenses[stage.key]
-
-    def _transfer_set(self, spec: str, meta: dict[str, Any]):
-        key = (spec, meta["dataset"], int(meta.get("holdout") or 0), tuple(meta["input_shape"]))
-        if key not in self._transfer_sets:
-            self._transfer_sets[key] = load_transfer_set(spec, meta, self.data_root)
-        return self._transfer_sets[key]
+    def _interrupted(self) -> None:
+        done = self.counts["ran"] + self.counts["cached"]
+        running = [self.by_key[k] for k in self._running]
+        what = "; ".join(f"stage {self.number[s.key]}/{len(self.stages)} ({s.label})" for s in running)
+        self.say(f"interrupted during {what or 'the run'}; the {done} finished stages are kept in "
+                 f"{self.cache.root}: run the same command again to resume")
 
 
 def _summary(kind: str, r: dict[str, Any]) -> str:
@@ -361,6 +461,8 @@ def _summary(kind: str, r: dict[str, Any]) -> str:
         return f"int8 accuracy {r['int8_test_accuracy']:.1%}, KL to fp32 {r['kl_to_teacher']:.4f}"
     if kind == "defense":
         return f"defender accuracy {r['defender_accuracy']:.1%}, L1 {r['l1_distance']:.4f}"
+    if kind == "timing":
+        return f"{len(r['rows'])} victim x defense pairs timed side by side"
     if kind == "copy":
         return r.get("note") or (f"the copy's accuracy {r['adversary_accuracy']:.1%}, agreement "
                                  f"{r['agreement']:.1%}, 0 queries")
@@ -370,44 +472,79 @@ def _summary(kind: str, r: dict[str, Any]) -> str:
 
 def run_experiment(config: ExperimentConfig, out: str | Path, *, data_root: str | Path | None = None,
                    device: str = "cpu", progress: bool = True,
-                   say: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   say: Callable[[str], None] | None = None,
+                   executor: Executor | None = None) -> dict[str, Any]:
     """Run (or resume) an experiment into ``out``; returns the collected results.
 
     Writes ``OUT/config.yaml`` (the resolved config), ``OUT/stages/...``, ``OUT/results.csv``,
     ``OUT/results.json``, ``OUT/report.md`` and ``OUT/plots/*.png``. Finished stages are reused;
-    a KeyboardInterrupt (or SIGTERM turned into one by the CLI) stops after telling ``say`` that
-    rerunning resumes. ``say`` gets one line per stage (default: ``tqdm.write``).
+    a KeyboardInterrupt (or SIGTERM turned into one by the CLI) stops the running stages after
+    telling ``say`` that rerunning resumes. A stage that fails is reported (``results["failures"]``)
+    and the stages that need it are skipped; the others finish. ``say`` gets one line per stage
+    (default: ``tqdm.write``). ``executor``: ``SerialExecutor()`` (the default) or a
+    ``RayExecutor`` (``divqat.experiment.executors``).
     """
-    return Runner(config, out, data_root=data_root, device=device, progress=progress, say=say).run()
+    return Runner(config, out, data_root=data_root, device=device, progress=progress, say=say,
+                  executor=executor).run()
 
 
 # ---------------------------------------------------------------- the results table
 
+SIDE_BY_SIDE, OWN_STAGE = "side by side", "own stage"
+
+
 def collect_results(config: ExperimentConfig, stages: list[Stage],
                     records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Flatten the finished stages into three long tables: ``victims`` (one row per trained
-    model), ``defenses`` (victim x defense setting) and ``attacks`` (victim x defense x attack x
-    transfer x label-only x budget), each row carrying the seed and every metric."""
+    """Flatten the finished stages into long tables: ``victims`` (one row per trained model),
+    ``defenses`` (victim x defense setting), ``attacks`` (victim x defense x attack x transfer x
+    label-only x budget) and ``timings`` (victim x defense, from the timing stages), each row
+    carrying the seed and every metric; and ``stage_times`` (seconds, phases and worker of every
+    finished stage).
+
+    The latency columns (``ms_per_query_*``, ``latency_ratio``) of the defense and attack rows
+    come from the seed's timing stage where it finished (``timing``: "side by side"), else from
+    the defense stage alone ("own stage": not comparable between victims or defenses)."""
     by_key = {s.key: s for s in stages}
+    with_cap = len(config.divqat.caps) > 1
 
     def victim_info(stage: Stage) -> dict[str, Any]:
         s = stage.spec
         div = s.get("divqat") or {}
         alpha = div.get("alpha", 0.0) if s["mode"] != "fp32" else None
         r = records[stage.key]["result"]
-        return {"seed": stage.seed, "victim": "fp32 teacher" if s["mode"] == "fp32" else
-                victim_label(s["mode"], alpha, s.get("name")), "victim_mode": s["mode"], "alpha": alpha,
-                "divergence": div.get("divergence"), "cap": div.get("cap"),
+        return {"seed": stage.seed, "victim": victim_name(s, with_cap), "victim_mode": s["mode"],
+                "alpha": alpha, "divergence": div.get("divergence"), "cap": div.get("cap"),
                 "divergence_on": div.get("divergence_on", "in") if div else None,
                 "outlier_set": r.get("outlier_set"),
                 "victim_accuracy": r.get("int8_test_accuracy", r.get("test_accuracy")),
                 "kl_to_teacher": r.get("kl_to_teacher"), "l1_to_teacher": r.get("l1_to_teacher")}
 
-    victims, defenses, attacks, copies = [], [], [], []
+    timings, timed = [], {}
+    for stage in stages:
+        if stage.kind == "timing" and stage.key in records:
+            for row in records[stage.key]["result"]["rows"]:
+                entry = {"seed": stage.seed, "victim": row["victim"], "defense_label": row["defense_label"],
+                         **{k: row[k] for k in LATENCY}, "stage": stage.key[:16]}
+                timings.append(entry)
+                timed[(stage.seed, row["victim"], row["defense_label"])] = entry
+
+    def defense_columns(stage: Stage, victim: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+        columns = _defense_columns(stage, r)
+        side = timed.get((victim["seed"], victim["victim"], columns["defense_label"]))
+        columns.update({k: side[k] for k in LATENCY} if side else {})
+        columns["timing"] = SIDE_BY_SIDE if side else OWN_STAGE
+        return columns
+
+    victims, defenses, attacks, copies, stage_times = [], [], [], [], []
     for stage in stages:
         if stage.key not in records:
             continue
-        r = records[stage.key]["result"]
+        record = records[stage.key]
+        r = record["result"]
+        stage_times.append({"label": stage.label, "kind": stage.kind, "seed": stage.seed,
+                            "seconds": record.get("seconds"), "phases": record.get("phases"),
+                            "worker": record.get("worker"), "finished": record.get("finished"),
+                            "stage": stage.key[:16]})
         if stage.kind in ("fp32", "victim"):
             victims.append({**victim_info(stage), "test_accuracy": r.get("test_accuracy"),
                             "teacher_accuracy": r.get("teacher_test_accuracy"),
@@ -425,11 +562,12 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                            "program_bytes": r["program"]["bytes"], "attack_seconds": r["attack_seconds"],
                            "stage": stage.key[:16]})
         elif stage.kind == "defense":
-            defenses.append({**_victim_columns(victim_info(by_key[stage.inputs[0]])),
-                             **_defense_columns(stage, r), "victim_accuracy": r["victim_accuracy"],
+            victim = victim_info(by_key[stage.inputs[0]])
+            defenses.append({**_victim_columns(victim), **defense_columns(stage, victim, r),
+                             "victim_accuracy": r["victim_accuracy"],
                              "l1_distance": r["l1_distance"], "kl_divergence": r["kl_divergence"],
                              "queries": r["queries"], "stage": stage.key[:16]})
-        else:
+        elif stage.kind == "attack":
             victim = victim_info(by_key[stage.inputs[0]])
             teacher = records[by_key[stage.inputs[0]].inputs[0]]["result"]
             defense = by_key[stage.inputs[1]]
@@ -438,7 +576,7 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                 attacks.append({
                     **_victim_columns(victim),
                     "teacher_accuracy": teacher.get("test_accuracy"),
-                    **_defense_columns(defense, records[defense.key]["result"]),
+                    **defense_columns(defense, victim, records[defense.key]["result"]),
                     "attack": s["name"], "attack_params": params_text(s["params"]),
                     "transfer": s["transfer"] or "", "transfer_set": r.get("transfer_set") or "",
                     "labels_only": s["labels_only"], "thief": thief_label(s["labels_only"]),
@@ -452,7 +590,11 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                     "attack_seconds": x["seconds"], "stage": stage.key[:16]})
     return {"experiment": config.name, "source": config.source, "config": config_dict(config),
             "divqat_version": divqat.__version__, "victims": victims, "defenses": defenses,
-            "attacks": attacks, **({"copies": copies} if copies else {})}
+            "attacks": attacks, "timings": timings, "stage_times": stage_times,
+            **({"copies": copies} if copies else {})}
+
+
+LATENCY = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
 
 
 def _victim_columns(v: dict[str, Any]) -> dict[str, Any]:
@@ -472,4 +614,5 @@ def _defense_columns(stage: Stage, r: dict[str, Any]) -> dict[str, Any]:
             "ms_per_query_defended": r["ms_per_query_defended"], "latency_ratio": r["latency_ratio"]}
 
 
-__all__ = ["Runner", "Stage", "collect_results", "plan_stages", "run_experiment"]
+__all__ = ["Runner", "Stage", "collect_results", "finished_records", "plan_stages", "run_experiment",
+           "usable_inputs"]

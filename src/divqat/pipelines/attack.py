@@ -27,12 +27,13 @@ from torch import Tensor, nn
 from divqat.attacks import Stolen, SurrogateTraining, TransferSet, create_attack
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.checks import check_bool, check_int
-from divqat.data import dataset_spec, load_dataset, to_victim_input, training_split
+from divqat.data import ImageDataset, dataset_spec, load_dataset, to_victim_input, training_split
 from divqat.defenses.base import Defense
 from divqat.errors import ConfigError
 from divqat.io import write_json
-from divqat.pipelines.defend import evaluate_defense, parse_query_set
+from divqat.pipelines.defend import evaluate_served, parse_query_set
 from divqat.pipelines.defense_models import build_defense, victim_metadata
+from divqat.stopwatch import phase, timed
 from divqat.victim import load_victim
 
 # The thief's unseen in-distribution transfer set: the victim's held-out training images.
@@ -79,6 +80,7 @@ def load_transfer_set(spec: str, meta: dict, data_root: str | Path | None = None
     return TransferSet(name, stored, torch.as_tensor(labels).long())
 
 
+@timed("evaluate")
 @torch.no_grad()
 def predict(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 512,
             device: str = "cpu") -> Tensor:
@@ -109,7 +111,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
                   log: Callable[[str], None] | None = None, out: str | Path | None = None,
                   victim: Callable[[Tensor], Tensor] | None = None,
                   built_defense: Defense | None = None,
-                  transfer_set: TransferSet | None = None) -> dict[str, Any]:
+                  transfer_set: TransferSet | None = None, served: DefendedVictim | None = None,
+                  test_set: ImageDataset | None = None) -> dict[str, Any]:
     """Run one attack against a saved victim behind a defense; measure every surrogate.
 
     Arguments:
@@ -122,8 +125,9 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
             attacks that use one (knockoff, knockoff-adaptive, jbda's seed set).
         training: the surrogate recipe. (Default: ``SurrogateTraining()``.)
         labels_only: the black box answers labels only.
-        victim, built_defense, transfer_set: already loaded / built objects to reuse (the
-            experiment runner passes them); otherwise loaded from ``victim_dir``.
+        victim, built_defense, transfer_set, served, test_set: already loaded / built objects to
+            reuse (the experiment's stages pass them; ``served`` = ``DefendedVictim(victim,
+            built_defense)`` keeps its compiled program); otherwise loaded from ``victim_dir``.
         out: directory for ``metrics.json``.
 
     Returns a dict with the settings, the defense's metrics over the thief's queries
@@ -149,29 +153,34 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     budgets = sorted({check_int("", "budget", b, low=1) for b in budgets})
 
     # The data first: a missing dataset must not be found after minutes of work.
-    test = load_dataset(meta["dataset"], "test", data_root)
+    test = test_set if test_set is not None else load_dataset(meta["dataset"], "test", data_root)
     if thief.uses_transfer_set and transfer_set is None:
         if transfer is None:
             raise ConfigError(f"attack {attack!r} needs a transfer set: --transfer holdout or "
                               "--transfer NAME[:SPLIT] (e.g. mnist)")
         transfer_set = load_transfer_set(transfer, meta, data_root)
+    if served is not None:
+        victim = served.victim
+        if built_defense is None:
+            built_defense = served.defense
+        elif served.defense is not built_defense:
+            raise ConfigError("served must be the victim behind built_defense")
     if built_defense is None:
         built_defense = build_defense(defense, defense_params, victim_dir, seed=training.seed,
                                       data_root=data_root, device=device, progress=progress, log=log)
     if victim is None:
         victim = load_victim(victim_dir, device=device)
+    if served is None:
+        served = DefendedVictim(victim, built_defense)
 
     test_images = to_victim_input(test.images, tuple(meta["input_shape"]))
     labels = torch.as_tensor(test.labels).long()
-    served = DefendedVictim(victim, built_defense)
-    clean_pred, defended_pred = [], []
-    for start in range(0, len(test_images), 256):
-        batch = served(test_images[start:start + 256])
-        clean_pred.append(batch.clean.argmax(1))
-        defended_pred.append(batch.defended.argmax(1))
-    clean_pred, defended_pred = torch.cat(clean_pred), torch.cat(defended_pred)
+    # One pass over the test split gives the defender's accuracy and the labels the surrogates
+    # are compared with; the thief's own queries give the distortion and the timings.
     queries = None if transfer_set is None else transfer_set.images[:budgets[-1]]
-    defense_metrics = evaluate_defense(victim, built_defense, test, queries)
+    evaluation = evaluate_served(victim, built_defense, test, queries, served=served)
+    defense_metrics = evaluation.metrics
+    clean_pred, defended_pred = evaluation.clean_labels, evaluation.defended_labels
 
     box = BlackBox(served, budget=budgets[-1], label_only=labels_only)
     mode = "label-only" if labels_only else "soft-label"
@@ -180,7 +189,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
         + (f", transfer set {transfer_set.name}" if transfer_set is not None else ""))
     start = time.perf_counter()
     torch.manual_seed(training.seed)
-    stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
+    with phase("attack"):  # the thief's own work: querying, and training outside ``fit``
+        stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
     seconds = time.perf_counter() - start
 
     results = []

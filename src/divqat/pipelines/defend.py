@@ -10,6 +10,9 @@ split and over a query set, and reports:
 - ``argmax_changed``: fraction of the queries whose defended argmax differs from the clean one;
 - ``ms_per_query_clean`` / ``ms_per_query_defended``: milliseconds per image of the victim alone,
   and of the whole served query (input check, victim, softmax, defense), over the query set.
+  Their ratio compares two timings taken back to back; timings of different calls (another
+  victim, another moment, another load on the machine) do not compare: ``time_side_by_side``
+  serves several victims and defenses in turns in one measurement for that.
 
 ``defend_victim`` is the whole ``divqat defend`` command: load the victim, build the defense,
 load the sets, evaluate, write ``OUT/metrics.json``::
@@ -19,15 +22,19 @@ load the sets, evaluate, write ``OUT/metrics.json``::
 
 from __future__ import annotations
 
+import dataclasses
+import random
+import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from divqat.blackbox import DefendedVictim
+from divqat.blackbox import DefendedBatch, DefendedVictim
 from divqat.checks import check_int
 from divqat.data import ImageDataset, dataset_spec, load_dataset, to_float, to_victim_input
 from divqat.data.base import SPLITS
@@ -39,6 +46,7 @@ from divqat.pipelines.defense_models import (
     misinformation_model_dir,
     victim_metadata,
 )
+from divqat.stopwatch import phase, timed
 from divqat.victim import load_victim
 
 # Defended posteriors can hold exact zeros (top-k, rounding, MAD's vertices) where the clean one
@@ -59,22 +67,52 @@ def posterior_distances(clean: Tensor, defended: Tensor) -> dict[str, Tensor]:
 
 def _warm_up(victim: Callable[[Tensor], Tensor], served: DefendedVictim, images: Tensor,
              batch_size: int) -> None:
-    """One untimed call of the victim alone and of the served path at each batch size the timed
-    pass will use: an int8 victim, and a defense fused into it, compile on the first call of each
-    size (seconds), and a model-backed defense has first-call costs."""
-    n = images.shape[0]
-    sizes = [images[:min(n, batch_size)]]
-    if n > batch_size and n % batch_size:
-        sizes.append(images[n - n % batch_size:])
+    """One untimed call of the victim alone and of the served path at the batch size the timed
+    pass will use (``_batches``: one): an int8 victim, and a defense fused into it, compile on
+    the first call of each size (seconds), and a model-backed defense has first-call costs."""
+    batch = images[:min(images.shape[0], batch_size)]
     with torch.no_grad():
-        for batch in sizes:
-            victim(batch)
-            served(batch)
+        victim(batch)
+        served(batch)
+
+
+def _batches(n: int, batch_size: int):
+    """(low, start, stop) per batch of ``n`` images: the batch is ``[low:stop]`` and its new
+    images are ``[start:stop]``. A short last batch is topped up with the images before it, so
+    that every batch has one size: a compiled victim (and a defense fused into it) compiles
+    once per batch size, for seconds, in every process that serves it."""
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield max(0, stop - batch_size), start, stop
+
+
+def _new_rows(batch: DefendedBatch, clean_s: float, served_s: float, keep: int):
+    """The last ``keep`` rows of a topped-up batch, with its times scaled to them."""
+    n = batch.clean.shape[0]
+    if keep == n:
+        return batch, clean_s, served_s
+    share = keep / n
+    return (dataclasses.replace(batch, logits=batch.logits[-keep:], clean=batch.clean[-keep:],
+                                defended=batch.defended[-keep:],
+                                victim_seconds=batch.victim_seconds * share,
+                                defense_seconds=batch.defense_seconds * share),
+            clean_s * share, served_s * share)
+
+
+@dataclass(frozen=True)
+class DefenseEvaluation:
+    """``evaluate_served``'s answer: the metrics of ``evaluate_defense`` and the argmax labels
+    (N,) of the clean and the defended victim on the test split (what an attack's surrogates
+    are compared with)."""
+
+    metrics: dict[str, Any]
+    clean_labels: Tensor
+    defended_labels: Tensor
 
 
 def evaluate_defense(victim: Callable[[Tensor], Tensor], defense: Defense,
                      test_set: ImageDataset, query_images: Tensor | None = None,
-                     batch_size: int = 256) -> dict[str, Any]:
+                     batch_size: int = 256, served: DefendedVictim | None = None) -> dict[str, Any]:
     """Defender accuracy, posterior distances and latency of ``victim`` behind ``defense``.
 
     Arguments:
@@ -96,9 +134,24 @@ def evaluate_defense(victim: Callable[[Tensor], Tensor], defense: Defense,
     the defense allows it; per image) and ``latency_ratio`` (defended / clean). Timings are over
     the query set, each batch timed through the victim alone and then served, after one untimed
     warm-up call per batch size.
+
+    ``served``: the ``DefendedVictim(victim, defense)`` to use, when the caller keeps one (its
+    fused program compiles on first use; a new one would compile again).
     """
+    return evaluate_served(victim, defense, test_set, query_images, batch_size, served).metrics
+
+
+@timed("evaluate")
+def evaluate_served(victim: Callable[[Tensor], Tensor], defense: Defense, test_set: ImageDataset,
+                    query_images: Tensor | None = None, batch_size: int = 256,
+                    served: DefendedVictim | None = None) -> DefenseEvaluation:
+    """``evaluate_defense`` that also returns the test split's clean and defended labels, so an
+    attack does not serve the test split a second time."""
     check_int("", "batch size", batch_size, low=1)
-    served = DefendedVictim(victim, defense)
+    if served is None:
+        served = DefendedVictim(victim, defense)
+    elif served.defense is not defense:
+        raise ConfigError("served must be the victim behind this defense")
     shape, k = served.input_shape, served.num_classes
     if len(test_set) == 0:
         raise ConfigError("the test set is empty")
@@ -119,23 +172,29 @@ def evaluate_defense(victim: Callable[[Tensor], Tensor], defense: Defense,
         _warm_up(victim, served, test_images, batch_size)
     defended_hits = clean_hits = 0
     stats = _Accumulator()
-    for start in range(0, len(test_images), batch_size):
-        images = test_images[start:start + batch_size]
+    clean_labels, defended_labels = [], []
+    for low, start, stop in _batches(len(test_images), batch_size):
+        images = test_images[low:stop]
         batch, clean_s, served_s = _timed(victim, served, images) if timed else (served(images), 0.0, 0.0)
-        y = labels[start:start + batch_size]
-        defended_hits += int((batch.defended.argmax(dim=1) == y).sum())
-        clean_hits += int((batch.clean.argmax(dim=1) == y).sum())
+        batch, clean_s, served_s = _new_rows(batch, clean_s, served_s, stop - start)
+        y = labels[start:stop]
+        clean_labels.append(batch.clean.argmax(dim=1))
+        defended_labels.append(batch.defended.argmax(dim=1))
+        defended_hits += int((defended_labels[-1] == y).sum())
+        clean_hits += int((clean_labels[-1] == y).sum())
         if timed:
             stats.add(batch, clean_s, served_s)
     if not timed:
         _warm_up(victim, served, query_images, batch_size)
-        for start in range(0, len(query_images), batch_size):
-            stats.add(*_timed(victim, served, query_images[start:start + batch_size]))
+        for low, start, stop in _batches(len(query_images), batch_size):
+            timed_batch = _timed(victim, served, query_images[low:stop])
+            stats.add(*_new_rows(*timed_batch, stop - start))
 
     n = len(test_set)
-    return {"defense": defense.name, "params": defense.params(),
-            "defender_accuracy": defended_hits / n, "victim_accuracy": clean_hits / n,
-            "test_images": n, **stats.summary()}
+    metrics = {"defense": defense.name, "params": defense.params(),
+               "defender_accuracy": defended_hits / n, "victim_accuracy": clean_hits / n,
+               "test_images": n, **stats.summary()}
+    return DefenseEvaluation(metrics, torch.cat(clean_labels), torch.cat(defended_labels))
 
 
 def _timed(victim: Callable[[Tensor], Tensor], served: DefendedVictim, images: Tensor):
@@ -147,6 +206,52 @@ def _timed(victim: Callable[[Tensor], Tensor], served: DefendedVictim, images: T
         middle = time.perf_counter()
         batch = served(images)
         return batch, middle - start, time.perf_counter() - middle
+
+
+def time_side_by_side(served: dict[Any, DefendedVictim], images: Tensor, *,
+                      batch_size: int = 256, rounds: int = 10, seed: int = 0) -> dict[Any, dict[str, float]]:
+    """Latency of several victims behind several defenses, measured in turns in one process, so
+    that what the machine does meanwhile (other jobs, other stages) falls on all of them alike.
+
+    ``served`` maps a name to a ``DefendedVictim``; ``images`` (float32 in [0, 1], at least one
+    batch) are cut into batches of ``batch_size`` (the remainder is dropped: one batch size, one
+    compiled program each). After one untimed call per served victim (compilation), each of
+    ``rounds`` rounds visits every entry in a fresh random order (``seed``) and times each batch
+    through the victim alone and then served, back to back. Returns per name the median over the
+    rounds of ``ms_per_query_clean``, ``ms_per_query_defended`` and ``latency_ratio``, with
+    ``rounds`` and ``batches``.
+    """
+    check_int("", "batch size", batch_size, low=1)
+    check_int("", "rounds", rounds, low=1)
+    n = len(images) // batch_size * batch_size
+    if n == 0:
+        raise ConfigError(f"time_side_by_side needs at least {batch_size} images, got {len(images)}")
+    batches = [images[start:start + batch_size] for start in range(0, n, batch_size)]
+    with torch.no_grad():
+        for box in served.values():  # compile outside the timed rounds
+            box.victim(batches[0])
+            box(batches[0])
+    per_round: dict[Any, list[tuple[float, float]]] = {name: [] for name in served}
+    order = list(served)
+    rng = random.Random(seed)
+    with phase("timing"):
+        for _ in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                box = served[name]
+                clean = defended = 0.0
+                for batch in batches:
+                    _, clean_s, served_s = _timed(box.victim, box, batch)
+                    clean, defended = clean + clean_s, defended + served_s
+                per_round[name].append((1000 * clean / n, 1000 * defended / n))
+    out = {}
+    for name, times in per_round.items():
+        clean = statistics.median(t[0] for t in times)
+        defended = statistics.median(t[1] for t in times)
+        out[name] = {"ms_per_query_clean": clean, "ms_per_query_defended": defended,
+                     "latency_ratio": statistics.median(t[1] / t[0] for t in times),
+                     "rounds": rounds, "batches": len(batches)}
+    return out
 
 
 class _Accumulator:
@@ -263,5 +368,5 @@ def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] |
     return record
 
 
-__all__ = ["KL_CLAMP", "defend_victim", "evaluate_defense", "load_queries", "parse_query_set",
-           "posterior_distances"]
+__all__ = ["KL_CLAMP", "DefenseEvaluation", "defend_victim", "evaluate_defense", "evaluate_served",
+           "load_queries", "parse_query_set", "posterior_distances", "time_side_by_side"]

@@ -21,6 +21,8 @@ so both serve the same one::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import time
 from collections.abc import Callable
@@ -186,24 +188,44 @@ def ensure_misinformation_model(victim_dir: str | Path, epochs: int = 5, seed: i
     """
     say = log or (lambda message: None)
     where = misinformation_model_dir(victim_dir)
-    if not retrain and (where / "victim.json").is_file():
+    # Stages of one victim may run at the same time (`divqat run --executor ray`): the first to
+    # get here trains the model, the others wait for it and load it.
+    with _locked(Path(victim_dir) / f"{MISINFORMATION_DIR}.lock"):
+        if not retrain and (where / "victim.json").is_file():
+            try:
+                model, meta = load_misinformation_model(victim_dir, device)
+            except ArtifactError as e:
+                say(f"retraining the misinformation model: {e}")
+            else:
+                note = ""
+                if (meta.get("epochs"), meta.get("seed")) != (epochs, seed):
+                    note = (f"; it was trained for {meta.get('epochs')} epochs with seed "
+                            f"{meta.get('seed')} (retrain to use other settings)")
+                say(f"using the misinformation model in {where}{note}")
+                return model, False
+        say(f"training a misinformation model for {where.parent} ({epochs} epochs, seed {seed}); "
+            f"it is saved in {where} and reused afterwards")
+        train_misinformation_model(victim_dir, epochs, seed, data_root=data_root, device=device,
+                                   progress=progress)
+        model, _ = load_misinformation_model(victim_dir, device)
+        return model, True
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (created if need be) for the block; blocks until free. In a
+    folder this process cannot write there is nothing to lock (and nothing to train into)."""
+    try:
+        handle = open(path, "a")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            model, meta = load_misinformation_model(victim_dir, device)
-        except ArtifactError as e:
-            say(f"retraining the misinformation model: {e}")
-        else:
-            note = ""
-            if (meta.get("epochs"), meta.get("seed")) != (epochs, seed):
-                note = (f"; it was trained for {meta.get('epochs')} epochs with seed "
-                        f"{meta.get('seed')} (retrain to use other settings)")
-            say(f"using the misinformation model in {where}{note}")
-            return model, False
-    say(f"training a misinformation model for {where.parent} ({epochs} epochs, seed {seed}); "
-        f"it is saved in {where} and reused afterwards")
-    train_misinformation_model(victim_dir, epochs, seed, data_root=data_root, device=device,
-                               progress=progress)
-    model, _ = load_misinformation_model(victim_dir, device)
-    return model, True
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_defense(name: str, params: dict[str, Any] | None = None,

@@ -25,7 +25,7 @@ from divqat.quant.edge import TARGETS, require_executorch
 from divqat.train.losses import CrossEntropy, DivQATSettings
 from divqat.train.ood import divqat_objective
 from divqat.train.outliers import load_outliers
-from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
+from divqat.train.trainer import PRECISIONS, FitConfig, accuracy, fit, predict_logits
 from divqat.victim import (
     INT8_MODES,
     Victim,
@@ -60,6 +60,7 @@ class TrainRequest:
     lr: float | None = None
     schedule: str | None = None
     freeze_at: float = DEFAULT_FREEZE_AT
+    precision: str = "fp32"  # "bf16": autocast where the CPU has it (fp32 training only)
     target: str = "x86"
     data_root: str | Path | None = None
     device: str = "cpu"
@@ -82,6 +83,11 @@ class TrainRequest:
         check_int("", "--holdout", self.holdout, low=0)
         check_int("", "--epochs", self.epochs, low=1)
         check_int("", "--seed", self.seed)
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and self.mode in INT8_MODES:
+            raise ConfigError(f"--precision {self.precision}: QAT fine-tuning runs in fp32 (its fake "
+                              "quantization is calibrated on fp32 activations)")
         check_choice("", "--target", self.target, TARGETS)
         if self.mode == "fp32" and self.target != "x86":
             raise ConfigError("--target only applies to --mode qat or divqat (it picks the int8 "
@@ -149,7 +155,7 @@ def train_victim(req: TrainRequest) -> dict:
     example = torch.rand(4, *train.images.shape[1:])
     cfg = FitConfig(epochs=req.epochs, batch_size=req.batch_size, lr=lr, schedule=schedule, hflip=hflip,
                     seed=req.seed, device=req.device, progress=req.progress, log_epochs=req.log_epochs,
-                    desc=req.mode,
+                    desc=req.mode, precision=req.precision,
                     freeze_at=req.freeze_at if req.mode in INT8_MODES else None)
     torch.manual_seed(req.seed)
     metrics: dict = {"dataset": spec.name, "arch": req.arch, "mode": req.mode, "seed": req.seed,
@@ -195,6 +201,8 @@ def train_victim(req: TrainRequest) -> dict:
     start = time.perf_counter()
     history = fit(model, train.images, train.labels, objective, cfg, on_epoch_end)
     metrics["train_seconds"] = time.perf_counter() - start
+    if req.precision != "fp32":  # what it really ran in (bf16 falls back where the CPU lacks it)
+        metrics["precision"] = history.precision
     metrics["history"] = history.epochs
     metrics["test_accuracy"] = history.epochs[-1]["test_accuracy"]
 

@@ -9,6 +9,7 @@ from torch import nn
 from torch.export import Dim
 
 from divqat.errors import ConfigError
+from divqat.stopwatch import phase, timed
 
 # The batch dimension of every exported graph is dynamic up to this size.
 MAX_BATCH = 1 << 16
@@ -27,6 +28,7 @@ def quiet_torchao() -> None:
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
 
 
+@timed("export")
 def export_dynamic(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
     """``torch.export`` with a dynamic batch dimension, so one program serves any batch size."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
@@ -115,6 +117,7 @@ def qat_quantizer(target: str = "x86"):
     return X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
 
 
+@timed("export")
 def prepare_qat(model: nn.Module, example: torch.Tensor, target: str = "x86") -> QATModel:
     """Export ``model`` (fp32, any mode) and insert fake quantization for QAT with the quantizer
     of ``target`` (``qat_quantizer``): moving-average observers that fake-quantize from the first
@@ -195,6 +198,7 @@ def _conv2d_only(gm: torch.fx.GraphModule):
         quantize_pt2e._fuse_conv_bn_qat, quantize_pt2e._fold_conv_bn_qat = stock
 
 
+@timed("export")
 def convert_to_int8(qat: QATModel, example: torch.Tensor) -> torch.export.ExportedProgram:
     """Convert the fine-tuned fake-quant graph into the int8 program (quantize/dequantize + int8
     weights), re-exported with a dynamic batch so it can be saved with ``torch.export.save``."""
@@ -235,12 +239,18 @@ def compile_int8(module: nn.Module, freezing: bool = True):
     """
     compiled = torch.compile(module, dynamic=False)
     frozen = _inductor_freezing if freezing else contextlib.nullcontext
+    shapes: set[tuple[int, ...]] = set()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         # The first call of each batch size compiles; inductor's int8 lowering warns about its
         # own tensor copies there, which is noise to the user.
         with frozen(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return compiled(x)
+            if tuple(x.shape) in shapes:
+                return compiled(x)
+            with phase("compile"):
+                out = compiled(x)
+            shapes.add(tuple(x.shape))
+            return out
 
     return run

@@ -3,11 +3,13 @@
 The modes differ only in the model handed in (an ``nn.Module`` or a PT2E fake-quant
 ``QATModel``) and in the objective (``CrossEntropy`` or ``DivQATLoss``). SGD with Nesterov
 momentum, one-cycle or cosine schedule, batched tensor augmentation of uint8 images kept in
-memory, channels_last.
+memory, channels_last; optionally bf16 autocast (``FitConfig.precision``) where the CPU has it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,8 +21,30 @@ from tqdm.auto import tqdm
 
 from divqat.data import augment, to_float
 from divqat.errors import ConfigError, TrainingCollapsed
+from divqat.stopwatch import phase, timed
 
 SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
+
+
+@functools.cache
+def bf16_supported() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN with AVX512-BF16 or AMX): only
+    then is bf16 autocast faster than fp32; elsewhere it emulates bf16 and is slower."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, device: str = "cpu") -> str:
+    """The precision training really runs in: ``bf16`` falls back to ``fp32`` on a CPU without
+    native bf16 (a GPU device is trusted to have it)."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"unknown precision {requested!r}; choose one of: {', '.join(PRECISIONS)}")
+    if requested == "bf16" and torch.device(device).type == "cpu" and not bf16_supported():
+        return "fp32"
+    return requested
 
 
 @dataclass
@@ -42,6 +66,9 @@ class FitConfig:
     freeze_at: float | None = None
     device: str = "cpu"
     channels_last: bool = True
+    # "bf16": forward passes under torch.autocast(bfloat16); the loss, the gradients' accumulation
+    # and the weights stay fp32. Falls back to fp32 where the CPU lacks bf16 (resolve_precision).
+    precision: str = "fp32"
     progress: bool = True  # progress bars (only ever drawn on a terminal)
     log_epochs: bool = True  # one summary line per epoch
     desc: str = "train"
@@ -57,6 +84,8 @@ class FitConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if self.freeze_at is not None and not 0 <= self.freeze_at <= 1:
             raise ConfigError(f"freeze_at must be a fraction in [0, 1], got {self.freeze_at}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -64,6 +93,7 @@ class History:
     """Per-epoch means of the objective's logs plus whatever ``on_epoch_end`` returned."""
 
     epochs: list[dict] = field(default_factory=list)
+    precision: str = "fp32"  # what the forward passes ran in (after any fallback)
 
 
 def _lr_factor(schedule: str, step: int, total: int) -> float:
@@ -88,6 +118,7 @@ def _schedule(optimizer, cfg: FitConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(cfg.schedule, step, total_steps))
 
 
+@timed("train")
 def fit(
     model: nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -128,7 +159,14 @@ def fit(
     extra_inputs = getattr(objective, "extra_inputs", None)
     # Never freeze before the first step: the observers must have seen data to hold ranges.
     freeze_step = None if cfg.freeze_at is None else max(1, int(cfg.freeze_at * total_steps))
-    history = History()
+    precision = resolve_precision(cfg.precision, cfg.device)
+    history = History(precision=precision)
+
+    def autocast():
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
     step = 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -151,8 +189,10 @@ def fit(
                     x = torch.cat([x, more.to(x.dtype)])
             x = x.to(device, memory_format=memory_format)
             y = targets[idx].to(device)
-            logits = model(x)
-            loss, logs = objective(logits, y, x, step / total_steps)
+            with autocast():
+                logits = model(x)
+            # The objective in fp32 (a DivQAT teacher's forward pass runs in fp32 too).
+            loss, logs = objective(logits.float(), y, x, step / total_steps)
             if not torch.isfinite(loss):
                 raise TrainingCollapsed(
                     f"{cfg.desc}: the loss became {loss.item()} at epoch {epoch + 1}, step {b + 1}; "
@@ -173,7 +213,8 @@ def fit(
         bar.close()
         record = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_accuracy": correct / n}
         if on_epoch_end is not None:
-            record.update(on_epoch_end(epoch, model))
+            with phase("evaluate"):
+                record.update(on_epoch_end(epoch, model))
         history.epochs.append(record)
         if cfg.log_epochs:
             tqdm.write(f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}: "
@@ -188,11 +229,12 @@ def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], images: np.nda
     (put it in eval mode first)."""
     images = torch.as_tensor(images)
     out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = to_float(images[start:start + batch_size]).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
+    with phase("evaluate"):
+        for start in range(0, images.shape[0], batch_size):
+            x = to_float(images[start:start + batch_size]).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -1,0 +1,256 @@
+"""`divqat run --plan`: the stages of a config, which are cached, and how long the rest should
+take, from the stage times already measured in the run folder (or another one) or, for kinds
+never measured there, rough defaults measured on a 2-core machine.
+
+A stage's time is modelled as ``rate x work / speedup(threads)``, with the work counted from its
+settings (image passes of training and evaluation, scaled by the architecture's cost), the rate
+of its category (``fp32``, ``victim qat``, ``attack knockoff bf16``, ...) taken as total
+one-thread seconds over total work of the finished stages of that category, and
+``speedup(threads)`` what more torch threads give one stage. Wall time is a replay of the plan
+on ``slots`` workers (each stage starts when its inputs are done and a worker is free, in plan
+order), with every stage taking its estimate: right to the extent the stages' times are.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from divqat.experiment.cache import StageCache
+from divqat.experiment.config import ExperimentConfig
+from divqat.experiment.runner import Stage, finished_records, plan_stages
+
+# Training cost per image relative to resnet8 at 28x28 (measured training throughput here:
+# resnet8 about 2,000 img/s, resnet20 750, resnet18 41; the others by their multiply-adds).
+ARCH_COST = {"resnet8": 1.0, "resnet20": 2.7, "resnet32": 4.5, "resnet56": 8.5, "resnet18": 49.0}
+# Images in the train and test splits of the registered datasets (before holdout and limit),
+# and their height x width; a dataset not listed here is loaded to count it.
+SIZES = {"fashion-mnist": (60000, 10000, 784), "mnist": (4000, 1000, 784),
+         "animal-mnist": (8000, 2000, 784), "digits": (1437, 360, 64),
+         "cifar10": (50000, 10000, 1024), "cifar100": (50000, 10000, 1024),
+         "svhn": (73257, 26032, 1024), "gtsrb": (39209, 12630, 1024)}
+# Seconds per unit of work, per category: the estimate where no finished stage says better.
+# From the default preset run serially with 2 threads on a quiet 2-core machine (README, "The
+# default experiment with one seed": teacher 48 s, victims 59-61 s, knockoff 38-44 s, dfme 19-20
+# s), the knockoff stages less the compilations and the test pass this version no longer
+# repeats, and bf16 surrogates 1.7x faster to train (README, "bf16"); the rest rough.
+DEFAULT_RATES = {
+    "fp32": 4.8e-4, "fp32 bf16": 3.3e-4, "victim qat": 1.2e-3, "victim divqat": 1.2e-3,
+    "defense": 4e-4, "defense mad": 4e-3, "defense random-noise": 6e-4,
+    "defense adaptive-misinformation": 5e-4, "attack knockoff": 3.6e-4,
+    "attack knockoff bf16": 2.6e-4, "attack knockoff-adaptive": 5e-4,
+    "attack knockoff-adaptive bf16": 3.5e-4, "attack jbda": 5e-4, "attack jbda bf16": 3.5e-4,
+    "attack dfme": 3.9e-3, "attack maze": 4e-3, "timing": 1.2,
+}
+
+
+# One stage with t torch threads runs speedup(t) = min(t, MAX_USEFUL_THREADS) ** THREAD_EXPONENT
+# times faster than with one: these small convolutions do not scale far (README, "Measured,
+# issue 14": the same stages at 2 threads and at 1).
+THREAD_EXPONENT = 0.5
+MAX_USEFUL_THREADS = 4
+DEFAULT_THREADS = 2  # the threads of DEFAULT_RATES, and of records that do not say
+
+
+def speedup(threads: int) -> float:
+    return max(1, min(threads, MAX_USEFUL_THREADS)) ** THREAD_EXPONENT
+
+
+@dataclass(frozen=True)
+class Sizes:
+    train: int
+    test: int
+    pixels: int
+
+
+def dataset_sizes(name: str, data_root: str | None = None) -> Sizes:
+    """Train / test split sizes and pixels per image of a dataset: from ``SIZES``, else by
+    loading it, else a guess (10,000 / 2,000 images, 32x32)."""
+    if name in SIZES:
+        return Sizes(*SIZES[name])
+    try:
+        from divqat.data import load_dataset
+
+        train, test = load_dataset(name, "train", data_root), load_dataset(name, "test", data_root)
+        return Sizes(len(train), len(test), int(train.images.shape[-1] * train.images.shape[-2]))
+    except Exception:  # a plan must not fail for want of data
+        return Sizes(10000, 2000, 1024)
+
+
+def work(kind: str, spec: dict[str, Any], sizes: Sizes) -> tuple[str, float]:
+    """(category, units of work) of a stage from its kind and settings."""
+    scale = sizes.pixels / 784
+    if kind in ("fp32", "victim"):
+        n = sizes.train - int(spec.get("holdout") or 0)
+        if spec.get("limit"):
+            n = min(n, spec["limit"])
+        units = spec["epochs"] * max(n, 1) * ARCH_COST.get(spec["arch"], 1.0) * scale
+        category = "fp32" if kind == "fp32" else f"victim {spec['mode']}"
+        if spec.get("precision") == "bf16":
+            category += " bf16"
+        return category, units
+    if kind == "defense":
+        units = sizes.test * scale
+        if "misinformation_epochs" in spec:
+            units += spec["misinformation_epochs"] * sizes.train * scale
+        return f"defense {spec['name']}", units
+    if kind == "attack":
+        s = spec["surrogate"]
+        cost = ARCH_COST.get(s["arch"], 1.0) * scale
+        budgets = spec["budgets"]
+        if spec["transfer"] is None:  # data-free: the queries are the work
+            return f"attack {spec['name']}", max(budgets) * scale
+        passes = 0.0
+        for b in budgets:
+            steps_per_epoch = max(1, math.ceil(b / s.get("batch_size", 128)))
+            epochs = max(s["epochs"], math.ceil(s.get("min_steps", 0) / steps_per_epoch))
+            passes += epochs * b
+        category = f"attack {spec['name']}" + (" bf16" if s.get("precision") == "bf16" else "")
+        return category, (passes + sizes.test * len(budgets)) * cost
+    if kind == "timing":
+        return "timing", float(len(spec["victims"]) * len(spec["defenses"]))
+    return kind, 1.0
+
+
+def _default_rate(category: str) -> float:
+    """A category's default rate, at one thread."""
+    base = category.removesuffix(" bf16")
+    # bf16 trains faster where the CPU has it; without a measurement, assume fp32's rate.
+    rate = DEFAULT_RATES.get(category, DEFAULT_RATES.get(base, DEFAULT_RATES.get(base.split(" ")[0], 1e-3)))
+    return rate * speedup(DEFAULT_THREADS)
+
+
+def rates(records: Iterable[dict[str, Any]], sizes: Sizes) -> dict[str, tuple[float, int]]:
+    """(one-thread seconds per unit, stages measured) per category, from finished stages'
+    records (each at the threads it says it ran with)."""
+    seconds: dict[str, float] = defaultdict(float)
+    units: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for r in records:
+        if r.get("result", {}).get("collapsed") or not r.get("seconds"):
+            continue
+        try:
+            category, u = work(r["kind"], r["spec"], sizes)
+        except (KeyError, TypeError):
+            continue
+        threads = (r.get("worker") or {}).get("threads") or DEFAULT_THREADS
+        seconds[category] += r["seconds"] * speedup(threads)
+        units[category] += u
+        count[category] += 1
+    return {c: (seconds[c] / units[c], count[c]) for c in seconds if units[c] > 0}
+
+
+def wall_time(stages: list[Stage], seconds: dict[str, float], slots: int) -> float:
+    """The plan replayed on ``slots`` workers as the runner schedules it: whenever a worker is
+    free, it takes the first stage in plan order whose inputs are done; returns the finish time."""
+    finish: dict[str, float] = {}
+    running: list[float] = []  # end times
+    pending = list(stages)
+    now = 0.0
+    while pending:
+        scheduled = True
+        while scheduled and len(running) < max(1, slots):
+            scheduled = False
+            for n, stage in enumerate(pending):
+                if all(finish.get(k, math.inf) <= now for k in stage.inputs):
+                    took = seconds.get(stage.key, 0.0)
+                    finish[stage.key] = now + took
+                    if took > 0:  # a cached stage takes no worker
+                        heapq.heappush(running, now + took)
+                    del pending[n]
+                    scheduled = True
+                    break
+        if not pending or not running:
+            break
+        now = heapq.heappop(running)
+        while running and running[0] <= now:
+            heapq.heappop(running)
+    return max(finish.values(), default=0.0)
+
+
+def duration(seconds: float) -> str:
+    """"45 s", "12 min", "3 h 05 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
+
+
+def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_per_stage: int = 1,
+               threads: int | None = None, executor: str = "serial",
+               times_from: Iterable[str | Path] = (), data_root: str | None = None,
+               every_stage: bool = True) -> list[str]:
+    """What ``divqat run --plan`` prints: one line per stage (cached, or to run with its
+    estimate under ``executor``), the stages per kind, and the estimated wall time one stage at
+    a time with ``threads`` threads (default: ``cores``) and ``cores // cpus_per_stage`` at a
+    time with ``cpus_per_stage`` threads each."""
+    stages = plan_stages(config)
+    cache = StageCache(out)
+    done = finished_records(stages, cache)
+    sizes = dataset_sizes(config.victim.dataset, data_root)
+    measured = cache.records() if cache.root.is_dir() else []
+    sources = [str(Path(out))] if measured else []
+    for folder in times_from:
+        more = StageCache(folder).records()
+        if more:
+            measured += more
+            sources.append(str(folder))
+    fitted = rates(measured, sizes)
+    one_thread, guessed = {}, set()
+    for stage in stages:
+        if stage.key in done:
+            continue
+        category, units = work(stage.kind, stage.spec, sizes)
+        if category in fitted:
+            rate = fitted[category][0]
+        else:
+            rate = _default_rate(category)
+            guessed.add(category)
+        one_thread[stage.key] = rate * units
+    threads = threads or cores
+    slots = max(1, cores // cpus_per_stage)
+    serial = {k: v / speedup(threads) for k, v in one_thread.items()}
+    parallel = {k: v / speedup(cpus_per_stage) for k, v in one_thread.items()}
+    estimate = parallel if executor == "ray" else serial
+
+    n = len(stages)
+    width = len(str(n))
+    lines = [f"plan: {config.name} ({config.source}) -> {out}: {n} stages, {len(done)} cached, "
+             f"{n - len(done)} to run; seeds {', '.join(map(str, config.seeds))}"]
+    if every_stage:
+        for i, stage in enumerate(stages, 1):
+            state = "cached" if stage.key in done else f"to run, ~{duration(estimate[stage.key])}"
+            lines.append(f"  [{i:>{width}}/{n}] {stage.label} ... {state}")
+    kinds: dict[str, list[Stage]] = defaultdict(list)
+    for stage in stages:
+        kinds[stage.kind].append(stage)
+    lines.append("stages per kind: " + "; ".join(
+        f"{kind} {len(group)} ({sum(s.key not in done for s in group)} to run, "
+        f"~{duration(sum(estimate.get(s.key, 0.0) for s in group))})" for kind, group in kinds.items()))
+    total = sum(estimate.values())
+    basis = (f"rates from {sum(c for _, c in fitted.values())} finished stages in {', '.join(sources)}"
+             if fitted else "no finished stages to measure from")
+    if guessed:
+        basis += f"; rough defaults for {', '.join(sorted(guessed))}"
+    lines.append(f"estimated stage time to run: {duration(total)} with --executor {executor} ({basis})")
+    line = (f"estimated wall time: {duration(wall_time(stages, serial, 1))} one stage at a time "
+            f"with {threads} threads (--executor serial)")
+    if slots > 1 or executor == "ray":
+        line += (f"; {duration(wall_time(stages, parallel, slots))} with {slots} stages at a time, "
+                 f"{cpus_per_stage} thread{'s' if cpus_per_stage > 1 else ''} each (--executor ray "
+                 f"on {cores} cores)")
+    lines.append(line)
+    lines.append(f"  (a stage with t threads taken as min(t, {MAX_USEFUL_THREADS})^{THREAD_EXPONENT:g} "
+                 "times faster than with one; stages that share a loaded machine take longer)")
+    return lines
+
+
+__all__ = ["ARCH_COST", "DEFAULT_RATES", "SIZES", "THREAD_EXPONENT", "dataset_sizes", "duration",
+           "plan_lines", "rates", "speedup", "wall_time", "work"]

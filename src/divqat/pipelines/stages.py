@@ -1,0 +1,207 @@
+"""The work of one experiment stage, given its settings and the folders of the stages it reads:
+train a teacher or a victim, evaluate a defense, run an attack, time every victim behind every
+defense side by side, or copy an edge victim's program file as the on-device thief does.
+
+``StageWork`` keeps what consecutive stages of one process share: loaded victims (an int8
+victim compiles once per batch size), built defenses and the victim-behind-defense programs
+compiled with them (the defense stage's programs serve every attack on that victim and defense),
+test splits and transfer sets. Which stage runs in which process is the experiment's business
+(``divqat.experiment.executors``); here a stage is plain arguments and folders::
+
+    >>> work = StageWork(data_root=None)
+    >>> work.defense("runs/x/stages/defense/ab12", "runs/x/stages/victim/cd34",
+    ...              DefenseSetting("dcp", {"beta": 0.5}, seed=0))
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from divqat.attacks import SurrogateTraining
+from divqat.blackbox import DefendedVictim
+from divqat.data import ImageDataset, load_dataset, to_victim_input
+from divqat.defenses.base import Defense
+from divqat.errors import TrainingCollapsed
+from divqat.io import write_json
+from divqat.pipelines.attack import attack_victim, load_transfer_set
+from divqat.pipelines.defend import evaluate_served, time_side_by_side
+from divqat.pipelines.defense_models import build_defense
+from divqat.pipelines.device_copy import copy_attack
+from divqat.pipelines.export import export_victim
+from divqat.pipelines.train import TrainRequest, train_victim
+from divqat.train.losses import DivQATSettings
+from divqat.victim import Victim, load_victim
+
+# An edge victim's device program (``divqat export``, no defense inside), in its stage folder;
+# written by the victim stage for ``victim.target: edge``, and then what every later stage runs.
+EDGE_PROGRAM = "victim.pte"
+
+
+@dataclass(frozen=True)
+class DefenseSetting:
+    """One defense setting of an experiment: name, parameters, the seed of a model it builds
+    (MAD's surrogate, the misinformation model) and the misinformation model's epochs."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    misinformation_epochs: int = 5
+
+    def key(self) -> str:
+        return json.dumps([self.name, self.params, self.seed, self.misinformation_epochs],
+                          sort_keys=True)
+
+
+class StageWork:
+    """Runs stages in this process, reusing what they share (see the module docstring).
+
+    Arguments:
+        data_root, device, progress: as for ``divqat train`` / ``attack``.
+        log: told what a stage is doing, one line at a time (default: nothing).
+        keep: victims kept loaded (with their defenses and compiled programs); the least
+            recently used one beyond that is dropped. (Default: 4.)
+    """
+
+    def __init__(self, *, data_root: str | Path | None = None, device: str = "cpu",
+                 progress: bool = False, log: Callable[[str], None] | None = None,
+                 keep: int = 4) -> None:
+        self.data_root, self.device, self.progress = data_root, device, progress
+        self.log = log or (lambda message: None)
+        self.keep = keep
+        self._victims: OrderedDict[str, Victim] = OrderedDict()
+        self._served: dict[tuple[str, str], DefendedVictim] = {}
+        self._tests: dict[str, ImageDataset] = {}
+        self._transfer_sets: dict[tuple, Any] = {}
+
+    # -- the kinds of stage
+
+    def train(self, folder: str | Path, *, dataset: str, arch: str, mode: str, epochs: int,
+              lr: float, seed: int, limit: int | None = None, holdout: int = 0,
+              batch_size: int = 128, divqat: dict[str, Any] | None = None,
+              precision: str = "fp32", target: str = "x86",
+              teacher: str | Path | None = None) -> dict[str, Any]:
+        """Train the fp32 teacher (``teacher`` None) or an int8 victim from it into ``folder``;
+        returns its metrics without the per-epoch history. An ``edge`` victim is also exported
+        to ``folder/victim.pte``. A collapsed DivQAT victim is a finding (the cliff), not a
+        failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
+        settings = DivQATSettings(**divqat) if mode == "divqat" else DivQATSettings()
+        req = TrainRequest(dataset=dataset, arch=arch, mode=mode, out=folder, epochs=epochs,
+                           teacher=teacher, divqat=settings, limit=limit, holdout=holdout, seed=seed,
+                           batch_size=batch_size, lr=lr, precision=precision, target=target,
+                           data_root=self.data_root, device=self.device, progress=self.progress,
+                           log_epochs=self.progress)
+        try:
+            metrics = train_victim(req)
+        except TrainingCollapsed as e:
+            if teacher is None:
+                raise
+            self.log(f"collapsed: {e}")
+            return {"collapsed": True, "message": str(e)}
+        result = {k: v for k, v in metrics.items() if k != "history"}
+        if target == "edge":
+            exported = export_victim(folder, Path(folder) / EDGE_PROGRAM)
+            result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"])
+            self.log(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
+                     f"{exported['seconds']:.0f} s)")
+        return result
+
+    def defense(self, folder: str | Path, victim_dir: str | Path,
+                setting: DefenseSetting) -> dict[str, Any]:
+        """Defense metrics of the victim behind ``setting`` on its test split
+        (``divqat.pipelines.defend.evaluate_defense``), written to ``folder/metrics.json``."""
+        served = self.served(victim_dir, setting)
+        metrics = evaluate_served(served.victim, served.defense, self.test_set(victim_dir),
+                                  served=served).metrics
+        write_json(Path(folder) / "metrics.json", metrics)
+        return metrics
+
+    def attack(self, folder: str | Path, victim_dir: str | Path, setting: DefenseSetting, *,
+               name: str, params: dict[str, Any], transfer: str | None, labels_only: bool,
+               budgets: Sequence[int], surrogate: dict[str, Any], seed: int) -> dict[str, Any]:
+        """One attack (one surrogate per budget) against the victim behind ``setting``
+        (``divqat.pipelines.attack.attack_victim``), written to ``folder/metrics.json``."""
+        served = self.served(victim_dir, setting)
+        victim = served.victim
+        transfer_set = None if transfer is None else self.transfer_set(transfer, victim.metadata)
+        training = SurrogateTraining(**surrogate, seed=seed, device=self.device, progress=self.progress)
+        return attack_victim(victim_dir, name, params, budgets=budgets, defense=setting.name,
+                             defense_params=setting.params, transfer=transfer, training=training,
+                             labels_only=labels_only, data_root=self.data_root, device=self.device,
+                             progress=self.progress, log=self.log, out=folder, served=served,
+                             transfer_set=transfer_set, test_set=self.test_set(victim_dir))
+
+    def timing(self, folder: str | Path, victims: dict[str, str | Path],
+               settings: Sequence[tuple[str, DefenseSetting]], *, batch_size: int = 256,
+               batches: int = 4, rounds: int = 10, seed: int = 0) -> dict[str, Any]:
+        """Latency of every victim (label -> folder) behind every defense (label, setting),
+        measured in turns in this one stage (``time_side_by_side``), so that the victims'
+        and defenses' timings compare: the other stages' timings were taken at other moments
+        under other loads. Written to ``folder/metrics.json``."""
+        served = {(v, d): self.served(path, setting) for v, path in victims.items()
+                  for d, setting in settings}
+        first = next(iter(victims.values()))
+        test = self.test_set(first)
+        batch_size = min(batch_size, len(test))  # a small test split gives smaller batches
+        shape = tuple(self._victim(first).input_shape)
+        images = to_victim_input(test.images[:batch_size * batches], shape)
+        timed = time_side_by_side(served, images, batch_size=batch_size, rounds=rounds, seed=seed)
+        rows = [{"victim": v, "defense_label": d, **numbers} for (v, d), numbers in timed.items()]
+        record = {"batch_size": batch_size, "batches": len(images) // batch_size, "rounds": rounds,
+                  "rows": rows}
+        write_json(Path(folder) / "metrics.json", record)
+        return record
+
+    def copy(self, folder: str | Path, victim_dir: str | Path) -> dict[str, Any]:
+        """The on-device thief copies the edge victim's program file
+        (``divqat.pipelines.device_copy.copy_attack``), written to ``folder/metrics.json``."""
+        return copy_attack(Path(victim_dir) / EDGE_PROGRAM, data_root=self.data_root, log=self.log,
+                           out=folder)
+
+    # -- what is loaded once and reused
+
+    def served(self, victim_dir: str | Path, setting: DefenseSetting) -> DefendedVictim:
+        """The victim behind the defense, built once per process: its fused program compiles
+        on its first queries and is kept for every later stage of the same pair."""
+        key = (str(victim_dir), setting.key())
+        if key not in self._served:
+            victim = self._victim(victim_dir)
+            self._served[key] = DefendedVictim(victim, self._defense(victim_dir, setting))
+        return self._served[key]
+
+    def test_set(self, victim_dir: str | Path) -> ImageDataset:
+        dataset = self._victim(victim_dir).metadata["dataset"]
+        if dataset not in self._tests:
+            self._tests[dataset] = load_dataset(dataset, "test", self.data_root)
+        return self._tests[dataset]
+
+    def transfer_set(self, spec: str, meta: dict[str, Any]):
+        key = (spec, meta["dataset"], int(meta.get("holdout") or 0), tuple(meta["input_shape"]))
+        if key not in self._transfer_sets:
+            self._transfer_sets[key] = load_transfer_set(spec, meta, self.data_root)
+        return self._transfer_sets[key]
+
+    def _victim(self, victim_dir: str | Path) -> Victim:
+        path = str(victim_dir)
+        if path in self._victims:
+            self._victims.move_to_end(path)
+            return self._victims[path]
+        while len(self._victims) >= self.keep:
+            old, _ = self._victims.popitem(last=False)
+            self._served = {k: v for k, v in self._served.items() if k[0] != old}
+        program = Path(victim_dir) / EDGE_PROGRAM  # an edge victim runs as its device program
+        self._victims[path] = load_victim(program if program.is_file() else victim_dir, device=self.device)
+        return self._victims[path]
+
+    def _defense(self, victim_dir: str | Path, setting: DefenseSetting) -> Defense:
+        return build_defense(setting.name, setting.params, victim_dir, seed=setting.seed,
+                             misinformation_epochs=setting.misinformation_epochs,
+                             data_root=self.data_root, device=self.device, progress=self.progress,
+                             log=self.log)
+
+
+__all__ = ["EDGE_PROGRAM", "DefenseSetting", "StageWork"]

@@ -324,3 +324,67 @@ def test_calibrate_then_detect_on_a_victim(tiny_victims, tmp_path, capsys, one_t
         assert (f"alarm after {row['first_alarm']} queries" if row["detected"]
                 else "not raised within 96 queries") in printed
     assert record["detectors"]["prada"]["settings"]["min_distances"] == 30  # from the calibration
+
+
+# ---------------------------------------------------------------- in the experiment
+
+def _watched_config(**detector) -> dict:
+    return {
+        "name": "watched", "seeds": [0],
+        "victim": {"dataset": "tiny-bars", "arch": "resnet8", "holdout": 96, "batch_size": 64},
+        "fp32": {"epochs": 3}, "qat": {"epochs": 1}, "divqat": {"alphas": [2.0], "epochs": 1},
+        "defenses": ["none"],
+        "attacks": [{"name": "knockoff", "transfer": "holdout", "labels_only": [False],
+                     "budgets": [40, 80], "surrogate": {"epochs": 1, "batch_size": 32}}],
+        "detectors": [{"name": "prada", "params": {"min_distances": 20, "check_every": 10},
+                       "target_far": 0.25, "streams": 4, "benign_streams": 3, **detector}],
+    }
+
+
+def test_experiment_config_names_a_bad_detector_in_one_line():
+    from divqat.experiment import parse_config
+
+    with pytest.raises(ConfigError, match=r"detectors\[0\]\.name.*prada"):
+        parse_config(_watched_config(name="prad"))
+    with pytest.raises(ConfigError, match=r"detectors\[0\]\.params\.delta: set by the calibration"):
+        parse_config(_watched_config(params={"delta": 0.9}))
+    with pytest.raises(ConfigError, match=r"detectors\[0\]\.target_far"):
+        parse_config(_watched_config(target_far=0.9))
+
+
+def test_experiment_calibrates_per_victim_and_records_each_thiefs_first_alarm(tmp_path, one_thread):
+    import csv
+
+    from divqat.experiment import parse_config, plan_stages, run_experiment
+
+    raw = _watched_config()
+    config = parse_config(raw)
+    without = {s.label: s.key for s in plan_stages(parse_config({**raw, "detectors": []}))}
+    planned = plan_stages(config)
+    # Detectors add calibrate stages and watch the attacks; nothing else changes its key.
+    assert [s.kind for s in planned].count("calibrate") == 2  # qat, divqat
+    assert all(without[s.label] == s.key for s in planned if s.kind not in ("calibrate", "attack"))
+    assert all(without[s.label] != s.key for s in planned if s.kind == "attack")
+
+    lines: list[str] = []
+    results = run_experiment(config, tmp_path / "run", progress=False, say=lines.append)
+    assert results["stages"]["failed"] == 0 and results["stages"]["skipped"] == 0
+    cal = results["calibrations"]
+    assert sorted(r["victim"] for r in cal) == ["divqat a=2", "qat"]
+    assert all(r["detector"] == "prada" and r["benign_streams"] == 3 and r["benign_length"] == 80
+               and 0.0 <= r["false_alarm_rate"] <= 1.0 for r in cal)
+    rows = results["attacks"]
+    assert len(rows) == 4  # 2 victims x 2 budgets
+    for r in rows:
+        alarm = r["alarm_prada"]
+        assert alarm is None or 0 < alarm <= 80
+        assert r["detected_prada"] == (alarm is not None and alarm <= r["budget"])
+    # The thief's stream is one per attack stage: its budgets share the first alarm.
+    assert len({(r["victim"], r["alarm_prada"]) for r in rows}) == 2
+    with open(tmp_path / "run" / "results.csv") as f:
+        assert {"alarm_prada", "detected_prada"} <= set(next(csv.reader(f)))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Extraction detectors" in report and "prada: alarms / runs" in report
+    assert any(line.startswith("| prada | qat |") for line in report.splitlines())
+    assert any("calibrate prada | qat | seed 0 ... running" in line for line in lines)
+    assert any("prada threshold" in line and "honest streams of 80" in line for line in lines)

@@ -41,6 +41,11 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
                     min_steps: 0,            # at least this many SGD steps per surrogate
                     precision: fp32}         # bf16: autocast where the CPU has it
         defenses: null           # restrict to these defense names (default: every defense)
+    detectors: []                # extraction detectors watching every thief's stream (`divqat
+                                 # detectors`): a name, or {name, params, target_far: 0.05,
+                                 # streams: 20, benign_streams: 20}; each is calibrated per victim
+                                 # for target_far on `streams` benign streams of the largest
+                                 # budget, its false-alarm rate measured on `benign_streams` others
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from divqat.attacks import ATTACKS, SurrogateTraining, create_attack
 from divqat.checks import check_bool, check_choice, check_int, check_number
 from divqat.data import dataset_names
 from divqat.defenses import DEFENSES
+from divqat.detectors import DETECTORS, check_detector
 from divqat.errors import ConfigError, DivqatError
 from divqat.models import model_names
 from divqat.pipelines.attack import HOLDOUT, parse_transfer
@@ -140,6 +146,19 @@ class DivQATSpec:
 
 
 @dataclass(frozen=True)
+class DetectorSpec:
+    """An extraction detector of the experiment: calibrated per victim for ``target_far`` on
+    ``streams`` benign streams (``divqat calibrate``), its false-alarm rate then measured on
+    ``benign_streams`` other honest clients (test split and holdout), and watching every thief."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    target_far: float = 0.05
+    streams: int = 20
+    benign_streams: int = 20
+
+
+@dataclass(frozen=True)
 class DefenseSpec:
     """A defense and its parameter grid: a list value is an axis of the grid."""
 
@@ -179,6 +198,12 @@ class ExperimentConfig:
     defenses: tuple[DefenseSpec, ...]
     attacks: tuple[AttackSpec, ...]
     source: str = "<dict>"
+    detectors: tuple[DetectorSpec, ...] = ()
+
+    def stream_length(self) -> int:
+        """The longest thief's stream (the largest budget): the length of the benign streams a
+        detector is calibrated and measured on."""
+        return max((b for a in self.attacks for b in a.budgets), default=0)
 
     def transfer_specs(self) -> list[str]:
         """Every transfer set an attack needs, once each, in config order."""
@@ -272,7 +297,7 @@ def _wrapped(where: str, check: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------- the sections
 
-TOP_KEYS = ("name", "seeds", "victim", "fp32", "qat", "divqat", "defenses", "attacks")
+TOP_KEYS = ("name", "seeds", "victim", "fp32", "qat", "divqat", "defenses", "attacks", "detectors")
 
 
 def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
@@ -294,8 +319,9 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     defenses = _defenses(top.get("defenses", []))
     attacks = _attacks(top.get("attacks", []), victim, [d.name for d in defenses])
     _outliers_are_not_transfer_sets(divqat, attacks)
+    detectors = _detectors(top.get("detectors", []), attacks)
     return ExperimentConfig(name=name, seeds=seeds, victim=victim, fp32=fp32, qat=qat, divqat=divqat,
-                            defenses=defenses, attacks=attacks, source=source)
+                            defenses=defenses, attacks=attacks, source=source, detectors=detectors)
 
 
 def _victim(raw: Any) -> VictimSpec:
@@ -423,6 +449,34 @@ def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
             raise ConfigError(f"defenses: {name} {params_text(s) or '(defaults)'} is listed twice")
     if not any(d.name == "none" for d in out):
         out.insert(0, DefenseSpec("none"))  # the undefended victim is the reference of every table
+    return tuple(out)
+
+
+def _detectors(raw: Any, attacks: tuple[AttackSpec, ...]) -> tuple[DetectorSpec, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"detectors: expected a list of detectors (a name, or a mapping with name, "
+                          f"params, target_far, streams, benign_streams); got {_shown(raw)}")
+    out: list[DetectorSpec] = []
+    for i, entry in enumerate(raw):
+        where = f"detectors[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        m = _Mapping(entry, where, ("name", "params", "target_far", "streams", "benign_streams"))
+        name = m.choice("name", _REQUIRED, DETECTORS.names())
+        params = m.get("params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.params: expected a mapping of parameter: value; got {_shown(params)}")
+        cls = _wrapped(f"{where}.params", lambda n=name, p=params: check_detector(n, dict(p)))
+        if cls.threshold_param in params:
+            raise ConfigError(f"{where}.params.{cls.threshold_param}: set by the calibration for "
+                              "target_far (leave it out)")
+        spec = DetectorSpec(name, dict(params), m.number("target_far", 0.05, 0, high=0.5),
+                            m.int("streams", 20, 1), m.int("benign_streams", 20, 1))
+        if any(d.name == name for d in out):
+            raise ConfigError(f"{where}: {name} is listed twice")
+        out.append(spec)
+    if out and not attacks:
+        raise ConfigError("detectors: they watch the attacks' query streams; the config has no attack")
     return tuple(out)
 
 
@@ -571,9 +625,10 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
                       if d.variants else {})},
         "defenses": [defense(x) for x in config.defenses],
         "attacks": [attack(x) for x in config.attacks],
+        **({"detectors": [dataclasses.asdict(x) for x in config.detectors]} if config.detectors else {}),
     }
 
 
-__all__ = ["AttackSpec", "DefenseSpec", "DivQATSpec", "ExperimentConfig", "HOLDOUT",
+__all__ = ["AttackSpec", "DefenseSpec", "DetectorSpec", "DivQATSpec", "ExperimentConfig", "HOLDOUT",
            "TrainingSpec", "VictimSpec", "config_dict", "load_config", "load_preset", "parse_config",
            "preset_names", "preset_text"]

@@ -46,6 +46,10 @@ DEFAULT_RATES = {
     "attack knockoff bf16": 2.6e-4, "attack knockoff-adaptive": 5e-4,
     "attack knockoff-adaptive bf16": 3.5e-4, "attack jbda": 5e-4, "attack jbda bf16": 3.5e-4,
     "attack dfme": 3.9e-3, "attack maze": 4e-3, "timing": 1.2,
+    # Per watched query of calibration and honest streams (`divqat calibrate`, README "Extraction
+    # detectors": 40 streams of 5,000 in 25 s / 72 s at one thread, i.e. 1.3e-4 / 3.6e-4, given
+    # here at two threads as the rest).
+    "calibrate prada": 9e-5, "calibrate mmd": 2.5e-4,
 }
 
 
@@ -114,6 +118,8 @@ def work(kind: str, spec: dict[str, Any], sizes: Sizes) -> tuple[str, float]:
         return category, (passes + sizes.test * len(budgets)) * cost
     if kind == "timing":
         return "timing", float(len(spec["victims"]) * len(spec["defenses"]))
+    if kind == "calibrate":
+        return f"calibrate {spec['name']}", float((spec["streams"] + spec["benign_streams"]) * spec["length"])
     return kind, 1.0
 
 

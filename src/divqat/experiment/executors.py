@@ -119,7 +119,13 @@ def perform(task: StageTask, work: StageWork, folder: Path) -> dict[str, Any]:
         return work.attack(folder, task.folders["victim"],
                            defense_setting(task.context["defense"], s["seed"]), name=s["name"],
                            params=s["params"], transfer=s["transfer"], labels_only=s["labels_only"],
-                           budgets=s["budgets"], surrogate=s["surrogate"], seed=s["seed"])
+                           budgets=s["budgets"], surrogate=s["surrogate"], seed=s["seed"],
+                           detectors={name: (task.folders[f"calibration:{name}"], params)
+                                      for name, params in (task.context.get("detectors") or {}).items()})
+    if task.kind == "calibrate":
+        return work.calibrate(folder, task.folders["victim"], name=s["name"], params=s["params"],
+                              target_far=s["target_far"], streams=s["streams"], length=s["length"],
+                              benign_streams=s["benign_streams"], seed=s["seed"])
     if task.kind == "timing":
         victims = {role.split(":", 1)[1]: path for role, path in task.folders.items()
                    if role.startswith("victim:")}

@@ -279,6 +279,53 @@ def pays_table(results: dict[str, Any]) -> list[str]:
     return _table(header, body)
 
 
+def detector_lines(results: dict[str, Any]) -> list[str]:
+    """The extraction detectors: their false-alarm rates on honest clients (per victim), and per
+    attack setting at its largest budget, which thieves each one caught and after how many
+    queries (per defense, victim and thief: alarms / runs over the seeds, then the queries to
+    each first alarm)."""
+    calibrations = results.get("calibrations") or []
+    if not calibrations:
+        return []
+    names = ordered(r["detector"] for r in calibrations)
+    lines = ["## Extraction detectors", "",
+             "Each detector was calibrated per victim for its target false-alarm rate on honest "
+             "streams of the victim's training images, then measured on honest clients it never "
+             "saw (test split and holdout, each its own random order), and watched every thief's "
+             "stream without changing an answer.", "",
+             *_table(["detector", "victim", "threshold", "false alarms % (honest clients)", "streams",
+                      "queries per stream"],
+                     [[n, v, cell([r["threshold"] for r in rows], 1, 4),
+                       cell([r["false_alarm_rate"] for r in rows], 100),
+                       str(sum(r["benign_streams"] for r in rows)), f"{rows[0]['benign_length']:,}"]
+                      for n in names for v in victim_labels(calibrations)
+                      if (rows := [r for r in calibrations if r["detector"] == n and r["victim"] == v])]),
+             ""]
+    attacks = results["attacks"]
+    for setting in attack_settings(attacks):
+        mine = [r for r in attacks if (r["attack"], r["attack_params"], r["transfer"]) == setting]
+        budget = max(r["budget"] for r in mine)
+        top = [r for r in mine if r["budget"] == budget]
+        body = []
+        for d in ordered(r["defense_label"] for r in top):
+            for v in victim_labels(top):
+                for t in [t for t in THIEVES if any(r["thief"] == t for r in top)]:
+                    runs = [r for r in top if (r["defense_label"], r["victim"], r["thief"]) == (d, v, t)]
+                    if not runs:
+                        continue
+                    cells = []
+                    for n in names:
+                        alarms = [r.get(f"alarm_{n}") for r in runs]
+                        caught = sorted(a for a in alarms if a is not None)
+                        cells.append(f"{len(caught)}/{len(runs)}"
+                                     + (f": {', '.join(f'{a:,}' for a in caught)}" if caught else ""))
+                    body.append([d, v, t, *cells])
+        lines += [f"### Alarms: {setting_title(setting, attacks)}, {budget:,} queries", "",
+                  *_table(["defense", "victim", "thief", *(f"{n}: alarms / runs, queries to the first"
+                                                          for n in names)], body), ""]
+    return lines
+
+
 def copy_table(results: dict[str, Any]) -> list[str]:
     """The two threats side by side, per victim: the thief who copies the device program (no
     queries) and, for each query attack setting at its largest budget against the undefended
@@ -478,6 +525,7 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
                   "budget (negative: the thief copies worse). Every Δ is against qat, paired by seed, "
                   "with its 95 % confidence interval; within noise where that contains 0.", "",
                   *pays, ""]
+    lines += detector_lines(results)
     if results.get("copies"):
         lines += ["## On the device: copying the program beside the query attacks", "",
                   "The victims ran as ExecuTorch programs (`victim.target: edge`). Whoever holds the "
@@ -514,5 +562,5 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
     return "\n".join(lines)
 
 
-__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "main_table", "outliers_lines", "pays_table",
+__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "detector_lines", "main_table", "outliers_lines", "pays_table",
            "overlap_note", "report_markdown", "stage_times_table"]

@@ -11,6 +11,9 @@ Stages, per seed, each cached under ``OUT/stages/<kind>/<key>/`` (``divqat.exper
     timing   the latency of every int8 victim behind every defense of the seed, measured in
              turns in one stage: the only timings that compare across victims and defenses
     copy     (``victim.target: edge``) the on-device thief who copies the victim's program file
+    calibrate  (``detectors:``) one extraction detector calibrated on one victim, and its
+             false-alarm rate on honest clients; every attack stage on that victim then runs
+             watched by the calibrated detectors and records when each first raised its alarm
 
 With ``victim.target: edge`` the int8 victims are trained with XNNPACK's scheme, each victim stage
 also writes ``victim.pte`` (``divqat export``, no defense inside), and every defense and attack
@@ -164,6 +167,15 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                                           (victim.key,), seed))
             stages += defenses
             timed.append((victim.key, *(d.key for d in defenses)))
+            calibrations = []
+            for det in config.detectors:
+                spec = {"name": det.name, "params": det.params, "target_far": det.target_far,
+                        "streams": det.streams, "benign_streams": det.benign_streams,
+                        "length": config.stream_length(), "seed": seed}
+                calibrations.append(Stage("calibrate", stage_key("calibrate", spec, [victim.key]),
+                                          f"calibrate {det.name} | {who} | seed {seed}", spec,
+                                          (victim.key,), seed))
+            stages += calibrations
             for defense in defenses:
                 dlabel = defense_label(defense.spec["name"], defense.spec["params"])
                 for a in config.attacks:
@@ -174,7 +186,9 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                             spec = {"name": a.name, "params": a.params, "transfer": transfer,
                                     "labels_only": labels_only, "budgets": list(a.budgets),
                                     "surrogate": a.surrogate.recipe(), "seed": seed}
-                            inputs = (victim.key, defense.key)
+                            # Watched by the calibrated detectors (only when there are: the
+                            # keys of configs without detectors stay what they were).
+                            inputs = (victim.key, defense.key, *(c.key for c in calibrations))
                             label = (f"attack {attack_label(a.name, a.params, transfer, labels_only)} "
                                      f"| {who} | {dlabel} | seed {seed}")
                             stages.append(Stage("attack", stage_key("attack", spec, inputs), label,
@@ -373,6 +387,9 @@ class Runner:
                     folders[f"victim:{victim_name(source.spec, self.with_cap)}"] = folder
             elif source.kind == "defense":
                 context["defense"] = source.spec
+            elif source.kind == "calibrate":
+                folders[f"calibration:{source.spec['name']}"] = folder
+                context.setdefault("detectors", {})[source.spec["name"]] = source.spec["params"]
         if stage.kind == "timing":
             folders.pop("victim", None)
             context = {}
@@ -463,6 +480,9 @@ def _summary(kind: str, r: dict[str, Any]) -> str:
         return f"defender accuracy {r['defender_accuracy']:.1%}, L1 {r['l1_distance']:.4f}"
     if kind == "timing":
         return f"{len(r['rows'])} victim x defense pairs timed side by side"
+    if kind == "calibrate":
+        return (f"{r['detector']} threshold {r['threshold']:.6g}; false alarms {r['false_alarms']}/"
+                f"{r['benign_streams']} honest streams of {r['benign_length']}")
     if kind == "copy":
         return r.get("note") or (f"the copy's accuracy {r['adversary_accuracy']:.1%}, agreement "
                                  f"{r['agreement']:.1%}, 0 queries")
@@ -535,7 +555,7 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
         columns["timing"] = SIDE_BY_SIDE if side else OWN_STAGE
         return columns
 
-    victims, defenses, attacks, copies, stage_times = [], [], [], [], []
+    victims, defenses, attacks, copies, calibrations, stage_times = [], [], [], [], [], []
     for stage in stages:
         if stage.key not in records:
             continue
@@ -553,6 +573,12 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                             "kl_to_teacher_outliers": r.get("kl_to_teacher_outliers"),
                             "collapsed": bool(r.get("collapsed")), "message": r.get("message"),
                             "stage": stage.key[:16]})
+        elif stage.kind == "calibrate":
+            calibrations.append({**_victim_columns(victim_info(by_key[stage.inputs[0]])),
+                                 "detector": r["detector"], "threshold": r["threshold"],
+                                 "target_far": r["target_far"], "false_alarm_rate": r["false_alarm_rate"],
+                                 "false_alarms": r["false_alarms"], "benign_streams": r["benign_streams"],
+                                 "benign_length": r["benign_length"], "stage": stage.key[:16]})
         elif stage.kind == "copy":
             copies.append({**_victim_columns(victim_info(by_key[stage.inputs[0]])), "attack": "copy",
                            "thief": "file copy", "budget": 0, "queries_used": 0,
@@ -587,14 +613,28 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                     "agreement_clean": x["agreement_clean"],
                     # The defense's distortion over this thief's own queries.
                     "l1_distance": r["l1_distance"], "kl_divergence": r["kl_divergence"],
-                    "attack_seconds": x["seconds"], "stage": stage.key[:16]})
+                    "attack_seconds": x["seconds"], **_alarm_columns(r, x["budget"]),
+                    "stage": stage.key[:16]})
     return {"experiment": config.name, "source": config.source, "config": config_dict(config),
             "divqat_version": divqat.__version__, "victims": victims, "defenses": defenses,
             "attacks": attacks, "timings": timings, "stage_times": stage_times,
-            **({"copies": copies} if copies else {})}
+            **({"copies": copies} if copies else {}),
+            **({"calibrations": calibrations} if calibrations else {})}
 
 
 LATENCY = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
+
+
+def _alarm_columns(r: dict[str, Any], budget: int) -> dict[str, Any]:
+    """Per detector that watched the thief: ``alarm_<name>``, the queries until its first alarm
+    (None: not raised within the largest budget), and ``detected_<name>``, whether that came
+    within this row's budget (the thief's stream is the same for all its budgets)."""
+    out: dict[str, Any] = {}
+    for name, d in (r.get("detectors") or {}).items():
+        first = d.get("first_alarm")
+        out[f"alarm_{name}"] = first
+        out[f"detected_{name}"] = first is not None and first <= budget
+    return out
 
 
 def _victim_columns(v: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.checks import check_bool, check_int
 from divqat.data import ImageDataset, dataset_spec, load_dataset, to_victim_input, training_split
 from divqat.defenses.base import Defense
+from divqat.detectors import Monitor
 from divqat.errors import ConfigError
 from divqat.io import write_json
 from divqat.pipelines.defend import evaluate_served, parse_query_set
@@ -112,7 +113,7 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
                   victim: Callable[[Tensor], Tensor] | None = None,
                   built_defense: Defense | None = None,
                   transfer_set: TransferSet | None = None, served: DefendedVictim | None = None,
-                  test_set: ImageDataset | None = None) -> dict[str, Any]:
+                  test_set: ImageDataset | None = None, monitor: Monitor | None = None) -> dict[str, Any]:
     """Run one attack against a saved victim behind a defense; measure every surrogate.
 
     Arguments:
@@ -129,6 +130,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
             reuse (the experiment's stages pass them; ``served`` = ``DefendedVictim(victim,
             built_defense)`` keeps its compiled program); otherwise loaded from ``victim_dir``.
         out: directory for ``metrics.json``.
+        monitor: extraction detectors watching the thief's stream (``BlackBox(monitor=...)``;
+            with ``on_alarm`` other than flag, the alarm also changes what the thief gets).
 
     Returns a dict with the settings, the defense's metrics over the thief's queries
     (``defender_accuracy``, ``l1_distance``, ``kl_divergence``, ``argmax_changed``,
@@ -182,7 +185,7 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     defense_metrics = evaluation.metrics
     clean_pred, defended_pred = evaluation.clean_labels, evaluation.defended_labels
 
-    box = BlackBox(served, budget=budgets[-1], label_only=labels_only)
+    box = BlackBox(served, budget=budgets[-1], label_only=labels_only, monitor=monitor)
     mode = "label-only" if labels_only else "soft-label"
     say(f"{attack} ({mode}) against the {meta.get('mode')} victim behind {defense}, "
         f"budgets {', '.join(map(str, budgets))}"

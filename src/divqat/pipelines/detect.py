@@ -100,7 +100,13 @@ def _teacher_dir(victim_dir: Path, meta: dict) -> Path:
     return Path(teacher)
 
 
-def save_features(victim_dir: str | Path) -> FeatureExtractor:
+def detectors_dir(victim_dir: str | Path, store: str | Path | None = None) -> Path:
+    """Where a victim's detector files are: ``store`` when given (an experiment keeps each
+    calibration in its own stage folder), else ``VICTIM/detectors/``."""
+    return Path(store) if store is not None else Path(victim_dir) / DETECTORS_DIR
+
+
+def save_features(victim_dir: str | Path, store: str | Path | None = None) -> FeatureExtractor:
     """Copy the defender's fp32 model (the victim's teacher) into ``VICTIM/detectors/`` so the
     victim directory carries everything its detectors need."""
     victim_dir = Path(victim_dir)
@@ -109,14 +115,14 @@ def save_features(victim_dir: str | Path) -> FeatureExtractor:
     payload = {"state_dict": net.state_dict(),
                "meta": {k: teacher_meta[k] for k in ("arch", "input_shape", "classes", "mean", "std")},
                "teacher": str(_teacher_dir(victim_dir, meta))}
-    atomic_write(victim_dir / DETECTORS_DIR / FEATURES, lambda tmp: torch.save(payload, tmp))
+    atomic_write(detectors_dir(victim_dir, store) / FEATURES, lambda tmp: torch.save(payload, tmp))
     return FeatureExtractor(net)
 
 
-def load_features(victim_dir: str | Path) -> FeatureExtractor:
+def load_features(victim_dir: str | Path, store: str | Path | None = None) -> FeatureExtractor:
     from divqat.models import build_net
 
-    path = Path(victim_dir) / DETECTORS_DIR / FEATURES
+    path = detectors_dir(victim_dir, store) / FEATURES
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: run `divqat calibrate --victim {victim_dir} "
                             "--detector mmd` first")
@@ -128,14 +134,14 @@ def load_features(victim_dir: str | Path) -> FeatureExtractor:
 
 # ---------------------------------------------------------------------- building a detector
 
-def calibration_path(victim_dir: str | Path, name: str) -> Path:
-    return Path(victim_dir) / DETECTORS_DIR / f"{name}.json"
+def calibration_path(victim_dir: str | Path, name: str, store: str | Path | None = None) -> Path:
+    return detectors_dir(victim_dir, store) / f"{name}.json"
 
 
-def load_calibration(victim_dir: str | Path | None, name: str) -> dict | None:
+def load_calibration(victim_dir: str | Path | None, name: str, store: str | Path | None = None) -> dict | None:
     if victim_dir is None:
         return None
-    path = calibration_path(victim_dir, name)
+    path = calibration_path(victim_dir, name, store)
     if not path.is_file():
         return None
     try:
@@ -144,8 +150,8 @@ def load_calibration(victim_dir: str | Path | None, name: str) -> dict | None:
         raise ArtifactError(f"{path} is corrupt ({e}); run `divqat calibrate` again") from e
 
 
-def _reference(victim_dir: Path, name: str) -> dict[str, Any]:
-    path = victim_dir / DETECTORS_DIR / f"{name}.pt"
+def _reference(victim_dir: Path, name: str, store: str | Path | None = None) -> dict[str, Any]:
+    path = detectors_dir(victim_dir, store) / f"{name}.pt"
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: run `divqat calibrate --victim {victim_dir} "
                             f"--detector {name}` first")
@@ -154,18 +160,19 @@ def _reference(victim_dir: Path, name: str) -> dict[str, Any]:
 
 def detector_factory(name: str, params: dict[str, Any] | None = None,
                      victim_dir: str | Path | None = None, *, calibrated: bool = True,
-                     log: Callable[[str], None] | None = None
+                     store: str | Path | None = None, log: Callable[[str], None] | None = None
                      ) -> tuple[Callable[[], Detector], dict[str, Any]]:
     """A function that builds fresh detectors ``name`` for the victim (one per client; they
     share the features model and the reference), and the settings they run with.
 
     The settings are the calibration's (threshold and the parameters it was calibrated for,
     ``VICTIM/detectors/NAME.json``) overridden by ``params``; without a calibration, the
-    detector's defaults. ``calibrated=False`` ignores a saved calibration."""
+    detector's defaults. ``calibrated=False`` ignores a saved calibration. ``store``: where the
+    calibration is kept (default ``VICTIM/detectors/``)."""
     say = log or (lambda _m: None)
     params = dict(params or {})
     cls = check_detector(name, params)
-    calibration = load_calibration(victim_dir, name) if calibrated else None
+    calibration = load_calibration(victim_dir, name, store) if calibrated else None
     settings: dict[str, Any] = {}
     if calibration is not None:
         settings = {**calibration["params"], cls.threshold_param: calibration["threshold"]}
@@ -180,8 +187,9 @@ def detector_factory(name: str, params: dict[str, Any] | None = None,
     if cls.model_param is not None or cls.data_params:
         if victim_dir is None:
             raise ConfigError(f"detector {name!r} is built from a victim: give the victim directory")
-        reference = _reference(Path(victim_dir), name)
-        data = {cls.model_param: load_features(victim_dir), **reference} if cls.model_param else reference
+        reference = _reference(Path(victim_dir), name, store)
+        data = ({cls.model_param: load_features(victim_dir, store), **reference} if cls.model_param
+                else reference)
     elif cls.calibrated and calibration is None:
         raise ConfigError(f"detector {name!r} needs `divqat calibrate --detector {name}` first")
 
@@ -299,10 +307,10 @@ def _benign_pools(meta: dict, data_root, served: DefendedVictim, features, which
 def calibrate_detector(victim_dir: str | Path, name: str, params: dict[str, Any] | None = None, *,
                        target_far: float = 0.05, streams: int = 40, length: int = 5000,
                        reference_size: int = 1000, seed: int = 0,
-                       data_root: str | Path | None = None,
+                       data_root: str | Path | None = None, store: str | Path | None = None,
                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Calibrate detector ``name`` on the victim for a target false-alarm rate and keep it with
-    the victim (``VICTIM/detectors/``).
+    the victim (``VICTIM/detectors/``, or ``store``).
 
     Benign streams: ``streams`` clients, each sending ``length`` of the images the victim was
     trained on in a random order of its own (undefended answers). The threshold is set so that
@@ -321,7 +329,7 @@ def calibrate_detector(victim_dir: str | Path, name: str, params: dict[str, Any]
     reference_size = check_int("calibrate", "reference_size", reference_size, low=2)
     start = time.perf_counter()
     served = DefendedVictim(load_victim(victim_dir))
-    features = save_features(victim_dir) if cls.model_param == "features" else None
+    features = save_features(victim_dir, store) if cls.model_param == "features" else None
     pool = _benign_pools(meta, data_root, served, features, ["train"])[0]
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(pool.images), generator=generator)
@@ -335,7 +343,7 @@ def calibrate_detector(victim_dir: str | Path, name: str, params: dict[str, Any]
 
         reference = pool.features[order[:reference_size]].double()
         data = {"reference": reference, "bandwidth": median_bandwidth(reference)}
-        atomic_write(victim_dir / DETECTORS_DIR / f"{name}.pt", lambda tmp: torch.save(data, tmp))
+        atomic_write(detectors_dir(victim_dir, store) / f"{name}.pt", lambda tmp: torch.save(data, tmp))
         # The streams never contain a reference image.
         rest = order[reference_size:]
         stream_pool = _Pool.__new__(_Pool)
@@ -366,10 +374,10 @@ def calibrate_detector(victim_dir: str | Path, name: str, params: dict[str, Any]
         "streams": streams, "length": length, "benign": pool.name, "seed": seed,
         "in_sample_false_alarms": alarms, "worst_scores": worst,
         **({"reference_size": reference_size, "bandwidth": data["bandwidth"],
-            "features": str(victim_dir / DETECTORS_DIR / FEATURES)} if data else {}),
+            "features": str(detectors_dir(victim_dir, store) / FEATURES)} if data else {}),
         "seconds": time.perf_counter() - start, "created": time.time(),
     }
-    write_json(calibration_path(victim_dir, name), record)
+    write_json(calibration_path(victim_dir, name, store), record)
     return record
 
 
@@ -458,6 +466,21 @@ class _Tee(Detector):
         return {"detectors": [d.name for d in self.detectors]}
 
 
+def watching(factories: dict[str, Callable[[], Detector]]) -> tuple[Monitor, dict[str, Detector]]:
+    """A monitor that only records (``flag``) and the fresh detectors it feeds, by name: several
+    detectors watching one thief's stream without changing any answer."""
+    detectors = {name: make() for name, make in factories.items()}
+    return Monitor(_Tee(list(detectors.values())), on_alarm="flag"), detectors
+
+
+def alarm_record(detector: Detector) -> dict[str, Any]:
+    """What a watched stream ended with: ``detected``, ``first_alarm`` (queries until the alarm,
+    None if not raised), the last and most suspicious scores, and how many tests ran."""
+    v = detector.verdict()
+    return {"detected": v.first_alarm is not None, "first_alarm": v.first_alarm,
+            "final_score": v.score, "worst_score": v.worst, "tests": v.tests}
+
+
 def detect_attack(victim_dir: str | Path, detectors: str | dict[str, dict[str, Any] | None],
                   attack: str, attack_params: dict[str, Any] | None = None, *, budget: int,
                   transfer: str | None = None, benign: str = "holdout",
@@ -503,11 +526,10 @@ def detect_attack(victim_dir: str | Path, detectors: str | dict[str, dict[str, A
     built_defense = build_defense(defense, defense_params, victim_dir, seed=training.seed,
                                   data_root=data_root, device=device, progress=progress, log=log)
     served = DefendedVictim(load_victim(victim_dir, device=device), built_defense)
-    watching = {name: make() for name, (make, _) in built.items()}
-    monitor = Monitor(_Tee(list(watching.values())), on_alarm="flag")
+    monitor, watched = watching({name: make for name, (make, _) in built.items()})
     box = BlackBox(served, budget=budget, label_only=labels_only, monitor=monitor)
     say(f"{attack} against the {meta.get('mode')} victim behind {defense}, watched by "
-        f"{', '.join(watching)}, budget {budget}"
+        f"{', '.join(watched)}, budget {budget}"
         + (f", transfer set {transfer_set.name}" if transfer_set else ""))
     start = time.perf_counter()
     torch.manual_seed(training.seed)
@@ -529,18 +551,15 @@ def detect_attack(victim_dir: str | Path, detectors: str | dict[str, dict[str, A
     }
     if mix:
         record["mix"] = mix
-    for name, detector in watching.items():
+    for name, detector in watched.items():
         make, settings = built[name]
-        v = detector.verdict()
         row: dict[str, Any] = {
             "settings": settings["params"], "calibrated": settings["calibrated"],
-            "calibration": settings["calibration"],
-            "detected": v.first_alarm is not None, "first_alarm": v.first_alarm,
-            "final_score": v.score, "worst_score": v.worst, "tests": v.tests,
+            "calibration": settings["calibration"], **alarm_record(detector),
         }
         if mix:  # what the evasive thief got from its own transfer set before the alarm
-            row["transfer_queries_before_alarm"] = (None if v.first_alarm is None
-                                                    else math.floor((1 - mix) * v.first_alarm))
+            row["transfer_queries_before_alarm"] = (None if row["first_alarm"] is None
+                                                    else math.floor((1 - mix) * row["first_alarm"]))
         if benign_streams:
             cls = DETECTORS.get(name)
             features = load_features(victim_dir) if cls.model_param == "features" else None
@@ -554,6 +573,6 @@ def detect_attack(victim_dir: str | Path, detectors: str | dict[str, dict[str, A
     return record
 
 
-__all__ = ["FeatureExtractor", "build_detector", "calibrate_detector", "calibration_path",
-           "detect_attack", "detector_factory", "false_alarm_rate", "list_detectors",
-           "load_calibration", "load_features", "save_features"]
+__all__ = ["FeatureExtractor", "alarm_record", "build_detector", "calibrate_detector", "calibration_path",
+           "detect_attack", "detector_factory", "detectors_dir", "false_alarm_rate", "list_detectors",
+           "load_calibration", "load_features", "save_features", "watching"]

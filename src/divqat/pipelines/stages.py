@@ -26,11 +26,20 @@ from divqat.attacks import SurrogateTraining
 from divqat.blackbox import DefendedVictim
 from divqat.data import ImageDataset, load_dataset, to_victim_input
 from divqat.defenses.base import Defense
+from divqat.detectors import DETECTORS
 from divqat.errors import TrainingCollapsed
 from divqat.io import write_json
 from divqat.pipelines.attack import attack_victim, load_transfer_set
 from divqat.pipelines.defend import evaluate_served, time_side_by_side
 from divqat.pipelines.defense_models import build_defense
+from divqat.pipelines.detect import (
+    alarm_record,
+    calibrate_detector,
+    detector_factory,
+    false_alarm_rate,
+    load_features,
+    watching,
+)
 from divqat.pipelines.device_copy import copy_attack
 from divqat.pipelines.export import export_victim
 from divqat.pipelines.train import TrainRequest, train_victim
@@ -122,18 +131,59 @@ class StageWork:
 
     def attack(self, folder: str | Path, victim_dir: str | Path, setting: DefenseSetting, *,
                name: str, params: dict[str, Any], transfer: str | None, labels_only: bool,
-               budgets: Sequence[int], surrogate: dict[str, Any], seed: int) -> dict[str, Any]:
+               budgets: Sequence[int], surrogate: dict[str, Any], seed: int,
+               detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None) -> dict[str, Any]:
         """One attack (one surrogate per budget) against the victim behind ``setting``
-        (``divqat.pipelines.attack.attack_victim``), written to ``folder/metrics.json``."""
+        (``divqat.pipelines.attack.attack_victim``), written to ``folder/metrics.json``.
+        ``detectors``: name -> (calibration folder, params) of the extraction detectors that
+        watch the thief's stream (they only record: no answer changes); the result then holds,
+        per detector, when it first raised its alarm (``detectors``)."""
         served = self.served(victim_dir, setting)
         victim = served.victim
         transfer_set = None if transfer is None else self.transfer_set(transfer, victim.metadata)
         training = SurrogateTraining(**surrogate, seed=seed, device=self.device, progress=self.progress)
-        return attack_victim(victim_dir, name, params, budgets=budgets, defense=setting.name,
-                             defense_params=setting.params, transfer=transfer, training=training,
-                             labels_only=labels_only, data_root=self.data_root, device=self.device,
-                             progress=self.progress, log=self.log, out=folder, served=served,
-                             transfer_set=transfer_set, test_set=self.test_set(victim_dir))
+        monitor = watched = None
+        if detectors:
+            monitor, watched = watching({n: detector_factory(n, p, victim_dir, store=store, log=self.log)[0]
+                                         for n, (store, p) in detectors.items()})
+        record = attack_victim(victim_dir, name, params, budgets=budgets, defense=setting.name,
+                               defense_params=setting.params, transfer=transfer, training=training,
+                               labels_only=labels_only, data_root=self.data_root, device=self.device,
+                               progress=self.progress, log=self.log, out=folder, served=served,
+                               transfer_set=transfer_set, test_set=self.test_set(victim_dir),
+                               monitor=monitor)
+        if watched:
+            record["detectors"] = {n: alarm_record(d) for n, d in watched.items()}
+            for n, d in record["detectors"].items():
+                self.log(f"{n}: " + (f"alarm after {d['first_alarm']} queries" if d["detected"]
+                                     else f"not raised within {max(budgets)}"))
+            write_json(Path(folder) / "metrics.json", record)
+        return record
+
+    def calibrate(self, folder: str | Path, victim_dir: str | Path, *, name: str, params: dict[str, Any],
+                  target_far: float, streams: int, length: int, benign_streams: int,
+                  seed: int) -> dict[str, Any]:
+        """Calibrate detector ``name`` on the victim into ``folder`` (``calibrate_detector``: a
+        threshold for ``target_far`` on ``streams`` benign streams of ``length`` training
+        images), then its false-alarm rate over ``benign_streams`` honest clients of the same
+        length on images the calibration never saw (test split and holdout,
+        ``false_alarm_rate``); written to ``folder/metrics.json``."""
+        calibration = calibrate_detector(victim_dir, name, params, target_far=target_far, streams=streams,
+                                         length=length, seed=seed, data_root=self.data_root, store=folder,
+                                         log=self.log)
+        make, _ = detector_factory(name, params, victim_dir, store=folder, log=self.log)
+        victim = self._victim(victim_dir)
+        cls = DETECTORS.get(name)
+        features = load_features(victim_dir, folder) if cls.model_param == "features" else None
+        far = false_alarm_rate(victim_dir, make, cls, DefendedVictim(victim), victim.metadata,
+                               streams=benign_streams, length=length, seed=seed, data_root=self.data_root,
+                               features=features)
+        result = {"detector": name, "threshold": calibration["threshold"], "target_far": target_far,
+                  "calibration_streams": streams, "in_sample_false_alarms": calibration["in_sample_false_alarms"],
+                  **{k: far[k] for k in ("false_alarm_rate", "false_alarms", "benign_streams",
+                                         "benign_length", "benign_sets")}}
+        write_json(Path(folder) / "metrics.json", result)
+        return result
 
     def timing(self, folder: str | Path, victims: dict[str, str | Path],
                settings: Sequence[tuple[str, DefenseSetting]], *, batch_size: int = 256,

@@ -115,7 +115,7 @@ def test_keys_are_random_stored_as_hashes_and_refused_once_revoked(tmp_path):
     assert store.authenticate(secret).name == "thief"
     store.close()
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("keys.db*"))
-    assert secret.encode() not in raw and secret.split("_")[2].encode() not in raw
+    assert secret.encode() not in raw and secret.split("_", 2)[2].encode() not in raw
     store = KeyStore(tmp_path / "keys.db", create=False)
     for presented, code in ((None, "missing_key"), ("", "missing_key"), ("nonsense", "unknown_key"),
                             (secret[:-1] + ("A" if secret[-1] != "A" else "B"), "unknown_key")):

@@ -117,3 +117,23 @@ def params_text(params: dict[str, Any], sep: str = " ") -> str:
     """Parameters as ``key=value`` items, the inverse of ``parse_params``:
     ``{"beta": 0.5, "k": 1} -> "beta=0.5 k=1"``."""
     return sep.join(f"{k}={v}" for k, v in params.items())
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def recorded_params(obj: Any) -> dict[str, Any]:
+    """The constructor arguments of a registered object (a defense, a detector), read back from
+    the attributes of the same names: scalars as they are, models and data by their type name."""
+    out = {}
+    for key in inspect.signature(type(obj).__init__).parameters:
+        if key == "self":
+            continue
+        value = getattr(obj, key)
+        out[key] = value if isinstance(value, _SCALARS) else type(value).__name__
+    return out
+
+
+def params_repr(obj: Any) -> str:
+    """``Name(key=value, ...)`` from ``obj.params()``."""
+    return f"{type(obj).__name__}(" + ", ".join(f"{k}={v!r}" for k, v in obj.params().items()) + ")"

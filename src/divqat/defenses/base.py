@@ -8,7 +8,6 @@ no NaN or inf for any valid input, including one-hot rows, exact zeros and ties.
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 from typing import Any, ClassVar
 
@@ -16,13 +15,12 @@ import torch
 from torch import Tensor
 
 from divqat.errors import ConfigError
-from divqat.registry import Registry
+from divqat.registry import Registry, params_repr, recorded_params
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 # Values that can be written to a metrics file as they are; anything else (a model) is recorded
 # by its type name.
-_SCALARS = (bool, int, float, str, type(None))
 
 
 class Defense(abc.ABC):
@@ -116,17 +114,10 @@ class Defense(abc.ABC):
 
     def params(self) -> dict[str, Any]:
         """The constructor arguments as recorded values (models by their type name)."""
-        out = {}
-        for key in inspect.signature(type(self).__init__).parameters:
-            if key == "self":
-                continue
-            value = getattr(self, key)
-            out[key] = value if isinstance(value, _SCALARS) else type(value).__name__
-        return out
+        return recorded_params(self)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
+        return params_repr(self)
 
     def _checked(self, posteriors: Tensor, logits: Tensor | None, images: Tensor | None) -> Tensor:
         """Validate the inputs; return the posteriors as float64 rows that sum to exactly 1."""

@@ -15,7 +15,6 @@ not depend on how the stream is cut into batches.
 from __future__ import annotations
 
 import abc
-import inspect
 import io
 import math
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ import torch
 from torch import Tensor
 
 from divqat.errors import ConfigError
-from divqat.registry import Registry
+from divqat.registry import Registry, params_repr, recorded_params
 
 DETECTORS: Registry[type[Detector]] = Registry("detector")
 
-_SCALARS = (bool, int, float, str, type(None))
 STATE_FORMAT = 1
 
 
@@ -182,17 +180,10 @@ class Detector(abc.ABC):
 
     def params(self) -> dict[str, Any]:
         """The constructor arguments as recorded values (models and data by their type name)."""
-        out = {}
-        for key in inspect.signature(type(self).__init__).parameters:
-            if key == "self":
-                continue
-            value = getattr(self, key)
-            out[key] = value if isinstance(value, _SCALARS) else type(value).__name__
-        return out
+        return recorded_params(self)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
+        return params_repr(self)
 
 
 # ---------------------------------------------------------------- state as bytes (the service)

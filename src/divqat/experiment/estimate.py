@@ -38,7 +38,7 @@ SIZES = {"fashion-mnist": (60000, 10000, 784), "mnist": (4000, 1000, 784),
 # From the default preset run serially with 2 threads on a quiet 2-core machine (README, "The
 # default experiment with one seed": teacher 48 s, victims 59-61 s, knockoff 38-44 s, dfme 19-20
 # s), the knockoff stages less the compilations and the test pass this version no longer
-# repeats, and bf16 surrogates 1.7x faster to train (README, "bf16"); the rest rough.
+# repeats, and bf16 surrogates 1.6x faster (README, "Measured, issue 14"); the rest rough.
 DEFAULT_RATES = {
     "fp32": 4.8e-4, "fp32 bf16": 3.3e-4, "victim qat": 1.2e-3, "victim divqat": 1.2e-3,
     "defense": 4e-4, "defense mad": 4e-3, "defense random-noise": 6e-4,

@@ -449,7 +449,8 @@ def stage_times_table(results: dict[str, Any]) -> list[str]:
     for r in results.get("stage_times") or []:
         label = r["label"].split(" | ")[0]
         kind = r["kind"]
-        name = {"fp32": "fp32 teacher", "timing": "timing"}.get(kind)
+        name = {"fp32": "fp32 teacher", "timing": "timing", "copy": "copy (device program)",
+                "calibrate": f"calibrate {label.split(' ')[1]}"}.get(kind)
         if name is None:
             name = label if kind == "attack" else f"{kind} {label.split(' ', 2)[1]}"
             if kind == "victim":

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from divqat.data import check_victim_input
 from divqat.errors import ArtifactError, ConfigError
 from divqat.quant.edge import quiet_stderr, runtime, set_runtime_threads
 from divqat.sealed import is_sealed, read_key, unseal
@@ -161,15 +162,7 @@ class EdgeVictim:
                 f"classes={self.num_classes})")
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"victim input must be a torch.Tensor, got {type(images).__name__}")
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(f"victim input must have shape (N, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(images.shape)}; adapt images with divqat.data.adapt")
-        if not images.is_floating_point():
-            raise ValueError(f"victim input must be float in [0, 1], got {images.dtype} "
-                             "(convert uint8 images with divqat.data.to_float)")
-        return images.detach().float().cpu()
+        return check_victim_input(images, self.input_shape).detach().cpu()
 
     @torch.no_grad()
     def program_outputs(self, images: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from divqat.data import check_victim_input
 from divqat.edge import is_program_path
 from divqat.errors import ArtifactError
 from divqat.io import atomic_write, write_json
@@ -139,15 +140,7 @@ class Victim:
                 f"input_shape={self.input_shape}, classes={self.num_classes})")
 
     def _check(self, images: torch.Tensor) -> torch.Tensor:
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"victim input must be a torch.Tensor, got {type(images).__name__}")
-        if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(f"victim input must have shape (N, {', '.join(map(str, self.input_shape))}), "
-                             f"got {tuple(images.shape)}; adapt images with divqat.data.adapt")
-        if not images.is_floating_point():
-            raise ValueError(f"victim input must be float in [0, 1], got {images.dtype} "
-                             "(convert uint8 images with divqat.data.to_float)")
-        return images.float()
+        return check_victim_input(images, self.input_shape)
 
     def _chunks(self, images: torch.Tensor):
         """(chunk on the victim's device, the rows of its output that answer new images) in

@@ -30,6 +30,7 @@ from divqat.data.transforms import (
     adapt,
     augment,
     channel_stats,
+    check_victim_input,
     to_float,
     to_victim_input,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ImageDataset",
     "Normalize",
     "adapt",
+    "check_victim_input",
     "augment",
     "channel_stats",
     "dataset_names",

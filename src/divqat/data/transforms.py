@@ -139,3 +139,18 @@ def to_victim_input(images: np.ndarray | Tensor, shape: Sequence[int]) -> Tensor
     x = torch.as_tensor(images)
     x = to_float(x) if x.dtype == torch.uint8 else x.float()
     return adapt(x, shape[0], shape[1:]).clamp_(0.0, 1.0)
+
+
+def check_victim_input(images: Tensor, shape: Sequence[int]) -> Tensor:
+    """What a victim's forward pass takes: a float tensor (N, C, H, W) at its input ``shape``
+    (C, H, W), returned as float32. Anything else raises ``TypeError`` / ``ValueError`` naming the
+    conversion to use (``adapt``, ``to_float``)."""
+    if not isinstance(images, Tensor):
+        raise TypeError(f"victim input must be a torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        raise ValueError(f"victim input must have shape (N, {', '.join(map(str, shape))}), "
+                         f"got {tuple(images.shape)}; adapt images with divqat.data.adapt")
+    if not images.is_floating_point():
+        raise ValueError(f"victim input must be float in [0, 1], got {images.dtype} "
+                         "(convert uint8 images with divqat.data.to_float)")
+    return images.float()

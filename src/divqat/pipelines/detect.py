@@ -308,6 +308,7 @@ def calibrate_detector(victim_dir: str | Path, name: str, params: dict[str, Any]
                        target_far: float = 0.05, streams: int = 40, length: int = 5000,
                        reference_size: int = 1000, seed: int = 0,
                        data_root: str | Path | None = None, store: str | Path | None = None,
+                       victim: Callable[[Tensor], Tensor] | None = None,
                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Calibrate detector ``name`` on the victim for a target false-alarm rate and keep it with
     the victim (``VICTIM/detectors/``, or ``store``).
@@ -328,7 +329,8 @@ def calibrate_detector(victim_dir: str | Path, name: str, params: dict[str, Any]
     length = check_int("calibrate", "length", length, low=1)
     reference_size = check_int("calibrate", "reference_size", reference_size, low=2)
     start = time.perf_counter()
-    served = DefendedVictim(load_victim(victim_dir))
+    # ``victim``: the victim already loaded (an experiment's stage worker keeps it compiled).
+    served = DefendedVictim(victim if victim is not None else load_victim(victim_dir))
     features = save_features(victim_dir, store) if cls.model_param == "features" else None
     pool = _benign_pools(meta, data_root, served, features, ["train"])[0]
     generator = torch.Generator().manual_seed(seed)

@@ -168,11 +168,11 @@ class StageWork:
         images), then its false-alarm rate over ``benign_streams`` honest clients of the same
         length on images the calibration never saw (test split and holdout,
         ``false_alarm_rate``); written to ``folder/metrics.json``."""
+        victim = self._victim(victim_dir)
         calibration = calibrate_detector(victim_dir, name, params, target_far=target_far, streams=streams,
                                          length=length, seed=seed, data_root=self.data_root, store=folder,
-                                         log=self.log)
+                                         victim=victim, log=self.log)
         make, _ = detector_factory(name, params, victim_dir, store=folder, log=self.log)
-        victim = self._victim(victim_dir)
         cls = DETECTORS.get(name)
         features = load_features(victim_dir, folder) if cls.model_param == "features" else None
         far = false_alarm_rate(victim_dir, make, cls, DefendedVictim(victim), victim.metadata,

@@ -112,6 +112,45 @@ def test_attack_victim_steals_the_tiny_int8_victim(tiny_victims, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["results"] == m["results"]
 
 
+def test_label_only_thief_behind_a_defense_that_keeps_every_label_measures_its_twins_surrogates(
+        tiny_victims, tmp_path, monkeypatch):
+    """DCP with beta = 0 changes no answer: the label-only thief behind it is shown what it is
+    shown behind none, so its surrogates are the twin's; trained again they come out the same."""
+    from divqat.pipelines import attack as attack_module
+
+    training = SurrogateTraining(epochs=2, batch_size=32, progress=False)
+    common = dict(budgets=[40, 80], transfer="tiny-bars:train", training=training, labels_only=True)
+    twin = attack_victim(tiny_victims["qat"], "knockoff", out=tmp_path / "none", **common)
+    assert (tmp_path / "none" / attack_module.PREDICTIONS).is_file()
+    dcp = dict(defense="dcp", defense_params={"beta": 0.0}, **common)
+    trained = attack_victim(tiny_victims["qat"], "knockoff", out=tmp_path / "trained", **dcp)
+    lines: list[str] = []
+    shared = attack_victim(tiny_victims["qat"], "knockoff", out=tmp_path / "shared", twin=tmp_path / "none",
+                           log=lines.append, **dcp)
+    assert "surrogates_from" not in trained and shared["surrogates_from"]["folder"] == str(tmp_path / "none")
+    assert any("changed none of the" in line for line in lines)
+    measured = ("budget", "queries_used", "adversary_accuracy", "agreement", "agreement_clean")
+    for a, b, c in zip(twin["results"], trained["results"], shared["results"], strict=True):
+        assert {k: c[k] for k in measured} == {k: b[k] for k in measured}  # trained again: the same
+        assert c["adversary_accuracy"] == a["adversary_accuracy"]
+    # The defense's own figures are this defense's, not the twin's.
+    assert shared["defense"] == "dcp" and shared["defense_params"]["beta"] == 0.0
+    assert shared["queries_used"] == twin["queries_used"] == 80
+
+    # A defense that changes a label of the transfer set: the thief trains its own surrogates.
+    monkeypatch.setattr(attack_module, "labels_changed", lambda served, images: 3)
+    lines.clear()
+    own = attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", log=lines.append, **dcp)
+    assert "surrogates_from" not in own
+    assert any("changes the label of 3 of" in line for line in lines)
+    # Another thief's folder is refused rather than measured.
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="not this thief"):
+        attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none",
+                      **{**dcp, "budgets": [40, 80], "training": SurrogateTraining(epochs=3, batch_size=32,
+                                                                                 progress=False)})
+
+
 def test_attack_cli_label_only_behind_a_defense(tiny_victims, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["attack", "--victim", str(tiny_victims["qat"]), "--attack", "knockoff",

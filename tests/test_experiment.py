@@ -188,6 +188,26 @@ def test_shared_teacher_is_planned_once():
     assert {s.inputs[0] for s in stages if s.kind == "victim"} == {teachers[0].key}
 
 
+def test_label_only_thief_behind_dcp_reads_its_twin_behind_none():
+    stages = plan_stages(parse_config(tiny(defenses=[{"name": "dcp", "params": {"beta": 0.5}},
+                                                     "random-noise", "none"])))
+    by_key = {s.key: s for s in stages}
+    attacks = [s for s in stages if s.kind == "attack"]
+    for s in attacks:
+        defense = by_key[s.inputs[1]].spec["name"]
+        if s.spec["labels_only"] and defense == "dcp":  # a deterministic formula of each posterior
+            twin = by_key[s.inputs[-1]]
+            assert len(s.inputs) == 3 and s.spec["labels_as_behind"] == "none"
+            assert twin.kind == "attack" and twin.spec["labels_only"] and twin.inputs[0] == s.inputs[0]
+            assert by_key[twin.inputs[1]].spec["name"] == "none"
+            assert stages.index(twin) < stages.index(s)  # a serial run meets the twin first
+        else:  # soft thieves, the random defense and the twins themselves train their own
+            assert len(s.inputs) == 2 and "labels_as_behind" not in s.spec
+    # A watched thief's alarms are its own: no twin when detectors watch.
+    watched = plan_stages(parse_config(tiny(detectors=["prada"])))
+    assert all("labels_as_behind" not in s.spec for s in watched if s.kind == "attack")
+
+
 def test_stage_key_is_canonical_json():
     assert stage_key("x", {"a": 1, "b": [1, 2]}) == stage_key("x", {"b": [1, 2], "a": 1})
     assert stage_key("x", {"a": 1}) != stage_key("x", {"a": 1}, ["input"])

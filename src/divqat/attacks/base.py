@@ -327,6 +327,13 @@ class Attack(abc.ABC):
     # Whether the attack draws its queries from a transfer set (``steal(..., transfer=...)``).
     uses_transfer_set: ClassVar[bool] = False
 
+    @property
+    def queries_transfer_set_only(self) -> bool:
+        """Whether every query is an image of the transfer set, unchanged (no synthesized or
+        other images): then a defense that leaves the labels of the whole transfer set as they
+        were shows a label-only thief exactly what no defense does."""
+        return False
+
     @abc.abstractmethod
     def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               **kwargs: Any) -> list[Stolen]:

@@ -58,6 +58,10 @@ class Knockoff(Attack):
         self.batch_size = check_int("knockoff", "batch_size", batch_size, low=1)
         self.mix = check_number("knockoff", "mix", mix, low=0.0, high=0.999)
 
+    @property
+    def queries_transfer_set_only(self) -> bool:
+        return self.mix == 0  # the evasive thief's benign images are not the transfer set's
+
     def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               transfer: TransferSet | None = None, benign: TransferSet | None = None,
               **kwargs) -> list[Stolen]:

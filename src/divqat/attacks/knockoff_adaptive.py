@@ -102,6 +102,10 @@ class KnockoffAdaptive(Attack):
         self.batch_size = check_int("knockoff-adaptive", "batch_size", batch_size, low=1)
         self.lr = check_number("knockoff-adaptive", "lr", lr, low=0, low_open=True)
 
+    @property
+    def queries_transfer_set_only(self) -> bool:
+        return True  # the bandit picks a class; the query is an image of it from the transfer set
+
     def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               transfer: TransferSet | None = None, **kwargs) -> list[Stolen]:
         box, budgets = self._start(box, budgets, transfer)

@@ -121,7 +121,8 @@ def perform(task: StageTask, work: StageWork, folder: Path) -> dict[str, Any]:
                            params=s["params"], transfer=s["transfer"], labels_only=s["labels_only"],
                            budgets=s["budgets"], surrogate=s["surrogate"], seed=s["seed"],
                            detectors={name: (task.folders[f"calibration:{name}"], params)
-                                      for name, params in (task.context.get("detectors") or {}).items()})
+                                      for name, params in (task.context.get("detectors") or {}).items()},
+                           twin=task.folders.get("twin"))
     if task.kind == "calibrate":
         return work.calibrate(folder, task.folders["victim"], name=s["name"], params=s["params"],
                               target_far=s["target_far"], streams=s["streams"], length=s["length"],

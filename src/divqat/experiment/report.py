@@ -453,6 +453,8 @@ def stage_times_table(results: dict[str, Any]) -> list[str]:
                 "calibrate": f"calibrate {label.split(' ')[1]}"}.get(kind)
         if name is None:
             name = label if kind == "attack" else f"{kind} {label.split(' ', 2)[1]}"
+            if r.get("surrogates_shared"):
+                name += " (twin's surrogates)"
             if kind == "victim":
                 name = "victim " + ("qat" if label == "victim qat" else "divqat")
         groups[name].append(r)

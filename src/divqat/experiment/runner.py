@@ -41,6 +41,7 @@ import yaml
 from tqdm.auto import tqdm
 
 import divqat
+from divqat.attacks import create_attack
 from divqat.data import load_dataset, training_split
 from divqat.defenses import DEFENSES
 from divqat.errors import ConfigError
@@ -176,10 +177,14 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                                           f"calibrate {det.name} | {who} | seed {seed}", spec,
                                           (victim.key,), seed))
             stages += calibrations
-            for defense in defenses:
-                dlabel = defense_label(defense.spec["name"], defense.spec["params"])
-                for a in config.attacks:
-                    if a.defenses is not None and defense.spec["name"] not in a.defenses:
+            # The attacks behind no defense first: a label-only thief behind a defense that
+            # may leave every label as it was reads its twin behind none (``twin``).
+            twins: dict[tuple[int, str | None], str] = {}
+            for defense in sorted(defenses, key=lambda d: d.spec["name"] != "none"):
+                dname = defense.spec["name"]
+                dlabel = defense_label(dname, defense.spec["params"])
+                for i, a in enumerate(config.attacks):
+                    if a.defenses is not None and dname not in a.defenses:
                         continue
                     for transfer in a.transfer:
                         for labels_only in a.labels_only:
@@ -189,10 +194,17 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                             # Watched by the calibrated detectors (only when there are: the
                             # keys of configs without detectors stay what they were).
                             inputs = (victim.key, defense.key, *(c.key for c in calibrations))
+                            twin = twins.get((i, transfer)) if labels_only and dname != "none" else None
+                            if twin is not None and _may_share(a, dname, calibrations):
+                                spec["labels_as_behind"] = "none"
+                                inputs += (twin,)
                             label = (f"attack {attack_label(a.name, a.params, transfer, labels_only)} "
                                      f"| {who} | {dlabel} | seed {seed}")
-                            stages.append(Stage("attack", stage_key("attack", spec, inputs), label,
-                                                spec, inputs, seed))
+                            stage = Stage("attack", stage_key("attack", spec, inputs), label, spec,
+                                          inputs, seed)
+                            stages.append(stage)
+                            if labels_only and dname == "none":
+                                twins[(i, transfer)] = stage.key
             if v.target == "edge":
                 spec = {"name": "copy", "seed": seed}
                 stages.append(Stage("copy", stage_key("copy", spec, [victim.key]),
@@ -200,6 +212,15 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                                     (victim.key,), seed))
         stages.append(_timing_stage(config, victims, timed, seed, with_cap))
     return stages
+
+
+def _may_share(attack: Any, defense: str, calibrations: list[Stage]) -> bool:
+    """Whether a label-only ``attack`` behind ``defense`` may be shown exactly what it is shown
+    behind no defense (``attack_victim``'s ``twin``; whether it is, is checked when it runs): the
+    defense is a deterministic formula of each posterior, the thief queries only its transfer
+    set, and no detector watches it."""
+    return (DEFENSES.get(defense).fusable and not calibrations
+            and create_attack(attack.name, **attack.params).queries_transfer_set_only)
 
 
 def _timing_stage(config: ExperimentConfig, victims: list[Stage], groups: list[tuple[str, ...]],
@@ -387,6 +408,8 @@ class Runner:
                     folders[f"victim:{victim_name(source.spec, self.with_cap)}"] = folder
             elif source.kind == "defense":
                 context["defense"] = source.spec
+            elif source.kind == "attack":  # the same label-only thief behind no defense
+                folders["twin"] = folder
             elif source.kind == "calibrate":
                 folders[f"calibration:{source.spec['name']}"] = folder
                 context.setdefault("detectors", {})[source.spec["name"]] = source.spec["params"]
@@ -564,7 +587,8 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
         stage_times.append({"label": stage.label, "kind": stage.kind, "seed": stage.seed,
                             "seconds": record.get("seconds"), "phases": record.get("phases"),
                             "worker": record.get("worker"), "finished": record.get("finished"),
-                            "stage": stage.key[:16]})
+                            "stage": stage.key[:16],
+                            **({"surrogates_shared": True} if r.get("surrogates_from") else {})})
         if stage.kind in ("fp32", "victim"):
             victims.append({**victim_info(stage), "test_accuracy": r.get("test_accuracy"),
                             "teacher_accuracy": r.get("teacher_test_accuracy"),
@@ -614,6 +638,9 @@ def collect_results(config: ExperimentConfig, stages: list[Stage],
                     # The defense's distortion over this thief's own queries.
                     "l1_distance": r["l1_distance"], "kl_divergence": r["kl_divergence"],
                     "attack_seconds": x["seconds"], **_alarm_columns(r, x["budget"]),
+                    # Measured on the surrogates of the same thief behind no defense: the
+                    # defense left every label of its transfer set as it was.
+                    "surrogates_shared": bool(r.get("surrogates_from")),
                     "stage": stage.key[:16]})
     return {"experiment": config.name, "source": config.source, "config": config_dict(config),
             "divqat_version": divqat.__version__, "victims": victims, "defenses": defenses,

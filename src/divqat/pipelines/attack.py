@@ -10,12 +10,21 @@ surrogate on the victim's test split:
 - ``queries_used``, ``seconds``; and the defense's own metrics (``defender_accuracy``,
   ``l1_distance``, ... over the thief's queries, see ``divqat.pipelines.defend``).
 
+A label-only thief behind a defense that leaves every label of its transfer set as it was (DCP
+keeps the argmax of confident answers, and usually of all) is shown exactly what it is shown
+behind no defense, so it sends the same queries and trains the same surrogates: given the same
+attack's folder behind no defense (``twin``), ``attack_victim`` checks that on every image of
+the transfer set and then measures the twin's surrogates against this defense instead of
+training them again (``surrogates_from`` in the record). The surrogates' test-split labels are
+kept for that in ``predictions.pt``.
+
     >>> record = attack_victim("runs/qat", "knockoff", transfer="mnist", budgets=[5000],
     ...                        defense="dcp", defense_params={"beta": 0.5}, out="runs/attack")
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,11 +36,18 @@ from torch import Tensor, nn
 from divqat.attacks import Stolen, SurrogateTraining, TransferSet, create_attack
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.checks import check_bool, check_int
-from divqat.data import ImageDataset, dataset_spec, load_dataset, to_victim_input, training_split
+from divqat.data import (
+    ImageDataset,
+    dataset_spec,
+    load_dataset,
+    to_float,
+    to_victim_input,
+    training_split,
+)
 from divqat.defenses.base import Defense
 from divqat.detectors import Monitor
 from divqat.errors import ConfigError
-from divqat.io import write_json
+from divqat.io import atomic_write, write_json
 from divqat.pipelines.defend import evaluate_served, parse_query_set
 from divqat.pipelines.defense_models import build_defense, victim_metadata
 from divqat.stopwatch import phase, timed
@@ -39,6 +55,8 @@ from divqat.victim import load_victim
 
 # The thief's unseen in-distribution transfer set: the victim's held-out training images.
 HOLDOUT = "holdout"
+# The surrogates' labels on the test split, per budget, in an attack's folder (``twin``).
+PREDICTIONS = "predictions.pt"
 
 
 def parse_transfer(spec: str) -> str:
@@ -95,13 +113,59 @@ def predict(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int =
 def surrogate_metrics(surrogate: nn.Module, test_images: Tensor, labels: Tensor,
                       defended_pred: Tensor, clean_pred: Tensor, device: str = "cpu") -> dict[str, float]:
     """Accuracy, error and agreement (with the defended and the clean victim) on the test split."""
+    return prediction_metrics(surrogate_predictions(surrogate, test_images, device), labels,
+                              defended_pred, clean_pred)
+
+
+def surrogate_predictions(surrogate: nn.Module, test_images: Tensor, device: str = "cpu") -> Tensor:
+    """The surrogate's argmax labels (N,) on the test split."""
     # channels_last: about 1.2x faster convolutions on CPU, and this runs per budget per attack.
     surrogate.eval().to(memory_format=torch.channels_last)
-    pred = predict(surrogate, test_images.contiguous(memory_format=torch.channels_last), device=device)
+    return predict(surrogate, test_images.contiguous(memory_format=torch.channels_last), device=device)
+
+
+def prediction_metrics(pred: Tensor, labels: Tensor, defended_pred: Tensor,
+                       clean_pred: Tensor) -> dict[str, float]:
+    """``surrogate_metrics`` from the surrogate's test-split labels ``pred`` (N,)."""
     acc = float((pred == labels).float().mean())
     return {"adversary_accuracy": acc, "adversary_error": 1.0 - acc,
             "agreement": float((pred == defended_pred).float().mean()),
             "agreement_clean": float((pred == clean_pred).float().mean())}
+
+
+@timed("evaluate")
+@torch.no_grad()
+def labels_changed(served: DefendedVictim, images: Tensor, batch_size: int = 1024) -> int:
+    """How many of ``images`` (uint8 or float (N, C, H, W)) get a defended label other than the
+    clean victim's."""
+    changed = 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        answer = served(to_float(batch) if batch.dtype == torch.uint8 else batch)
+        changed += int((answer.defended.argmax(dim=1) != answer.clean.argmax(dim=1)).sum())
+    return changed
+
+
+# What must match between an attack and its twin for the twin's surrogates to be this one's.
+_TWIN_FIELDS = ("attack", "params", "labels_only", "victim", "transfer_set", "surrogate", "epochs",
+                "min_steps", "seed")
+
+
+def _twin_results(twin: Path, expected: dict[str, Any], budgets: list[int], labels: Tensor,
+                  defended_pred: Tensor, clean_pred: Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The twin's record and its per-budget results measured against this defense (agreement
+    with this defended victim; the rest is the surrogates' own)."""
+    record = json.loads((twin / "metrics.json").read_text())
+    differ = [k for k in _TWIN_FIELDS if record.get(k) != expected[k]]
+    if differ or [r["budget"] for r in record["results"]] != budgets or record.get("defense") != "none":
+        raise ConfigError(f"{twin} is not this thief behind no defense (differs in "
+                          f"{', '.join(differ) or 'budgets or defense'})")
+    predictions = torch.load(twin / PREDICTIONS, map_location="cpu", weights_only=True)
+    results = []
+    for row in record["results"]:
+        pred = predictions[str(row["budget"])].long()
+        results.append({**row, **prediction_metrics(pred, labels, defended_pred, clean_pred)})
+    return record, results
 
 
 def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | None = None, *,
@@ -113,7 +177,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
                   victim: Callable[[Tensor], Tensor] | None = None,
                   built_defense: Defense | None = None,
                   transfer_set: TransferSet | None = None, served: DefendedVictim | None = None,
-                  test_set: ImageDataset | None = None, monitor: Monitor | None = None) -> dict[str, Any]:
+                  test_set: ImageDataset | None = None, monitor: Monitor | None = None,
+                  twin: str | Path | None = None) -> dict[str, Any]:
     """Run one attack against a saved victim behind a defense; measure every surrogate.
 
     Arguments:
@@ -132,12 +197,20 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
         out: directory for ``metrics.json``.
         monitor: extraction detectors watching the thief's stream (``BlackBox(monitor=...)``;
             with ``on_alarm`` other than flag, the alarm also changes what the thief gets).
+        twin: the folder of this same label-only attack (same victim, transfer set, budgets,
+            surrogate recipe and seed) behind no defense. When this defense is a deterministic
+            formula of each posterior (``Defense.fusable``), the thief queries only its transfer
+            set, no detector watches, and the defense changes the label of none of the transfer
+            set's images, the thief's answers here are the twin's answers, so its surrogates are
+            the twin's: they are measured against this defense, not trained again. Otherwise
+            the attack runs as without ``twin``.
 
     Returns a dict with the settings, the defense's metrics over the thief's queries
     (``defender_accuracy``, ``l1_distance``, ``kl_divergence``, ``argmax_changed``,
     ``ms_per_query_clean``, ``ms_per_query_defended``), ``results`` (one dict per budget:
     ``budget``, ``queries_used``, ``adversary_accuracy``, ``adversary_error``, ``agreement``,
-    ``agreement_clean``, ``seconds``) and, at the top level, the largest budget's figures.
+    ``agreement_clean``, ``seconds``) and, at the top level, the largest budget's figures;
+    ``surrogates_from`` (the twin's folder and why) when the twin's surrogates were measured.
     """
     say = log or (lambda _msg: None)
     victim_dir = Path(victim_dir)
@@ -185,26 +258,54 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     defense_metrics = evaluation.metrics
     clean_pred, defended_pred = evaluation.clean_labels, evaluation.defended_labels
 
-    box = BlackBox(served, budget=budgets[-1], label_only=labels_only, monitor=monitor)
     mode = "label-only" if labels_only else "soft-label"
     say(f"{attack} ({mode}) against the {meta.get('mode')} victim behind {defense}, "
         f"budgets {', '.join(map(str, budgets))}"
         + (f", transfer set {transfer_set.name}" if transfer_set is not None else ""))
-    start = time.perf_counter()
-    torch.manual_seed(training.seed)
-    with phase("attack"):  # the thief's own work: querying, and training outside ``fit``
-        stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
-    seconds = time.perf_counter() - start
-
-    results = []
-    for s in stolen:
-        row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
-               **({"epochs": training.epochs_for(s.queries_used)} if thief.uses_transfer_set else {}),
-               **surrogate_metrics(s.surrogate, test_images, labels, defended_pred, clean_pred, device),
-               **({"info": s.info} if s.info else {})}
-        results.append(row)
-        say(f"  budget {s.budget}: adversary accuracy {row['adversary_accuracy']:.2%}, agreement "
-            f"{row['agreement']:.2%} ({s.queries_used} queries, {s.seconds:.0f} s)")
+    shared = None
+    if (twin is not None and labels_only and built_defense.fusable and monitor is None
+            and thief.queries_transfer_set_only):
+        changed = labels_changed(served, transfer_set.images)
+        if not (Path(twin) / PREDICTIONS).is_file():  # a twin run by an older divqat
+            say(f"  {Path(twin).name} kept no {PREDICTIONS}: the thief's own surrogates are trained")
+        elif changed == 0:
+            expected = {"attack": attack, "params": thief.params(), "labels_only": labels_only,
+                        "victim": str(victim_dir), "transfer_set": transfer_set.name,
+                        "surrogate": training.arch, "epochs": training.epochs,
+                        "min_steps": training.min_steps, "seed": training.seed}
+            twin_record, results = _twin_results(Path(twin), expected, budgets, labels,
+                                                 defended_pred, clean_pred)
+            shared = {"folder": str(twin),
+                      "why": f"{defense} changed none of the {len(transfer_set)} transfer images' "
+                             "labels: the label-only thief's answers, queries and surrogates are "
+                             "those behind no defense"}
+            queries_used, seconds = twin_record["queries_used"], twin_record["attack_seconds"]
+            say(f"  {shared['why']}: measuring the surrogates of {Path(twin).name}")
+        else:
+            say(f"  {defense} changes the label of {changed} of {len(transfer_set)} transfer images: "
+                "the thief's own surrogates are trained")
+    if shared is None:
+        box = BlackBox(served, budget=budgets[-1], label_only=labels_only, monitor=monitor)
+        start = time.perf_counter()
+        torch.manual_seed(training.seed)
+        with phase("attack"):  # the thief's own work: querying, and training outside ``fit``
+            stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
+        seconds = time.perf_counter() - start
+        queries_used = box.queries_used
+        results, predictions = [], {}
+        for s in stolen:
+            pred = surrogate_predictions(s.surrogate, test_images, device)
+            predictions[str(s.budget)] = pred.to(torch.int16)
+            row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
+                   **({"epochs": training.epochs_for(s.queries_used)} if thief.uses_transfer_set else {}),
+                   **prediction_metrics(pred, labels, defended_pred, clean_pred),
+                   **({"info": s.info} if s.info else {})}
+            results.append(row)
+        if out is not None:
+            atomic_write(Path(out) / PREDICTIONS, lambda tmp: torch.save(predictions, tmp))
+    for row in results:
+        say(f"  budget {row['budget']}: adversary accuracy {row['adversary_accuracy']:.2%}, agreement "
+            f"{row['agreement']:.2%} ({row['queries_used']} queries, {row['seconds']:.0f} s)")
     top = results[-1]
     record: dict[str, Any] = {
         "attack": attack, "params": thief.params(), "labels_only": labels_only,
@@ -219,8 +320,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
                                            "ms_per_query_defended")},
         "adversary_accuracy": top["adversary_accuracy"], "adversary_error": top["adversary_error"],
         "agreement": top["agreement"], "agreement_clean": top["agreement_clean"],
-        "budget": top["budget"], "queries_used": box.queries_used, "attack_seconds": seconds,
-        "results": results,
+        "budget": top["budget"], "queries_used": queries_used, "attack_seconds": seconds,
+        "results": results, **({"surrogates_from": shared} if shared else {}),
     }
     if out is not None:
         write_json(Path(out) / "metrics.json", record)
@@ -320,9 +421,7 @@ def attack_remote(url: str, attack: str, params: dict[str, Any] | None = None, *
 
         results = []
         for s in stolen:
-            s.surrogate.eval().to(memory_format=torch.channels_last)
-            pred = predict(s.surrogate, test_images.contiguous(memory_format=torch.channels_last),
-                           device=device)
+            pred = surrogate_predictions(s.surrogate, test_images, device)
             accuracy = float((pred == labels).float().mean())
             row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
                    **({"epochs": training.epochs_for(s.queries_used)} if thief.uses_transfer_set else {}),
@@ -363,5 +462,5 @@ def attack_remote(url: str, attack: str, params: dict[str, Any] | None = None, *
     return record
 
 
-__all__ = ["HOLDOUT", "attack_remote", "attack_victim", "load_transfer_set", "parse_transfer", "predict",
-           "surrogate_metrics"]
+__all__ = ["HOLDOUT", "PREDICTIONS", "attack_remote", "attack_victim", "labels_changed", "load_transfer_set",
+           "parse_transfer", "predict", "prediction_metrics", "surrogate_metrics", "surrogate_predictions"]

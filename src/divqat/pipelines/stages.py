@@ -132,9 +132,12 @@ class StageWork:
     def attack(self, folder: str | Path, victim_dir: str | Path, setting: DefenseSetting, *,
                name: str, params: dict[str, Any], transfer: str | None, labels_only: bool,
                budgets: Sequence[int], surrogate: dict[str, Any], seed: int,
-               detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None) -> dict[str, Any]:
+               detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None,
+               twin: str | Path | None = None) -> dict[str, Any]:
         """One attack (one surrogate per budget) against the victim behind ``setting``
         (``divqat.pipelines.attack.attack_victim``), written to ``folder/metrics.json``.
+        ``twin``: the folder of the same label-only attack behind no defense, whose surrogates
+        this one measures when the defense leaves every transfer label as it was.
         ``detectors``: name -> (calibration folder, params) of the extraction detectors that
         watch the thief's stream (they only record: no answer changes); the result then holds,
         per detector, when it first raised its alarm (``detectors``)."""
@@ -151,7 +154,7 @@ class StageWork:
                                labels_only=labels_only, data_root=self.data_root, device=self.device,
                                progress=self.progress, log=self.log, out=folder, served=served,
                                transfer_set=transfer_set, test_set=self.test_set(victim_dir),
-                               monitor=monitor)
+                               monitor=monitor, twin=twin)
         if watched:
             record["detectors"] = {n: alarm_record(d) for n, d in watched.items()}
             for n, d in record["detectors"].items():

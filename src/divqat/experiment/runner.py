@@ -7,7 +7,10 @@ Stages, per seed, each cached under ``OUT/stages/<kind>/<key>/`` (``divqat.exper
     victim   the int8 victims: qat, and divqat per alpha (and cap), fine-tuned from the teacher
     defense  the defense metrics of one victim x defense setting on the victim's test split
     attack   one attack x transfer set x label-only flag against one victim x defense setting;
-             one surrogate per budget (``attack_victim`` with the budget list)
+             one surrogate per budget (``attack_victim`` with the budget list). A label-only
+             thief behind a deterministic formula defense also reads its twin behind none,
+             and measures the twin's surrogates where the defense left every label of the
+             transfer set as it was (``_may_share``)
     timing   the latency of every int8 victim behind every defense of the seed, measured in
              turns in one stage: the only timings that compare across victims and defenses
     copy     (``victim.target: edge``) the on-device thief who copies the victim's program file

@@ -143,6 +143,13 @@ def test_label_only_thief_behind_a_defense_that_keeps_every_label_measures_its_t
     own = attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", log=lines.append, **dcp)
     assert "surrogates_from" not in own
     assert any("changes the label of 3 of" in line for line in lines)
+    # A twin that kept no predictions (an older divqat's): the same, and the check is not run.
+    (tmp_path / "none" / attack_module.PREDICTIONS).rename(tmp_path / "kept")
+    monkeypatch.setattr(attack_module, "labels_changed", lambda served, images: pytest.fail("checked"))
+    lines.clear()
+    own = attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", log=lines.append, **dcp)
+    assert "surrogates_from" not in own and any("kept no predictions.pt" in line for line in lines)
+    (tmp_path / "kept").rename(tmp_path / "none" / attack_module.PREDICTIONS)
     # Another thief's folder is refused rather than measured.
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="not this thief"):

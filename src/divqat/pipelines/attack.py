@@ -110,13 +110,6 @@ def predict(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int =
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def surrogate_metrics(surrogate: nn.Module, test_images: Tensor, labels: Tensor,
-                      defended_pred: Tensor, clean_pred: Tensor, device: str = "cpu") -> dict[str, float]:
-    """Accuracy, error and agreement (with the defended and the clean victim) on the test split."""
-    return prediction_metrics(surrogate_predictions(surrogate, test_images, device), labels,
-                              defended_pred, clean_pred)
-
-
 def surrogate_predictions(surrogate: nn.Module, test_images: Tensor, device: str = "cpu") -> Tensor:
     """The surrogate's argmax labels (N,) on the test split."""
     # channels_last: about 1.2x faster convolutions on CPU, and this runs per budget per attack.
@@ -126,7 +119,8 @@ def surrogate_predictions(surrogate: nn.Module, test_images: Tensor, device: str
 
 def prediction_metrics(pred: Tensor, labels: Tensor, defended_pred: Tensor,
                        clean_pred: Tensor) -> dict[str, float]:
-    """``surrogate_metrics`` from the surrogate's test-split labels ``pred`` (N,)."""
+    """A surrogate's accuracy, error and agreement (with the defended and the clean victim) on the
+    test split, from its labels there ``pred`` (N,)."""
     acc = float((pred == labels).float().mean())
     return {"adversary_accuracy": acc, "adversary_error": 1.0 - acc,
             "agreement": float((pred == defended_pred).float().mean()),
@@ -265,10 +259,12 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     shared = None
     if (twin is not None and labels_only and built_defense.fusable and monitor is None
             and thief.queries_transfer_set_only):
-        changed = labels_changed(served, transfer_set.images)
         if not (Path(twin) / PREDICTIONS).is_file():  # a twin run by an older divqat
             say(f"  {Path(twin).name} kept no {PREDICTIONS}: the thief's own surrogates are trained")
-        elif changed == 0:
+        elif changed := labels_changed(served, transfer_set.images):
+            say(f"  {defense} changes the label of {changed} of {len(transfer_set)} transfer images: "
+                "the thief's own surrogates are trained")
+        else:
             expected = {"attack": attack, "params": thief.params(), "labels_only": labels_only,
                         "victim": str(victim_dir), "transfer_set": transfer_set.name,
                         "surrogate": training.arch, "epochs": training.epochs,
@@ -281,9 +277,6 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
                              "those behind no defense"}
             queries_used, seconds = twin_record["queries_used"], twin_record["attack_seconds"]
             say(f"  {shared['why']}: measuring the surrogates of {Path(twin).name}")
-        else:
-            say(f"  {defense} changes the label of {changed} of {len(transfer_set)} transfer images: "
-                "the thief's own surrogates are trained")
     if shared is None:
         box = BlackBox(served, budget=budgets[-1], label_only=labels_only, monitor=monitor)
         start = time.perf_counter()
@@ -463,4 +456,4 @@ def attack_remote(url: str, attack: str, params: dict[str, Any] | None = None, *
 
 
 __all__ = ["HOLDOUT", "PREDICTIONS", "attack_remote", "attack_victim", "labels_changed", "load_transfer_set",
-           "parse_transfer", "predict", "prediction_metrics", "surrogate_metrics", "surrogate_predictions"]
+           "parse_transfer", "predict", "prediction_metrics", "surrogate_predictions"]

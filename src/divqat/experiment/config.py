@@ -424,21 +424,33 @@ def _outliers_are_not_transfer_sets(divqat: DivQATSpec, attacks: tuple[AttackSpe
                                   "or set, or synth)")
 
 
-def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
+def _named_entries(raw: Any, section: str, keys: tuple[str, ...], names: Any, *,
+                  shorthand: bool = True, grid: bool = False):
+    """The entries of a list section (``defenses``, ``detectors``, ``attacks``): for each,
+    (``where``, its ``_Mapping``, its checked ``name``, its ``params`` mapping). With
+    ``shorthand`` an entry may be a bare name; ``grid``: params may hold lists (the message
+    says so)."""
     if not isinstance(raw, list):
-        raise ConfigError(f"defenses: expected a list of defenses (a name, or a mapping with name, "
-                          f"params, misinformation_epochs); got {_shown(raw)}")
-    out: list[DefenseSpec] = []
+        shape = "a name, or a mapping with" if shorthand else "mappings with"
+        raise ConfigError(f"{section}: expected a list of {section} ({shape} {', '.join(keys)}); "
+                          f"got {_shown(raw)}")
     for i, entry in enumerate(raw):
-        where = f"defenses[{i}]"
-        if isinstance(entry, str):
+        where = f"{section}[{i}]"
+        if shorthand and isinstance(entry, str):
             entry = {"name": entry}
-        m = _Mapping(entry, where, ("name", "params", "misinformation_epochs"))
-        name = m.choice("name", _REQUIRED, DEFENSES.names())
+        m = _Mapping(entry, where, keys)
+        name = m.choice("name", _REQUIRED, names)
         params = m.get("params", {})
         if not isinstance(params, dict):
-            raise ConfigError(f"{where}.params: expected a mapping of parameter: value (a list for "
-                              f"a grid); got {_shown(params)}")
+            raise ConfigError(f"{where}.params: expected a mapping of parameter: value"
+                              f"{' (a list for a grid)' if grid else ''}; got {_shown(params)}")
+        yield where, m, name, params
+
+
+def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
+    out: list[DefenseSpec] = []
+    for where, m, name, params in _named_entries(raw, "defenses", ("name", "params", "misinformation_epochs"),
+                                                 DEFENSES.names(), grid=True):
         spec = DefenseSpec(name, dict(params), m.int("misinformation_epochs", 5, 1))
         for setting in spec.grid():
             _wrapped(f"{where}.params", lambda n=name, s=setting: check_defense(n, s))
@@ -453,19 +465,9 @@ def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
 
 
 def _detectors(raw: Any, attacks: tuple[AttackSpec, ...]) -> tuple[DetectorSpec, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"detectors: expected a list of detectors (a name, or a mapping with name, "
-                          f"params, target_far, streams, benign_streams); got {_shown(raw)}")
     out: list[DetectorSpec] = []
-    for i, entry in enumerate(raw):
-        where = f"detectors[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        m = _Mapping(entry, where, ("name", "params", "target_far", "streams", "benign_streams"))
-        name = m.choice("name", _REQUIRED, DETECTORS.names())
-        params = m.get("params", {})
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}.params: expected a mapping of parameter: value; got {_shown(params)}")
+    keys = ("name", "params", "target_far", "streams", "benign_streams")
+    for where, m, name, params in _named_entries(raw, "detectors", keys, DETECTORS.names()):
         cls = _wrapped(f"{where}.params", lambda n=name, p=params: check_detector(n, dict(p)))
         if cls.threshold_param in params:
             raise ConfigError(f"{where}.params.{cls.threshold_param}: set by the calibration for "
@@ -481,19 +483,10 @@ def _detectors(raw: Any, attacks: tuple[AttackSpec, ...]) -> tuple[DetectorSpec,
 
 
 def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[AttackSpec, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"attacks: expected a list of attacks (mappings with name, params, "
-                          f"transfer, labels_only, budgets, surrogate, defenses); got {_shown(raw)}")
     out = []
-    for i, entry in enumerate(raw):
-        where = f"attacks[{i}]"
-        m = _Mapping(entry, where, ("name", "params", "transfer", "labels_only", "budgets",
-                                    "surrogate", "defenses"))
-        name = m.choice("name", _REQUIRED, ATTACKS.names())
+    keys = ("name", "params", "transfer", "labels_only", "budgets", "surrogate", "defenses")
+    for where, m, name, params in _named_entries(raw, "attacks", keys, ATTACKS.names(), shorthand=False):
         cls = ATTACKS.get(name)
-        params = m.get("params", {})
-        if not isinstance(params, dict):
-            raise ConfigError(f"{where}.params: expected a mapping of parameter: value; got {_shown(params)}")
         _wrapped(f"{where}.params", lambda n=name, p=params: create_attack(n, **p))
         if cls.uses_transfer_set:
             transfer = m.list("transfer", _REQUIRED, lambda v, w: _transfer(v, w, victim))

@@ -156,6 +156,10 @@ def test_label_only_thief_behind_a_defense_that_keeps_every_label_measures_its_t
         attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none",
                       **{**dcp, "budgets": [40, 80], "training": SurrogateTraining(epochs=3, batch_size=32,
                                                                                  progress=False)})
+    # A corrupt predictions.pt is named, with what to do.
+    (tmp_path / "none" / attack_module.PREDICTIONS).write_bytes(b"not a tensor file")
+    with pytest.raises(ConfigError, match="predictions.pt is unreadable .*delete"):
+        attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", **dcp)
 
 
 def test_attack_cli_label_only_behind_a_defense(tiny_victims, tmp_path, capsys):

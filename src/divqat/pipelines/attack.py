@@ -25,6 +25,7 @@ kept for that in ``predictions.pt``.
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -154,7 +155,11 @@ def _twin_results(twin: Path, expected: dict[str, Any], budgets: list[int], labe
     if differ or [r["budget"] for r in record["results"]] != budgets or record.get("defense") != "none":
         raise ConfigError(f"{twin} is not this thief behind no defense (differs in "
                           f"{', '.join(differ) or 'budgets or defense'})")
-    predictions = torch.load(twin / PREDICTIONS, map_location="cpu", weights_only=True)
+    try:
+        predictions = torch.load(twin / PREDICTIONS, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"{twin / PREDICTIONS} is unreadable ({type(e).__name__}); delete {twin} and "
+                          "run again to recompute that stage") from None
     results = []
     for row in record["results"]:
         pred = predictions[str(row["budget"])].long()

@@ -26,6 +26,7 @@ from divqat.experiment import (
 )
 from divqat.experiment.cache import DONE, StageCache, stage_key
 from divqat.experiment.config import config_dict
+from divqat.experiment.executors import SerialExecutor
 from divqat.experiment.report import delta_cell
 from divqat.experiment.results import with_adaptive
 from divqat.pipelines import stages as stages_module
@@ -607,7 +608,8 @@ def test_plan_lists_the_stages_what_is_cached_and_the_time_left(tiny_run, tmp_pa
     assert sum(line.endswith("... cached") for line in lines) == N_STAGES
     assert sum("... to run, ~" in line for line in lines) == N_STAGES
     assert f"rates from {N_STAGES} finished stages in {tiny_run['out']}" in out
-    assert "one stage at a time with 4 threads (--executor serial)" in out
+    # Every stage with the config's numerics.threads (1), whichever the executor.
+    assert "one stage at a time with 1 thread (--executor serial)" in out
     assert "with 4 stages at a time, 1 thread each (--executor ray on 4 cores)" in out
     assert not list((tiny_run["out"] / "stages").glob("*/*/error.txt"))  # nothing ran
 
@@ -624,3 +626,114 @@ def test_wall_time_replays_the_plan_on_workers():
     assert wall_time(plan, seconds, 1) == 30
     assert wall_time(plan, seconds, 2) == 20
     assert wall_time(plan, {**seconds, "t": 0}, 8) == 10  # a cached teacher takes no time
+
+
+# ---------------------------------------------------------------- numerics and progress
+
+def test_a_cached_stage_computed_under_other_numerics_is_recomputed_and_says_why(tiny_run, tmp_path):
+    """One attack stage's done.json says 2 torch threads: rerun with the default (1), it alone
+    is run again, with a line saying why; a stage finished before the numerics were recorded
+    (no ``numerics``, its worker's threads 1) is reused and the report says so."""
+    import shutil
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run["out"], out)
+    config = parse_config(TINY_CONFIG)
+    attack, other = [s for s in plan_stages(config) if s.kind == "attack"][-2:]
+    path = StageCache(out).folder("attack", attack.key) / DONE
+    record = json.loads(path.read_text())
+    assert record["numerics"]["threads"] == 1 and record["worker"]["threads"] == 1
+    record["numerics"]["threads"] = 2
+    path.write_text(json.dumps(record))
+    older = StageCache(out).folder("attack", other.key) / DONE
+    record = json.loads(older.read_text())
+    del record["numerics"]
+    older.write_text(json.dumps(record))
+
+    lines: list[str] = []
+    results = run_experiment(config, out, progress=False, say=lines.append)
+    assert results["stages"] == {"total": N_STAGES, "ran": 1, "cached": N_STAGES - 1, "skipped": 0,
+                                 "failed": 0, "recomputed": 1}
+    why = [line for line in lines if "recomputing" in line]
+    assert len(why) == 1 and attack.label in why[0]
+    assert "computed with 2 torch threads, this run computes with 1 (numerics.threads)" in why[0]
+    assert results["numerics"]["not_recorded"] == 1
+    report = (out / "report.md").read_text()
+    assert "## Numerics" in report and "1 torch thread" in report
+    assert "1 cached stage(s) finished before the numerics were recorded" in report
+
+    # Asked for 2 threads, every stage was computed under others: the plan says none is cached.
+    two = parse_config({**TINY_CONFIG, "numerics": {"threads": 2}})
+    from divqat.experiment.runner import finished_records
+
+    assert finished_records(plan_stages(two), StageCache(out), two.numerics) == {}
+    assert len(finished_records(plan_stages(two), StageCache(out))) == N_STAGES  # keys unchanged
+
+
+class _TwoSlots(SerialExecutor):
+    """Runs its stages in this process but reports two slots, as a Ray pool does: the runner
+    then prints its progress lines."""
+
+    in_order = False
+
+    @property
+    def slots(self) -> int:
+        return 2
+
+
+def test_the_progress_line_of_a_resumed_run_counts_each_stage_once(tiny_run, tmp_path):
+    import re
+    import shutil
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run["out"], out)
+    config = parse_config(TINY_CONFIG)
+    attacks = [s for s in plan_stages(config) if s.kind == "attack"]
+    for stage in attacks[-3:]:
+        (StageCache(out).folder("attack", stage.key) / DONE).unlink()
+    lines: list[str] = []
+    results = run_experiment(config, out, progress=False, say=lines.append, executor=_TwoSlots())
+    assert results["stages"]["cached"] == N_STAGES - 3 and results["stages"]["ran"] == 3
+    progress = [re.search(r"progress: (\d+)/(\d+) done, (\d+) running.*, (-?\d+) left", line)
+                for line in lines if "progress:" in line]
+    assert progress and all(p is not None for p in progress)
+    counts = [tuple(int(g) for g in p.groups()) for p in progress]
+    assert all(done <= total and left >= 0 and done + running + left == total
+               for done, total, running, left in counts)
+    assert counts[-1] == (N_STAGES, N_STAGES, 0, 0)
+
+
+def test_the_add_a_stage_kind_example_plans_runs_and_reports_its_kind(tiny_run, tmp_path):
+    """docs/examples/add_a_stage_kind.py: one file registers a kind; a finished run then runs only
+    its stages (one per int8 victim), every other stage cached under its old key, and its rows
+    come out in their own table."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from divqat.experiment.stages import STAGE_KINDS
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run["out"], out)
+    config = parse_config(TINY_CONFIG)
+    before = [s.key for s in plan_stages(config)]
+    path = Path(__file__).parent.parent / "docs" / "examples" / "add_a_stage_kind.py"
+    spec = importlib.util.spec_from_file_location("add_a_stage_kind", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        stages = plan_stages(config)
+        assert [s.key for s in stages if s.kind != "victim-size"] == before
+        assert [s.label for s in stages if s.kind == "victim-size"] == [
+            "victim-size | qat | seed 0", "victim-size | divqat a=2 | seed 0"]
+        lines: list[str] = []
+        results = run_experiment(config, out, progress=False, say=lines.append)
+    finally:
+        STAGE_KINDS.unregister("victim-size")
+    assert results["stages"] == {"total": N_STAGES + 2, "ran": 2, "cached": N_STAGES, "skipped": 0,
+                                 "failed": 0}
+    sizes = results["victim_sizes"]
+    assert [r["victim"] for r in sizes] == ["qat", "divqat a=2"]
+    assert all(r["bytes"] > 10_000 and r["files"] >= 1 for r in sizes)
+    assert any("victim-size | qat" in line for line in lines) and any("bytes in" in line for line in lines)
+    assert "victim-size" not in STAGE_KINDS and len(plan_stages(config)) == N_STAGES

@@ -94,10 +94,13 @@ running it again runs only what is missing. Writes OUT/results.csv (one row per 
 defense x attack x budget x seed), OUT/results.json, OUT/report.md (mean ± sd over seeds,
 divqat - qat with 95 % confidence intervals paired by seed) and OUT/plots/.
 
-Executors: serial (one stage at a time in this process, --threads threads) or ray (each stage a
-Ray task with --cpus-per-stage CPUs and as many torch threads, started as soon as the stages it
-reads are done; a local Ray instance on this machine's cores, or the cluster at --address /
-RAY_ADDRESS, whose nodes must all see OUT at the same path). --plan prints the stages, what is
+Every stage runs with the config's numerics.threads torch threads (default 1; --threads
+overrides it) under either executor, so both give the same numbers, and a cached stage
+computed under other numerics is recomputed, with a line saying why. Executors: serial (one
+stage at a time in this process) or ray (each stage a Ray task on a worker that reserves
+--cpus-per-stage CPUs, started as soon as the stages it reads are done; a local Ray instance on
+this machine's cores, or the cluster at --address / RAY_ADDRESS, whose nodes must all see OUT at
+the same path). --plan prints the stages, what is
 cached and an estimate of the time left, and runs nothing.
 
 Presets (shipped with divqat): smoke (a complete tiny pipeline, about 2 minutes on 2 cores),
@@ -109,7 +112,7 @@ The config format is documented in divqat.experiment.config; start from a preset
 
 example:
   divqat run --preset smoke --out runs/smoke
-  divqat run --preset default --executor ray --cpus-per-stage 1      # 2 stages at a time on 2 cores
+  divqat run --preset default --executor ray                          # 2 stages at a time on 2 cores
   divqat run --preset paper-fmnist --plan --cores 64                  # its size and wall time
   divqat run --preset paper-fmnist --executor ray --address ray://head:10001 --out /shared/runs/p
   divqat run --preset paper-cifar10 --data-root ~/data --device cuda
@@ -307,8 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", metavar="ADDR",
                    help="ray: join the running Ray cluster at ADDR (default: $RAY_ADDRESS, else a "
                         "local Ray instance on this machine's cores)")
-    r.add_argument("--cpus-per-stage", type=_positive_int, default=1, metavar="N",
-                   help="ray: CPUs (and torch threads) per stage (default: 1)")
+    r.add_argument("--cpus-per-stage", type=_positive_int, default=None, metavar="N",
+                   help="ray: CPUs each stage worker reserves (default: the stage's torch threads, "
+                        "numerics.threads)")
     r.add_argument("--plan", action="store_true",
                    help="print the stages, what is cached and the estimated time left; run nothing")
     r.add_argument("--cores", type=_positive_int, default=None, metavar="N",
@@ -945,6 +949,7 @@ def _interrupt(signum, frame) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
     import signal
     import time
 
@@ -960,20 +965,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", config.name)
     if args.executor == "serial" and args.address:
         raise ConfigError("--address joins a Ray cluster: use it with --executor ray")
-    if args.executor == "ray" and args.threads:
-        raise ConfigError("--threads is for --executor serial; with ray each stage gets "
-                          "--cpus-per-stage threads")
+    if args.threads:  # the stages' numerics: the same threads under either executor
+        config = dataclasses.replace(config, numerics=dataclasses.replace(config.numerics,
+                                                                          threads=args.threads))
     if args.plan:
         from divqat.experiment.estimate import plan_lines
 
         cores = args.cores or (os.cpu_count() or 1)
         for line in plan_lines(config, out, cores=cores, cpus_per_stage=args.cpus_per_stage,
-                               threads=args.threads, executor=args.executor, times_from=args.times,
+                               executor=args.executor, times_from=args.times,
                                data_root=args.data_root):
             print(line)
         return 0
     executor = make_executor(args.executor, address=args.address, cpus_per_stage=args.cpus_per_stage)
-    _set_threads(args.threads)
     start = time.perf_counter()
     try:  # SIGTERM stops like Ctrl-C: the running stages are dropped, the finished ones are kept
         previous = signal.signal(signal.SIGTERM, _interrupt)

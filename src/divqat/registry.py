@@ -28,6 +28,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> T:
+        """Remove an entry (a test's or a plugin's that is done); returns it."""
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]

@@ -31,11 +31,15 @@ from divqat.defenses.reverse_sigmoid import ReverseSigmoid, reverse_sigmoid_nois
 from divqat.defenses.rounding import Rounding
 from divqat.defenses.top_k import TopK
 
+# The baseline every defense is compared with (the undefended victim), by its registry name.
+NO_DEFENSE = NoDefense.name
+
 __all__ = [
     "DCP",
     "DEFENSES",
     "PENDING_MODEL",
     "MAD",
+    "NO_DEFENSE",
     "AdaptiveMisinformation",
     "Defense",
     "NoDefense",

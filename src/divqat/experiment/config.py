@@ -46,6 +46,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
                                  # streams: 20, benign_streams: 20}; each is calibrated per victim
                                  # for target_far on `streams` benign streams of the largest
                                  # budget, its false-alarm rate measured on `benign_streams` others
+    numerics: {threads: 1}       # torch threads of every stage, under every executor: CPU
+                                 # training is reproducible only at a fixed thread count
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ import yaml
 from divqat.attacks import ATTACKS, SurrogateTraining, create_attack
 from divqat.checks import check_bool, check_choice, check_int, check_number
 from divqat.data import dataset_names
-from divqat.defenses import DEFENSES
+from divqat.defenses import DEFENSES, NO_DEFENSE
 from divqat.detectors import DETECTORS, check_detector
 from divqat.errors import ConfigError, DivqatError
+from divqat.experiment.numerics import Numerics
 from divqat.models import model_names
 from divqat.pipelines.attack import HOLDOUT, parse_transfer
 from divqat.pipelines.defense_models import check_defense
@@ -199,6 +202,7 @@ class ExperimentConfig:
     attacks: tuple[AttackSpec, ...]
     source: str = "<dict>"
     detectors: tuple[DetectorSpec, ...] = ()
+    numerics: Numerics = field(default_factory=Numerics)
 
     def stream_length(self) -> int:
         """The longest thief's stream (the largest budget): the length of the benign streams a
@@ -297,7 +301,8 @@ def _wrapped(where: str, check: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------- the sections
 
-TOP_KEYS = ("name", "seeds", "victim", "fp32", "qat", "divqat", "defenses", "attacks", "detectors")
+TOP_KEYS = ("name", "seeds", "victim", "fp32", "qat", "divqat", "defenses", "attacks", "detectors",
+            "numerics")
 
 
 def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
@@ -320,8 +325,15 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     attacks = _attacks(top.get("attacks", []), victim, [d.name for d in defenses])
     _outliers_are_not_transfer_sets(divqat, attacks)
     detectors = _detectors(top.get("detectors", []), attacks)
+    numerics = _numerics(top.get("numerics", {}))
     return ExperimentConfig(name=name, seeds=seeds, victim=victim, fp32=fp32, qat=qat, divqat=divqat,
-                            defenses=defenses, attacks=attacks, source=source, detectors=detectors)
+                            defenses=defenses, attacks=attacks, source=source, detectors=detectors,
+                            numerics=numerics)
+
+
+def _numerics(raw: Any) -> Numerics:
+    m = _Mapping(raw, "numerics", ("threads",))
+    return Numerics(threads=m.int("threads", Numerics.threads, 1))
 
 
 def _victim(raw: Any) -> VictimSpec:
@@ -459,8 +471,8 @@ def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
     for j, (name, s) in enumerate(settings):
         if (name, s) in settings[:j]:
             raise ConfigError(f"defenses: {name} {params_text(s) or '(defaults)'} is listed twice")
-    if not any(d.name == "none" for d in out):
-        out.insert(0, DefenseSpec("none"))  # the undefended victim is the reference of every table
+    if not any(d.name == NO_DEFENSE for d in out):
+        out.insert(0, DefenseSpec(NO_DEFENSE))  # the undefended victim is the reference of every table
     return tuple(out)
 
 
@@ -619,6 +631,7 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
         "defenses": [defense(x) for x in config.defenses],
         "attacks": [attack(x) for x in config.attacks],
         **({"detectors": [dataclasses.asdict(x) for x in config.detectors]} if config.detectors else {}),
+        "numerics": dataclasses.asdict(config.numerics),
     }
 
 

@@ -17,23 +17,15 @@ import heapq
 import math
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from divqat.experiment.cache import StageCache
 from divqat.experiment.config import ExperimentConfig
 from divqat.experiment.runner import Stage, finished_records, plan_stages
+from divqat.experiment.sizes import ARCH_COST, SIZES, Sizes, dataset_sizes  # noqa: F401 - re-exported
+from divqat.experiment.stages import STAGE_KINDS
 
-# Training cost per image relative to resnet8 at 28x28 (measured training throughput here:
-# resnet8 about 2,000 img/s, resnet20 750, resnet18 41; the others by their multiply-adds).
-ARCH_COST = {"resnet8": 1.0, "resnet20": 2.7, "resnet32": 4.5, "resnet56": 8.5, "resnet18": 49.0}
-# Images in the train and test splits of the registered datasets (before holdout and limit),
-# and their height x width; a dataset not listed here is loaded to count it.
-SIZES = {"fashion-mnist": (60000, 10000, 784), "mnist": (4000, 1000, 784),
-         "animal-mnist": (8000, 2000, 784), "digits": (1437, 360, 64),
-         "cifar10": (50000, 10000, 1024), "cifar100": (50000, 10000, 1024),
-         "svhn": (73257, 26032, 1024), "gtsrb": (39209, 12630, 1024)}
 # Seconds per unit of work, per category: the estimate where no finished stage says better.
 # From the default preset run serially with 2 threads on a quiet 2-core machine (README, "The
 # default experiment with one seed": teacher 48 s, victims 59-61 s, knockoff 38-44 s, dfme 19-20
@@ -68,64 +60,11 @@ def speedup(threads: int) -> float:
     return max(1, min(threads, MAX_USEFUL_THREADS)) ** THREAD_EXPONENT
 
 
-@dataclass(frozen=True)
-class Sizes:
-    train: int
-    test: int
-    pixels: int
-
-
-def dataset_sizes(name: str, data_root: str | None = None) -> Sizes:
-    """Train / test split sizes and pixels per image of a dataset: from ``SIZES``, else by
-    loading it, else a guess (10,000 / 2,000 images, 32x32)."""
-    if name in SIZES:
-        return Sizes(*SIZES[name])
-    try:
-        from divqat.data import load_dataset
-
-        train, test = load_dataset(name, "train", data_root), load_dataset(name, "test", data_root)
-        return Sizes(len(train), len(test), int(train.images.shape[-1] * train.images.shape[-2]))
-    except Exception:  # a plan must not fail for want of data
-        return Sizes(10000, 2000, 1024)
-
-
 def work(kind: str, spec: dict[str, Any], sizes: Sizes) -> tuple[str, float]:
-    """(category, units of work) of a stage from its kind and settings."""
-    scale = sizes.pixels / 784
-    if kind in ("fp32", "victim"):
-        n = sizes.train - int(spec.get("holdout") or 0)
-        if spec.get("limit"):
-            n = min(n, spec["limit"])
-        units = spec["epochs"] * max(n, 1) * ARCH_COST.get(spec["arch"], 1.0) * scale
-        category = "fp32" if kind == "fp32" else f"victim {spec['mode']}"
-        if spec.get("precision") == "bf16":
-            category += " bf16"
-        return category, units
-    if kind == "defense":
-        units = sizes.test * scale
-        if "misinformation_epochs" in spec:
-            units += spec["misinformation_epochs"] * sizes.train * scale
-        return f"defense {spec['name']}", units
-    if kind == "attack":
-        s = spec["surrogate"]
-        cost = ARCH_COST.get(s["arch"], 1.0) * scale
-        budgets = spec["budgets"]
-        if spec.get("labels_as_behind"):  # the twin's surrogates measured: passes of the victim
-            return "attack shared", sizes.test * 3 * scale
-        if spec["transfer"] is None:  # data-free: the queries are the work
-            return f"attack {spec['name']}", max(budgets) * scale
-        passes = 0.0
-        for b in budgets:
-            steps_per_epoch = max(1, math.ceil(b / s.get("batch_size", 128)))
-            epochs = max(s["epochs"], math.ceil(s.get("min_steps", 0) / steps_per_epoch))
-            passes += epochs * b
-        category = f"attack {spec['name']}" + (" bf16" if s.get("precision") == "bf16" else "")
-        return category, (passes + sizes.test * len(budgets)) * cost
-    if kind == "timing":
-        return "timing", float(len(spec["victims"]) * len(spec["defenses"]))
-    if kind == "calibrate":
-        return f"calibrate {spec['name']}", float((spec["streams"] + spec["benign_streams"]) * spec["length"])
-    return kind, 1.0
+    """(category, units of work) of a stage from its kind and settings (``StageKind.estimate``)."""
+    if kind not in STAGE_KINDS:
+        return kind, 1.0
+    return STAGE_KINDS.get(kind).estimate(spec, sizes)
 
 
 def _default_rate(category: str) -> float:
@@ -194,17 +133,19 @@ def duration(seconds: float) -> str:
     return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"
 
 
-def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_per_stage: int = 1,
-               threads: int | None = None, executor: str = "serial",
-               times_from: Iterable[str | Path] = (), data_root: str | None = None,
-               every_stage: bool = True) -> list[str]:
+def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_per_stage: int | None = None,
+               executor: str = "serial", times_from: Iterable[str | Path] = (),
+               data_root: str | None = None, every_stage: bool = True) -> list[str]:
     """What ``divqat run --plan`` prints: one line per stage (cached, or to run with its
     estimate under ``executor``), the stages per kind, and the estimated wall time one stage at
-    a time with ``threads`` threads (default: ``cores``) and ``cores // cpus_per_stage`` at a
-    time with ``cpus_per_stage`` threads each."""
+    a time and ``cores // cpus_per_stage`` at a time. Every stage runs with the config's
+    ``numerics.threads`` torch threads under either executor; ``cpus_per_stage`` (default: those
+    threads) is what a Ray worker reserves."""
+    threads = config.numerics.threads
+    cpus_per_stage = cpus_per_stage or threads
     stages = plan_stages(config)
     cache = StageCache(out)
-    done = finished_records(stages, cache)
+    done = finished_records(stages, cache, config.numerics)
     sizes = dataset_sizes(config.victim.dataset, data_root)
     measured = cache.records() if cache.root.is_dir() else []
     sources = [str(Path(out))] if measured else []
@@ -225,10 +166,9 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
             rate = _default_rate(category)
             guessed.add(category)
         one_thread[stage.key] = rate * units
-    threads = threads or cores
     slots = max(1, cores // cpus_per_stage)
     serial = {k: v / speedup(threads) for k, v in one_thread.items()}
-    parallel = {k: v / speedup(cpus_per_stage) for k, v in one_thread.items()}
+    parallel = {k: v / speedup(min(threads, cpus_per_stage)) for k, v in one_thread.items()}
     estimate = parallel if executor == "ray" else serial
 
     n = len(stages)
@@ -252,10 +192,10 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
         basis += f"; rough defaults for {', '.join(sorted(guessed))}"
     lines.append(f"estimated stage time to run: {duration(total)} with --executor {executor} ({basis})")
     line = (f"estimated wall time: {duration(wall_time(stages, serial, 1))} one stage at a time "
-            f"with {threads} threads (--executor serial)")
+            f"with {threads} thread{'s' if threads > 1 else ''} (--executor serial)")
     if slots > 1 or executor == "ray":
         line += (f"; {duration(wall_time(stages, parallel, slots))} with {slots} stages at a time, "
-                 f"{cpus_per_stage} thread{'s' if cpus_per_stage > 1 else ''} each (--executor ray "
+                 f"{threads} thread{'s' if threads > 1 else ''} each (--executor ray "
                  f"on {cores} cores)")
     lines.append(line)
     lines.append(f"  (a stage with t threads taken as min(t, {MAX_USEFUL_THREADS})^{THREAD_EXPONENT:g} "

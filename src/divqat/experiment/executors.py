@@ -37,42 +37,13 @@ import torch
 import divqat
 from divqat.errors import ConfigError
 from divqat.experiment.cache import StageCache
-from divqat.pipelines.stages import DefenseSetting, StageWork
+from divqat.experiment.numerics import Numerics
+from divqat.experiment.stages import STAGE_KINDS, StageTask
+from divqat.pipelines.stages import StageWork
 from divqat.stopwatch import measuring
 
 EXECUTORS = ("serial", "ray")
 STAGE_LOG, STAGE_ERROR = "stage.log", "error.txt"
-
-
-@dataclass(frozen=True)
-class StageTask:
-    """One stage as a worker needs it: plain data, absolute paths.
-
-    ``folders`` names the input folders the work reads (``teacher``, ``victim``, or for a timing
-    stage ``victim:<label>``); ``context`` holds what the work needs of its inputs' settings (the
-    defense an attack runs behind; the defenses a timing stage serves); ``tokens`` are the
-    inputs' tokens recorded in ``done.json``.
-    """
-
-    kind: str
-    key: str
-    label: str
-    spec: dict[str, Any]
-    tokens: dict[str, str]
-    folders: dict[str, str]
-    root: str
-    context: dict[str, Any] = field(default_factory=dict)
-
-    def affinity(self) -> tuple[str, ...]:
-        """What a worker that ran this stage holds in memory for the next one: the victim, and
-        the defense it served."""
-        victim = self.folders.get("victim")
-        if victim is None:
-            return ()
-        if self.kind == "defense":
-            return victim, repr(sorted(self.spec.items()))
-        defense = self.context.get("defense")
-        return (victim,) if defense is None else (victim, repr(sorted(defense.items())))
 
 
 @dataclass(frozen=True)
@@ -88,13 +59,14 @@ class Outcome:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What every stage of a run shares: the run folder, data, device and output."""
+    """What every stage of a run shares: the run folder, data, device, output and numerics."""
 
     root: str
     data_root: str | None = None
     device: str = "cpu"
     progress: bool = True
     say: Callable[[str], None] = print
+    numerics: Numerics = field(default_factory=Numerics)
 
 
 def worker_info(executor: str, **more: Any) -> dict[str, Any]:
@@ -105,41 +77,8 @@ def worker_info(executor: str, **more: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- one stage, in any process
 
 def perform(task: StageTask, work: StageWork, folder: Path) -> dict[str, Any]:
-    """The work of one stage (its settings turned into a ``StageWork`` call)."""
-    s = task.spec
-    if task.kind in ("fp32", "victim"):
-        return work.train(folder, dataset=s["dataset"], arch=s["arch"], mode=s["mode"],
-                          epochs=s["epochs"], lr=s["lr"], seed=s["seed"], limit=s["limit"],
-                          holdout=s["holdout"], batch_size=s["batch_size"], divqat=s.get("divqat"),
-                          precision=s.get("precision", "fp32"), target=s.get("target", "x86"),
-                          teacher=task.folders.get("teacher"))
-    if task.kind == "defense":
-        return work.defense(folder, task.folders["victim"], defense_setting(s, s["seed"]))
-    if task.kind == "attack":
-        return work.attack(folder, task.folders["victim"],
-                           defense_setting(task.context["defense"], s["seed"]), name=s["name"],
-                           params=s["params"], transfer=s["transfer"], labels_only=s["labels_only"],
-                           budgets=s["budgets"], surrogate=s["surrogate"], seed=s["seed"],
-                           detectors={name: (task.folders[f"calibration:{name}"], params)
-                                      for name, params in (task.context.get("detectors") or {}).items()},
-                           twin=task.folders.get("twin"))
-    if task.kind == "calibrate":
-        return work.calibrate(folder, task.folders["victim"], name=s["name"], params=s["params"],
-                              target_far=s["target_far"], streams=s["streams"], length=s["length"],
-                              benign_streams=s["benign_streams"], seed=s["seed"])
-    if task.kind == "timing":
-        victims = {role.split(":", 1)[1]: path for role, path in task.folders.items()
-                   if role.startswith("victim:")}
-        settings = [(d["label"], defense_setting(d, s["seed"])) for d in s["defenses"]]
-        return work.timing(folder, victims, settings, batch_size=s["batch_size"],
-                           batches=s["batches"], rounds=s["rounds"], seed=s["seed"])
-    if task.kind == "copy":
-        return work.copy(folder, task.folders["victim"])
-    raise ConfigError(f"unknown stage kind {task.kind!r}")
-
-
-def defense_setting(spec: dict[str, Any], seed: int) -> DefenseSetting:
-    return DefenseSetting(spec["name"], spec["params"], seed, spec.get("misinformation_epochs", 5))
+    """The work of one stage: its kind's (``StageKind.perform``)."""
+    return STAGE_KINDS.get(task.kind).perform(task, work, folder)
 
 
 def run_stage(task: StageTask, work: StageWork, worker: dict[str, Any],
@@ -157,8 +96,10 @@ def run_stage(task: StageTask, work: StageWork, worker: dict[str, Any],
                 echo(message)
 
         work.log = say
+        worker = {**worker, "threads": task.numerics.threads}
         try:
-            result = perform(task, work, folder)
+            with task.numerics.applied():
+                result = perform(task, work, folder)
         except Exception as e:  # reported, and the stages that need this one are skipped
             (folder / STAGE_ERROR).write_text(traceback.format_exc())
             return Outcome(task.key, error=error_line(e), seconds=time.perf_counter() - start,
@@ -168,7 +109,7 @@ def run_stage(task: StageTask, work: StageWork, worker: dict[str, Any],
     phases["other"] = round(max(0.0, seconds - sum(watch.totals.values())), 3)
     record = cache.finish(task.kind, task.key, label=task.label, spec=task.spec,
                           input_tokens=task.tokens, result=result, seconds=seconds,
-                          phases=phases, worker=worker)
+                          phases=phases, worker=worker, numerics=task.numerics.record())
     return Outcome(task.key, record=record, seconds=seconds, worker=worker)
 
 
@@ -215,7 +156,8 @@ class Executor(abc.ABC):
 
 
 class SerialExecutor(Executor):
-    """One stage at a time in this process, in plan order, with this process's torch threads."""
+    """One stage at a time in this process, in plan order, each with the run's torch threads
+    (``numerics.threads``)."""
 
     name = "serial"
     in_order = True
@@ -242,7 +184,8 @@ class SerialExecutor(Executor):
 
 
 class _StageWorker:
-    """A Ray actor that runs stages: one process, ``threads`` torch threads, its own StageWork."""
+    """A Ray actor that runs stages: one process, ``threads`` torch threads between stages (a
+    stage runs with its numerics' threads), its own StageWork."""
 
     def __init__(self, run: dict[str, Any], threads: int) -> None:
         self.threads = threads
@@ -267,7 +210,8 @@ class _StageWorker:
 
 
 class RayExecutor(Executor):
-    """Stages as Ray tasks on a pool of stage workers, one per ``cpus_per_stage`` CPUs.
+    """Stages as Ray tasks on a pool of stage workers, one per ``cpus_per_stage`` CPUs (default:
+    the run's ``numerics.threads``, the torch threads every stage runs with).
 
     ``address``: a running cluster (``ray.init(address)``; ``RAY_ADDRESS`` when not given); with
     neither, a local Ray instance is started on this machine's cores and stopped at the end.
@@ -276,8 +220,9 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cpus_per_stage: int = 1) -> None:
-        if isinstance(cpus_per_stage, bool) or not isinstance(cpus_per_stage, int) or cpus_per_stage < 1:
+    def __init__(self, address: str | None = None, cpus_per_stage: int | None = None) -> None:
+        if cpus_per_stage is not None and (isinstance(cpus_per_stage, bool)
+                                           or not isinstance(cpus_per_stage, int) or cpus_per_stage < 1):
             raise ConfigError(f"--cpus-per-stage must be an integer >= 1, got {cpus_per_stage!r}")
         self.address, self.cpus_per_stage = address, cpus_per_stage
         self._started_ray = False
@@ -293,6 +238,8 @@ class RayExecutor(Executor):
         except ImportError:  # pragma: no cover - ray is a dependency
             raise ConfigError("--executor ray needs Ray: pip install ray==2.60.0") from None
         self.ray = ray
+        if self.cpus_per_stage is None:
+            self.cpus_per_stage = run.numerics.threads
         if not ray.is_initialized():
             self._init(ray)
         self._actor = ray.remote(_StageWorker)
@@ -431,7 +378,7 @@ class RayExecutor(Executor):
 
 
 def make_executor(name: str = "serial", *, address: str | None = None,
-                  cpus_per_stage: int = 1) -> Executor:
+                  cpus_per_stage: int | None = None) -> Executor:
     """``serial`` or ``ray`` (``address``, ``cpus_per_stage``: see ``RayExecutor``)."""
     if name == "serial":
         return SerialExecutor()

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
 
+from divqat.defenses import NO_DEFENSE
 from divqat.experiment.results import (
     attack_settings,
     setting_title,
@@ -160,7 +161,7 @@ def plot_error_vs_alpha(results: dict[str, Any], path: Path) -> Path | None:
                 and r.get("victim_accuracy") is not None]
     if teachers:
         ax.axhline(100 * mean_sd(teachers)[0], color="gray", linestyle=":", label="fp32 teacher")
-    undefended = [r for r in results["attacks"] if r["defense"] == "none"]
+    undefended = [r for r in results["attacks"] if r["defense"] == NO_DEFENSE]
     for i, setting in enumerate(attack_settings(undefended)):
         rows = _largest_budget(_of_setting(undefended, setting))
         for j, (thief, style) in enumerate(THIEF_STYLES.items()):

@@ -19,7 +19,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from divqat.defenses import NO_DEFENSE
 from divqat.errors import DivqatError
+from divqat.experiment.numerics import lines as numerics_lines
 from divqat.experiment.plots import make_plots
 from divqat.experiment.results import (
     RESULTS_CSV,
@@ -32,6 +34,7 @@ from divqat.experiment.results import (
     victim_labels,
     with_adaptive,
 )
+from divqat.experiment.stages import STAGE_KINDS
 from divqat.experiment.stats import mean_sd, paired_difference
 from divqat.io import write_text
 
@@ -333,7 +336,7 @@ def copy_table(results: dict[str, Any]) -> list[str]:
     copies = results.get("copies") or []
     if not copies:
         return []
-    queries = [r for r in with_adaptive(results["attacks"]) if r["defense"] == "none"]
+    queries = [r for r in with_adaptive(results["attacks"]) if r["defense"] == NO_DEFENSE]
     seeds = ordered(r["seed"] for r in copies)
     body = []
     for v in victim_labels(copies):
@@ -448,15 +451,8 @@ def stage_times_table(results: dict[str, Any]) -> list[str]:
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in results.get("stage_times") or []:
         label = r["label"].split(" | ")[0]
-        kind = r["kind"]
-        name = {"fp32": "fp32 teacher", "timing": "timing", "copy": "copy (device program)",
-                "calibrate": f"calibrate {label.split(' ')[1]}"}.get(kind)
-        if name is None:
-            name = label if kind == "attack" else f"{kind} {label.split(' ', 2)[1]}"
-            if r.get("surrogates_shared"):
-                name += " (twin's surrogates)"
-            if kind == "victim":
-                name = "victim " + ("qat" if label == "victim qat" else "divqat")
+        name = (STAGE_KINDS.get(r["kind"]).time_name(label, r) if r["kind"] in STAGE_KINDS
+                else r["kind"])
         groups[name].append(r)
     if not groups:
         return []
@@ -550,6 +546,7 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
         lines += [f"- {f['stage']}: {f['error']} (traceback: `{f['folder']}/error.txt`)"
                   for f in failures]
         lines += [""]
+    lines += numerics_lines(results.get("numerics"))
     times = stage_times_table(results)
     if times:
         lines += ["## Where the time went", "",

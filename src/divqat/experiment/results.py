@@ -1,7 +1,9 @@
-"""The experiment's results files, and the reading of their rows that the report and the plots
-share.
+"""The experiment's results: the rows of its tables (defined once here, built by the stage kinds
+from their finished stages, read by the report, the plots and the CLI), its files, and the
+reading of the rows that the report and the plots share.
 
-- ``results.json``: the config and three long tables (victims, defenses, attacks); everything the
+- ``results.json``: the config and the long tables (``TABLES``: victims, defenses, attacks,
+  timings, stage_times; copies and calibrations where the config has them); everything the
   report and the plots are built from, so ``divqat report DIR`` rebuilds them without training.
 - ``results.csv``: the attacks table, one row per victim x defense x attack x transfer set x
   label-only x budget x seed, every metric a column (fractions, not percentages).
@@ -15,10 +17,15 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from divqat.errors import ArtifactError
+from divqat.experiment.labels import defense_label, victim_name
 from divqat.io import write_json, write_text
+from divqat.registry import params_text
+
+if TYPE_CHECKING:
+    from divqat.experiment.stages.base import RowsContext, Stage
 
 RESULTS_JSON, RESULTS_CSV = "results.json", "results.csv"
 CSV_COLUMNS = (
@@ -31,6 +38,205 @@ CSV_COLUMNS = (
     "timing", "surrogate", "surrogate_epochs", "attack_seconds", "thief", "defense_label", "stage",
 )
 THIEVES = ("soft", "label-only", "adaptive")
+# The tables of results.json in order; the optional ones only where the config gives them rows.
+TABLES = ("victims", "defenses", "attacks", "timings", "stage_times", "copies", "calibrations")
+OPTIONAL_TABLES = ("copies", "calibrations")
+LATENCY = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
+# Where a defense row's latency columns come from: the seed's timing stage (comparable between
+# victims and defenses), or the defense stage alone (not comparable).
+SIDE_BY_SIDE, OWN_STAGE = "side by side", "own stage"
+
+
+# ---------------------------------------------------------------- the rows
+
+class VictimColumns(TypedDict):
+    """What a row about one trained model, or about a defense, thief or detector on it, says of
+    the model."""
+
+    seed: int
+    victim: str                 # "fp32 teacher", "qat", "divqat a=2", a variant's label
+    victim_mode: str            # fp32, qat, divqat
+    alpha: float | None
+    divergence: str | None
+    cap: float | None
+    divergence_on: str | None   # in, out (DivQAT aimed at out-of-distribution queries)
+    outlier_set: str | None
+    victim_accuracy: float      # int8 test accuracy (the teacher's fp32 one)
+    kl_to_teacher: float | None
+    l1_to_teacher: float | None
+
+
+class VictimRow(VictimColumns, total=False):
+    """``victims``: one trained model (a teacher or an int8 victim)."""
+
+    test_accuracy: float | None
+    teacher_accuracy: float | None
+    train_images: int
+    epochs: int
+    train_seconds: float
+    kl_to_teacher_outliers: float | None
+    collapsed: bool
+    message: str | None
+    stage: str                  # the stage key's first 16 characters
+
+
+class DefenseColumns(TypedDict, total=False):
+    """The defense as measured on the victim's test split (``defense_columns``)."""
+
+    defense: str
+    defense_params: str
+    defense_label: str          # "dcp beta=0.5"
+    defender_accuracy: float
+    defender_error: float
+    argmax_changed: float
+    ms_per_query_clean: float
+    ms_per_query_defended: float
+    latency_ratio: float
+    timing: str                 # SIDE_BY_SIDE or OWN_STAGE
+
+
+class DefenseRow(VictimColumns, DefenseColumns, total=False):
+    """``defenses``: one victim behind one defense setting."""
+
+    l1_distance: float
+    kl_divergence: float
+    queries: int
+    stage: str
+
+
+class AttackRow(VictimColumns, DefenseColumns, total=False):
+    """``attacks`` (and results.csv): one thief x budget against one victim behind one defense.
+    A watched thief's rows also carry ``alarm_<detector>`` and ``detected_<detector>``."""
+
+    teacher_accuracy: float | None
+    attack: str
+    attack_params: str
+    transfer: str               # the config's transfer entry ("" for data-free)
+    transfer_set: str           # what it resolved to
+    labels_only: bool
+    thief: str                  # soft, label-only (and "adaptive" in the report's reading)
+    budget: int
+    queries_used: int
+    surrogate: str
+    surrogate_epochs: int
+    adversary_accuracy: float
+    adversary_error: float
+    agreement: float
+    disagreement: float
+    agreement_clean: float
+    l1_distance: float
+    kl_divergence: float
+    attack_seconds: float
+    surrogates_shared: bool     # measured on the twin's surrogates behind no defense
+    stage: str
+
+
+class TimingRow(TypedDict):
+    """``timings``: one victim x defense pair of a seed's side-by-side timing stage."""
+
+    seed: int
+    victim: str
+    defense_label: str
+    ms_per_query_clean: float
+    ms_per_query_defended: float
+    latency_ratio: float
+    stage: str
+
+
+class CopyRow(VictimColumns, total=False):
+    """``copies``: the on-device thief who copies the program file."""
+
+    attack: str
+    thief: str
+    budget: int
+    queries_used: int
+    adversary_accuracy: float | None
+    adversary_error: float | None
+    agreement: float | None
+    max_posterior_difference: float | None
+    note: str | None
+    program_bytes: int
+    attack_seconds: float
+    stage: str
+
+
+class CalibrationRow(VictimColumns, total=False):
+    """``calibrations``: one detector calibrated on one victim."""
+
+    detector: str
+    threshold: float
+    target_far: float
+    false_alarm_rate: float
+    false_alarms: int
+    benign_streams: int
+    benign_length: int
+    stage: str
+
+
+class StageTimeRow(TypedDict, total=False):
+    """``stage_times``: where one finished stage's seconds went, and where it ran."""
+
+    label: str
+    kind: str
+    seed: int
+    seconds: float
+    phases: dict[str, float]
+    worker: dict[str, Any]
+    finished: str
+    stage: str
+    surrogates_shared: bool
+
+
+# ---------------------------------------------------------------- the columns rows share
+
+def victim_info(stage: Stage, ctx: RowsContext) -> VictimColumns:
+    """What every row about a trained model carries of it (a teacher or victim stage)."""
+    s = stage.spec
+    div = s.get("divqat") or {}
+    alpha = div.get("alpha", 0.0) if s["mode"] != "fp32" else None
+    r = ctx.result(stage.key)
+    return {"seed": stage.seed, "victim": victim_name(s, ctx.with_cap), "victim_mode": s["mode"],
+            "alpha": alpha, "divergence": div.get("divergence"), "cap": div.get("cap"),
+            "divergence_on": div.get("divergence_on", "in") if div else None,
+            "outlier_set": r.get("outlier_set"),
+            "victim_accuracy": r.get("int8_test_accuracy", r.get("test_accuracy")),
+            "kl_to_teacher": r.get("kl_to_teacher"), "l1_to_teacher": r.get("l1_to_teacher")}
+
+
+def victim_columns(v: VictimColumns) -> VictimColumns:
+    """The victim's columns of a defense, attack, copy or calibration row."""
+    return {"seed": v["seed"], "victim": v["victim"], "victim_mode": v["victim_mode"], "alpha": v["alpha"],
+            "divergence": v["divergence"], "cap": v["cap"], "victim_accuracy": v["victim_accuracy"],
+            "kl_to_teacher": v["kl_to_teacher"], "l1_to_teacher": v["l1_to_teacher"],
+            "divergence_on": v["divergence_on"], "outlier_set": v["outlier_set"]}
+
+
+def defense_columns(stage: Stage, victim: VictimColumns, r: dict[str, Any],
+                    ctx: RowsContext) -> DefenseColumns:
+    """The defense as measured on the victim's test split (its defense stage ``stage``, result
+    ``r``), with the latency of the seed's timing stage where it finished (``timing``)."""
+    name, params = stage.spec["name"], stage.spec["params"]
+    columns: DefenseColumns = {"defense": name, "defense_params": params_text(params),
+               "defense_label": defense_label(name, params),
+               "defender_accuracy": r["defender_accuracy"], "defender_error": 1.0 - r["defender_accuracy"],
+               "argmax_changed": r["argmax_changed"], "ms_per_query_clean": r["ms_per_query_clean"],
+               "ms_per_query_defended": r["ms_per_query_defended"], "latency_ratio": r["latency_ratio"]}
+    side = ctx.shared.get("timed", {}).get((victim["seed"], victim["victim"], columns["defense_label"]))
+    columns.update({k: side[k] for k in LATENCY} if side else {})
+    columns["timing"] = SIDE_BY_SIDE if side else OWN_STAGE
+    return columns
+
+
+def alarm_columns(r: dict[str, Any], budget: int) -> dict[str, Any]:
+    """Per detector that watched the thief: ``alarm_<name>``, the queries until its first alarm
+    (None: not raised within the largest budget), and ``detected_<name>``, whether that came
+    within this row's budget (the thief's stream is the same for all its budgets)."""
+    out: dict[str, Any] = {}
+    for name, d in (r.get("detectors") or {}).items():
+        first = d.get("first_alarm")
+        out[f"alarm_{name}"] = first
+        out[f"detected_{name}"] = first is not None and first <= budget
+    return out
 
 
 # ---------------------------------------------------------------- files
@@ -119,6 +325,8 @@ def with_adaptive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-__all__ = ["CSV_COLUMNS", "RESULTS_CSV", "RESULTS_JSON", "THIEVES", "attack_settings",
+__all__ = ["AttackRow", "CSV_COLUMNS", "CalibrationRow", "CopyRow", "DefenseColumns", "DefenseRow",
+           "StageTimeRow", "TimingRow", "VictimColumns", "VictimRow", "LATENCY", "OPTIONAL_TABLES", "OWN_STAGE", "RESULTS_CSV", "RESULTS_JSON",
+           "SIDE_BY_SIDE", "TABLES", "THIEVES", "alarm_columns", "attack_settings", "defense_columns",
            "load_results", "ordered", "setting_title", "short_title", "victim_labels",
-           "with_adaptive", "write_results"]
+           "victim_columns", "victim_info", "with_adaptive", "write_results"]

@@ -1,0 +1,55 @@
+"""The ``copy`` kind (``victim.target: edge``): the on-device thief, who copies the victim's
+program file and runs it, with no query at all."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from divqat.experiment.cache import stage_key
+from divqat.experiment.labels import victim_name
+from divqat.experiment.results import CopyRow, victim_columns, victim_info
+from divqat.experiment.stages.base import (
+    PlanScope,
+    RowsContext,
+    Stage,
+    StageKind,
+    StageTask,
+    register_kind,
+)
+
+
+@register_kind
+class Copy(StageKind):
+    name = "copy"
+    order = 60
+    per_victim = True
+    table = "copies"
+
+    def plan(self, scope: PlanScope) -> list[Stage]:
+        if scope.config.victim.target != "edge":  # only a device program can be copied
+            return []
+        victim = scope.victim
+        spec = {"name": "copy", "seed": scope.seed}
+        return [Stage(self.name, stage_key(self.name, spec, [victim.key]),
+                      f"copy the device program | {victim_name(victim.spec, scope.with_cap)} | "
+                      f"seed {scope.seed}", spec, (victim.key,), scope.seed)]
+
+    def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
+        return work.copy(folder, task.folders["victim"])
+
+    def summary(self, result: dict[str, Any]) -> str:
+        return result.get("note") or (f"the copy's accuracy {result['adversary_accuracy']:.1%}, "
+                                      f"agreement {result['agreement']:.1%}, 0 queries")
+
+    def rows(self, stage: Stage, ctx: RowsContext) -> list[CopyRow]:
+        r = ctx.result(stage.key)
+        return [{**victim_columns(victim_info(ctx.by_key[stage.inputs[0]], ctx)), "attack": "copy",
+                 "thief": "file copy", "budget": 0, "queries_used": 0,
+                 **{k: r.get(k) for k in ("adversary_accuracy", "adversary_error", "agreement",
+                                          "max_posterior_difference", "note")},
+                 "program_bytes": r["program"]["bytes"], "attack_seconds": r["attack_seconds"],
+                 "stage": stage.key[:16]}]
+
+    def time_name(self, label: str, row: dict[str, Any]) -> str:
+        return "copy (device program)"

@@ -1,0 +1,136 @@
+"""The training kinds: the fp32 teacher (``fp32``: one per seed, or one shared when ``fp32.seed``
+is set) and the int8 victims (``victim``: qat, and divqat per alpha, cap and variant, fine-tuned
+from the teacher; with ``victim.target: edge`` each also writes ``victim.pte``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from divqat.experiment.cache import stage_key
+from divqat.experiment.labels import victim_name
+from divqat.experiment.results import VictimRow, victim_info
+from divqat.experiment.sizes import ARCH_COST, Sizes
+from divqat.experiment.stages.base import (
+    PlanScope,
+    RowsContext,
+    Stage,
+    StageKind,
+    StageTask,
+    register_kind,
+)
+
+
+def _data(scope: PlanScope) -> dict[str, Any]:
+    v = scope.config.victim
+    return {"dataset": v.dataset, "arch": v.arch, "limit": v.limit, "holdout": v.holdout,
+            "batch_size": v.batch_size}
+
+
+class _Training(StageKind):
+    """What the teacher and the victims share: the work, the rows, the estimate."""
+
+    table = "victims"
+
+    def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
+        s = task.spec
+        return work.train(folder, dataset=s["dataset"], arch=s["arch"], mode=s["mode"],
+                          epochs=s["epochs"], lr=s["lr"], seed=s["seed"], limit=s["limit"],
+                          holdout=s["holdout"], batch_size=s["batch_size"], divqat=s.get("divqat"),
+                          precision=s.get("precision", "fp32"), target=s.get("target", "x86"),
+                          teacher=task.folders.get("teacher"))
+
+    def rows(self, stage: Stage, ctx: RowsContext) -> list[VictimRow]:
+        r = ctx.result(stage.key)
+        return [{**victim_info(stage, ctx), "test_accuracy": r.get("test_accuracy"),
+                 "teacher_accuracy": r.get("teacher_test_accuracy"),
+                 "train_images": r.get("train_images"), "epochs": r.get("epochs"),
+                 "train_seconds": r.get("train_seconds"),
+                 "kl_to_teacher_outliers": r.get("kl_to_teacher_outliers"),
+                 "collapsed": bool(r.get("collapsed")), "message": r.get("message"),
+                 "stage": stage.key[:16]}]
+
+    def estimate(self, spec: dict[str, Any], sizes: Sizes) -> tuple[str, float]:
+        n = sizes.train - int(spec.get("holdout") or 0)
+        if spec.get("limit"):
+            n = min(n, spec["limit"])
+        units = spec["epochs"] * max(n, 1) * ARCH_COST.get(spec["arch"], 1.0) * sizes.pixels / 784
+        category = self.category(spec)
+        if spec.get("precision") == "bf16":
+            category += " bf16"
+        return category, units
+
+    def category(self, spec: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+
+@register_kind
+class Teacher(_Training):
+    """The fp32 teacher of a seed (shared by every seed when ``fp32.seed`` is set)."""
+
+    name = "fp32"
+    order = 10
+
+    def plan(self, scope: PlanScope) -> list[Stage]:
+        config = scope.config
+        seed = scope.seed if config.fp32.seed is None else config.fp32.seed
+        spec = {**_data(scope), "mode": "fp32", "epochs": config.fp32.epochs, "lr": config.fp32.lr,
+                "seed": seed}
+        if config.fp32.precision != "fp32":  # absent when fp32: the keys of older configs hold
+            spec["precision"] = config.fp32.precision
+        return [Stage(self.name, stage_key(self.name, spec), f"fp32 teacher | seed {seed}", spec, (),
+                      seed)]
+
+    def provide(self, source: Stage, folder: str, folders: dict[str, str],
+                context: dict[str, Any]) -> None:
+        folders["teacher"] = folder
+
+    def summary(self, result: dict[str, Any]) -> str:
+        return f"test accuracy {result['test_accuracy']:.1%}"
+
+    def category(self, spec: dict[str, Any]) -> str:
+        return "fp32"
+
+    def time_name(self, label: str, row: dict[str, Any]) -> str:
+        return "fp32 teacher"
+
+
+@register_kind
+class Victim(_Training):
+    """The int8 victims of a seed: qat, then divqat per setting (alphas x caps, then variants)."""
+
+    name = "victim"
+    order = 20
+
+    def plan(self, scope: PlanScope) -> list[Stage]:
+        config, seed = scope.config, scope.seed
+        teacher = scope.of(Teacher.name)[0]
+        modes: list[tuple[str, Any, Any]] = [("qat", config.qat, None)]
+        modes += [("divqat", d, settings) for d, settings in config.divqat.victims()]  # variants too
+        victims = []
+        for mode, train, settings in modes:
+            spec = {**_data(scope), "mode": mode, "epochs": train.epochs, "lr": train.lr, "seed": seed}
+            if config.victim.target != "x86":  # only then: the keys of x86 victims stay what they were
+                spec["target"] = config.victim.target
+            if mode == "divqat":
+                spec["divqat"] = settings.as_dict()
+                if train.name != "divqat":  # a variant's label; the section's keys stay as they were
+                    spec["name"] = train.name
+            victims.append(Stage(self.name, stage_key(self.name, spec, [teacher.key]),
+                                 f"victim {victim_name(spec, scope.with_cap)} | seed {seed}", spec,
+                                 (teacher.key,), seed))
+        return victims
+
+    def provide(self, source: Stage, folder: str, folders: dict[str, str],
+                context: dict[str, Any]) -> None:
+        folders["victim"] = folder
+
+    def summary(self, result: dict[str, Any]) -> str:
+        return (f"int8 accuracy {result['int8_test_accuracy']:.1%}, KL to fp32 "
+                f"{result['kl_to_teacher']:.4f}")
+
+    def category(self, spec: dict[str, Any]) -> str:
+        return f"victim {spec['mode']}"
+
+    def time_name(self, label: str, row: dict[str, Any]) -> str:
+        return "victim " + ("qat" if label == "victim qat" else "divqat")

@@ -53,3 +53,13 @@ class VictimSize(StageKind):
         victim = ctx.by_key[stage.inputs[0]]
         return [{"seed": stage.seed, "victim": victim_name(victim.spec, ctx.with_cap),
                  **ctx.result(stage.key), "stage": stage.key[:16]}]
+
+
+def demo() -> list[str]:
+    """The new kind's stages in the smoke preset's plan (planning touches no file)."""
+    from divqat.experiment import load_preset, plan_stages
+
+    labels = [s.label for s in plan_stages(load_preset("smoke")) if s.kind == VictimSize.name]
+    assert labels == ["victim-size | qat | seed 0", "victim-size | divqat a=2 | seed 0",
+                      "victim-size | divqat-out a=2 | seed 0"], labels
+    return labels

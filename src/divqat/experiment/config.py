@@ -79,6 +79,86 @@ from divqat.train.trainer import PRECISIONS
 _REQUIRED = object()
 
 
+# ---------------------------------------------------------------- the keys of each mapping
+
+# The keys each mapping of a config accepts, with what each means, by the mapping's path ("" is
+# the top level, "[]" an entry of a list). The validator takes its allowed keys from here
+# (``_keys``) and the docs' config reference is generated from it, so the two cannot drift; the
+# defaults are those ``parse_config`` fills in.
+SCHEMA: dict[str, dict[str, str]] = {
+    "": {"name": "names the output folder (runs/NAME) and the report",
+         "seeds": "every victim, defense and thief runs once per seed; the report gives mean ± sd "
+                  "over seeds and paired 95 % CIs",
+         "victim": "the victims' data and architecture", "fp32": "the fp32 teacher's training",
+         "qat": "the QAT victim's fine-tuning", "divqat": "the DivQAT victims",
+         "defenses": "defenses with parameter grids (none is always included)",
+         "attacks": "extraction attacks, each run against every victim x defense",
+         "detectors": "extraction detectors watching every thief's stream",
+         "numerics": "what every stage computes under, whichever executor runs it"},
+    "victim": {"dataset": "a registered dataset, or a class subset of one: fashion-mnist[0-4]",
+               "arch": "a registered architecture",
+               "limit": "train on the first N training images only",
+               "holdout": "keep the last N training images out of every victim: the holdout "
+                          "transfer set (unseen, in-distribution)",
+               "batch_size": "training batch size",
+               "target": "int8 scheme: x86 (inductor, oneDNN) or edge (XNNPACK: every int8 victim "
+                         "is exported to a .pte, attacked through ExecuTorch, and copied)"},
+    "fp32": {"epochs": "training epochs", "lr": "peak learning rate (one-cycle)",
+             "seed": "null: one teacher per run seed; an integer: one teacher for every seed",
+             "precision": "bf16: autocast where the CPU has native bf16 (fp32 elsewhere)"},
+    "qat": {"epochs": "fine-tuning epochs", "lr": "peak learning rate (cosine)"},
+    "divqat": {"alphas": "the divergence weights: one victim per alpha (a grid axis)",
+               "divergence": "kl (the paper's), reverse-kl, js or tail-kl",
+               "cap": "stop pushing a sample past this divergence (0: no cap); a list is a grid "
+                      "axis (alphas x caps)",
+               "ramp": "alpha grows from 0 over this fraction of the steps",
+               "temperature": "softmax temperature of the divergence",
+               "divergence_on": "in (the training images, the paper's), out (outliers) or both",
+               "outliers": "synth, synth:KIND[+KIND] or an unlabeled dataset NAME[:SPLIT]",
+               "distill": "with divergence_on out: weight of a KL pull toward the teacher on the "
+                          "training images",
+               "epochs": "fine-tuning epochs", "lr": "peak learning rate (cosine)",
+               "variants": "more DivQAT victims: mappings of the keys above plus name"},
+    "divqat.variants[]": {"alphas": "as the section's", "divergence": "as the section's",
+                          "cap": "one cap (a changed divergence without a cap runs uncapped)",
+                          "ramp": "as the section's", "temperature": "as the section's",
+                          "divergence_on": "as the section's", "outliers": "as the section's",
+                          "distill": "as the section's", "epochs": "as the section's",
+                          "lr": "as the section's",
+                          "name": "the label of its victims (starts with divqat; default "
+                                  "divqat-<divergence_on>)"},
+    "defenses[]": {"name": "a defense (`divqat defenses`); an entry may be the bare name",
+                   "params": "the defense's parameters; a list is a grid axis",
+                   "misinformation_epochs": "adaptive-misinformation: epochs of its model"},
+    "attacks[]": {"name": "an attack (`divqat attacks`)",
+                  "params": "the attack's own parameters",
+                  "transfer": "holdout or NAME[:SPLIT], one or a list; not for data-free attacks",
+                  "labels_only": "false, true or both: the black box answers labels only",
+                  "budgets": "query budgets: one surrogate per budget",
+                  "surrogate": "how the surrogates train",
+                  "defenses": "run behind these defense names only (default: every defense)"},
+    "attacks[].surrogate": {"arch": "surrogate architecture", "epochs": "training epochs",
+                            "batch_size": "batch size", "lr": "peak learning rate (cosine)",
+                            "weight_decay": "SGD weight decay",
+                            "temperature": "temperature of the soft cross-entropy",
+                            "min_steps": "at least this many SGD steps per surrogate",
+                            "precision": "bf16: autocast where the CPU has it"},
+    "detectors[]": {"name": "a detector (`divqat detectors`); an entry may be the bare name",
+                    "params": "the detector's parameters (not its threshold: calibrated)",
+                    "target_far": "the false-alarm rate its threshold is calibrated for",
+                    "streams": "benign streams it is calibrated on (as long as the largest budget)",
+                    "benign_streams": "other honest clients its false-alarm rate is measured on"},
+    "numerics": {"threads": "torch threads of every stage's training and evaluation, under every "
+                            "executor (CPU training is reproducible only at a fixed thread count; "
+                            "a Ray worker reserves as many CPUs unless --cpus-per-stage says)"},
+}
+
+
+def _keys(path: str) -> tuple[str, ...]:
+    """The keys the mapping at ``path`` (a ``SCHEMA`` key) accepts."""
+    return tuple(SCHEMA[path])
+
+
 # ---------------------------------------------------------------- the parsed config
 
 @dataclass(frozen=True)
@@ -301,8 +381,7 @@ def _wrapped(where: str, check: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------- the sections
 
-TOP_KEYS = ("name", "seeds", "victim", "fp32", "qat", "divqat", "defenses", "attacks", "detectors",
-            "numerics")
+TOP_KEYS = _keys("")
 
 
 def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
@@ -332,12 +411,12 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
 
 
 def _numerics(raw: Any) -> Numerics:
-    m = _Mapping(raw, "numerics", ("threads",))
+    m = _Mapping(raw, "numerics", _keys("numerics"))
     return Numerics(threads=m.int("threads", Numerics.threads, 1))
 
 
 def _victim(raw: Any) -> VictimSpec:
-    m = _Mapping(raw, "victim", ("dataset", "arch", "limit", "holdout", "batch_size", "target"))
+    m = _Mapping(raw, "victim", _keys("victim"))
     return VictimSpec(dataset=_dataset(m.get("dataset", "fashion-mnist"), m.where("dataset"), dataset_names()),
                       arch=m.choice("arch", "resnet8", model_names()),
                       limit=m.int("limit", None, 1, optional=True),
@@ -358,8 +437,7 @@ def _dataset(value: Any, where: str, names: Sequence[str]) -> str:
 
 def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = False) -> TrainingSpec:
     # QAT fine-tuning stays fp32 (its observers calibrate on fp32 activations): no precision.
-    keys = ("epochs", "lr", "seed", "precision") if with_seed else ("epochs", "lr")
-    m = _Mapping(raw, path, keys)
+    m = _Mapping(raw, path, _keys(path))
     seed = m.int("seed", None, 0, optional=True) if with_seed else None
     precision = m.choice("precision", "fp32", PRECISIONS) if with_seed else "fp32"
     return TrainingSpec(epochs=m.int("epochs", epochs, 1), lr=m.number("lr", lr, 0, low_open=True),
@@ -372,7 +450,7 @@ _OBJECTIVE_KEYS = tuple(k for k in DivQATSettings.USER_FIELDS if k != "alpha")
 
 def _divqat(raw: Any, path: str = "divqat", base: DivQATSpec | None = None) -> DivQATSpec:
     """The divqat section, or (with ``base``) one of its variants: unset keys take the section's."""
-    keys = ("alphas", *_OBJECTIVE_KEYS, "epochs", "lr") + (("name",) if base is not None else ("variants",))
+    keys = _keys("divqat" if base is None else "divqat.variants[]")
     m = _Mapping(raw, path, keys)
     d = base or DivQATSpec()
     given = {k: m.raw[k] for k in _OBJECTIVE_KEYS if m.raw.get(k) is not None}
@@ -461,7 +539,7 @@ def _named_entries(raw: Any, section: str, keys: tuple[str, ...], names: Any, *,
 
 def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
     out: list[DefenseSpec] = []
-    for where, m, name, params in _named_entries(raw, "defenses", ("name", "params", "misinformation_epochs"),
+    for where, m, name, params in _named_entries(raw, "defenses", _keys("defenses[]"),
                                                  DEFENSES.names(), grid=True):
         spec = DefenseSpec(name, dict(params), m.int("misinformation_epochs", 5, 1))
         for setting in spec.grid():
@@ -478,8 +556,8 @@ def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
 
 def _detectors(raw: Any, attacks: tuple[AttackSpec, ...]) -> tuple[DetectorSpec, ...]:
     out: list[DetectorSpec] = []
-    keys = ("name", "params", "target_far", "streams", "benign_streams")
-    for where, m, name, params in _named_entries(raw, "detectors", keys, DETECTORS.names()):
+    for where, m, name, params in _named_entries(raw, "detectors", _keys("detectors[]"),
+                                                 DETECTORS.names()):
         cls = _wrapped(f"{where}.params", lambda n=name, p=params: check_detector(n, dict(p)))
         if cls.threshold_param in params:
             raise ConfigError(f"{where}.params.{cls.threshold_param}: set by the calibration for "
@@ -496,8 +574,8 @@ def _detectors(raw: Any, attacks: tuple[AttackSpec, ...]) -> tuple[DetectorSpec,
 
 def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[AttackSpec, ...]:
     out = []
-    keys = ("name", "params", "transfer", "labels_only", "budgets", "surrogate", "defenses")
-    for where, m, name, params in _named_entries(raw, "attacks", keys, ATTACKS.names(), shorthand=False):
+    for where, m, name, params in _named_entries(raw, "attacks", _keys("attacks[]"), ATTACKS.names(),
+                                                 shorthand=False):
         cls = ATTACKS.get(name)
         _wrapped(f"{where}.params", lambda n=name, p=params: create_attack(n, **p))
         if cls.uses_transfer_set:
@@ -537,7 +615,7 @@ def _transfer(value: Any, where: str, victim: VictimSpec) -> str:
 
 
 def _surrogate(raw: Any, where: str) -> SurrogateTraining:
-    m = _Mapping(raw, where, SurrogateTraining.RECIPE)
+    m = _Mapping(raw, where, _keys("attacks[].surrogate"))
     given = {k: v for k, v in m.raw.items() if v is not None}
     # Checked here so that an error names the key: attacks[0].surrogate.epochs.
     return SurrogateTraining(**SurrogateTraining.check(given, where))

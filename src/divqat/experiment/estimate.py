@@ -27,10 +27,10 @@ from divqat.experiment.sizes import ARCH_COST, SIZES, Sizes, dataset_sizes  # no
 from divqat.experiment.stages import STAGE_KINDS
 
 # Seconds per unit of work, per category: the estimate where no finished stage says better.
-# From the default preset run serially with 2 threads on a quiet 2-core machine (README, "The
-# default experiment with one seed": teacher 48 s, victims 59-61 s, knockoff 38-44 s, dfme 19-20
-# s), the knockoff stages less the compilations and the test pass this version no longer
-# repeats, and bf16 surrogates 1.6x faster (README, "Measured, issue 14"); the rest rough.
+# From the earlier one-seed default preset run serially with 2 threads on a quiet 2-core machine
+# (CHANGELOG.md: teacher 48 s, victims 59-61 s, knockoff 38-44 s, dfme 19-20 s), the knockoff
+# stages less the compilations and the test pass this version no longer repeats, and bf16
+# surrogates 1.6x faster (docs/results.md, "Executors, bf16 and the plan"); the rest rough.
 DEFAULT_RATES = {
     "fp32": 4.8e-4, "fp32 bf16": 3.3e-4, "victim qat": 1.2e-3, "victim divqat": 1.2e-3,
     "defense": 4e-4, "defense mad": 4e-3, "defense random-noise": 6e-4,
@@ -41,16 +41,17 @@ DEFAULT_RATES = {
     # A label-only thief measured on its twin's surrogates (3.4-4.0 s at one thread, victim
     # loaded, fashion-mnist[0-4] test split, 8,000-30,000 transfer images checked).
     "attack shared": 1.5e-4,
-    # Per watched query of calibration and honest streams (`divqat calibrate`, README "Extraction
-    # detectors": 40 streams of 5,000 in 25 s / 72 s at one thread, i.e. 1.3e-4 / 3.6e-4, given
-    # here at two threads as the rest).
+    # Per watched query of calibration and honest streams (`divqat calibrate`, as run in
+    # docs/guides/detectors.md: 40 streams of 5,000 in 25 s / 72 s at one thread, i.e. 1.3e-4 /
+    # 3.6e-4, given here at two threads as the rest).
     "calibrate prada": 9e-5, "calibrate mmd": 2.5e-4,
 }
 
 
 # One stage with t torch threads runs speedup(t) = min(t, MAX_USEFUL_THREADS) ** THREAD_EXPONENT
-# times faster than with one. Fitted on this 2-core machine (README, "Measured, issue 14"): the
-# same 47 stages took 235 s of stage time at 2 threads and 416 s at 1, a speedup of 1.77 = 2^0.82.
+# times faster than with one. Fitted on this 2-core machine (docs/results.md, "Executors, bf16 and
+# the plan"): the same 47 stages took 235 s of stage time at 2 threads and 416 s at 1, a speedup
+# of 1.77 = 2^0.82.
 THREAD_EXPONENT = 0.8
 MAX_USEFUL_THREADS = 4
 DEFAULT_THREADS = 2  # the threads of DEFAULT_RATES, and of records that do not say

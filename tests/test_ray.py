@@ -1,5 +1,6 @@
-"""`divqat run --executor ray`: the smoke preset on a local two-node Ray cluster (both nodes run
-stages), and a run under Ray killed with SIGTERM and resumed."""
+"""`divqat run --executor ray`: the same numbers as the serial executor, the smoke preset on a
+local two-node Ray cluster (both nodes run stages), and a run under Ray killed with SIGTERM and
+resumed."""
 
 from __future__ import annotations
 
@@ -26,6 +27,57 @@ SMALL_STORE = 80 * 1024 * 1024  # bytes of object store per node: stages pass on
 
 def _records(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "stages").glob(f"*/*/{DONE}"))]
+
+
+# Fields that measure time, not results: left out when two runs' results are compared.
+TIMING_FIELDS = {"seconds", "phases", "worker", "finished", "train_seconds", "attack_seconds",
+                 "ms_per_query_clean", "ms_per_query_defended", "latency_ratio", "stage_times"}
+SAME_NUMBERS_CONFIG = {
+    "name": "same-numbers", "seeds": [0],
+    # A registered dataset the Ray workers load too (the test-only one lives in this process).
+    "victim": {"dataset": "mnist[0-4]", "arch": "resnet8", "limit": 200, "holdout": 100},
+    "fp32": {"epochs": 1}, "qat": {"epochs": 1}, "divqat": {"alphas": [2.0], "epochs": 1},
+    "defenses": ["none", {"name": "dcp", "params": {"beta": 0.5}}],
+    "attacks": [{"name": "knockoff", "transfer": "holdout", "labels_only": [False, True],
+                 "budgets": [50], "surrogate": {"epochs": 1}}],
+}
+
+
+def _differences(a, b, path="") -> list[str]:
+    """Where two results documents differ, timings aside."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) if k not in TIMING_FIELDS
+                for d in (_differences(a[k], b[k], f"{path}.{k}") if k in a and k in b
+                          else [f"{path}.{k}: only in one"])]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def test_serial_and_ray_give_the_same_numbers_and_share_their_stages(tmp_path):
+    # First in this file: it starts its own local Ray instance before the two-node cluster's.
+    """The same config and seed under the serial executor (this process) and under Ray (two
+    one-CPU workers): every result field identical but the timings; and a folder the serial
+    executor finished is resumed under Ray with every stage reused."""
+    from divqat.experiment import parse_config
+
+    config = parse_config(SAME_NUMBERS_CONFIG)
+    serial = run_experiment(config, tmp_path / "serial", progress=False, say=lambda _: None)
+    ray_run = run_experiment(config, tmp_path / "ray", progress=False, say=lambda _: None,
+                             executor=RayExecutor())
+    assert _differences(load_results(tmp_path / "serial"), load_results(tmp_path / "ray")) == []
+    assert serial["attacks"] and len(serial["attacks"]) == len(ray_run["attacks"])
+    assert {r["worker"]["executor"] for r in ray_run["stage_times"]} == {"ray"}
+    assert serial["numerics"]["threads"] == 1 and len(serial["numerics"]["distinct"]) == 1
+
+    lines: list[str] = []
+    resumed = run_experiment(config, tmp_path / "serial", progress=False, say=lines.append,
+                             executor=RayExecutor())
+    total = resumed["stages"]["total"]
+    assert resumed["stages"] == {"total": total, "ran": 0, "cached": total, "skipped": 0, "failed": 0}
+    assert not any("recomputing" in line for line in lines)
 
 
 @pytest.fixture(scope="module")
@@ -112,52 +164,3 @@ def test_a_run_under_ray_killed_with_sigterm_resumes(smoke_on_two_nodes, tmp_pat
     assert all((f / DONE).exists() for f in attacks)
     assert len(results["attacks"]) == len(smoke_on_two_nodes["results"]["attacks"])
 
-
-# Fields that measure time, not results: left out when two runs' results are compared.
-TIMING_FIELDS = {"seconds", "phases", "worker", "finished", "train_seconds", "attack_seconds",
-                 "ms_per_query_clean", "ms_per_query_defended", "latency_ratio", "stage_times"}
-SAME_NUMBERS_CONFIG = {
-    "name": "same-numbers", "seeds": [0],
-    # A registered dataset the Ray workers load too (the test-only one lives in this process).
-    "victim": {"dataset": "mnist[0-4]", "arch": "resnet8", "limit": 200, "holdout": 100},
-    "fp32": {"epochs": 1}, "qat": {"epochs": 1}, "divqat": {"alphas": [2.0], "epochs": 1},
-    "defenses": ["none", {"name": "dcp", "params": {"beta": 0.5}}],
-    "attacks": [{"name": "knockoff", "transfer": "holdout", "labels_only": [False, True],
-                 "budgets": [50], "surrogate": {"epochs": 1}}],
-}
-
-
-def _differences(a, b, path="") -> list[str]:
-    """Where two results documents differ, timings aside."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b), key=str) if k not in TIMING_FIELDS
-                for d in (_differences(a[k], b[k], f"{path}.{k}") if k in a and k in b
-                          else [f"{path}.{k}: only in one"])]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} vs {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
-    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
-
-
-def test_serial_and_ray_give_the_same_numbers_and_share_their_stages(tmp_path):
-    """The same config and seed under the serial executor (this process) and under Ray (two
-    one-CPU workers): every result field identical but the timings; and a folder the serial
-    executor finished is resumed under Ray with every stage reused."""
-    from divqat.experiment import parse_config
-
-    config = parse_config(SAME_NUMBERS_CONFIG)
-    serial = run_experiment(config, tmp_path / "serial", progress=False, say=lambda _: None)
-    ray_run = run_experiment(config, tmp_path / "ray", progress=False, say=lambda _: None,
-                             executor=RayExecutor())
-    assert _differences(load_results(tmp_path / "serial"), load_results(tmp_path / "ray")) == []
-    assert serial["attacks"] and len(serial["attacks"]) == len(ray_run["attacks"])
-    assert {r["worker"]["executor"] for r in ray_run["stage_times"]} == {"ray"}
-    assert serial["numerics"]["threads"] == 1 and len(serial["numerics"]["distinct"]) == 1
-
-    lines: list[str] = []
-    resumed = run_experiment(config, tmp_path / "serial", progress=False, say=lines.append,
-                             executor=RayExecutor())
-    total = resumed["stages"]["total"]
-    assert resumed["stages"] == {"total": total, "ran": 0, "cached": total, "skipped": 0, "failed": 0}
-    assert not any("recomputing" in line for line in lines)

@@ -302,8 +302,9 @@ def test_calibrate_then_detect_on_a_victim(tiny_victims, tmp_path, capsys, one_t
     shutil.copytree(tiny_victims["qat"], victim)
     assert main(["detectors"]) == 0
     assert "prada" in capsys.readouterr().out
-    for name, extra in (("prada", ["--param", "min_distances=30", "--param", "check_every=10"]),
-                        ("mmd", ["--param", "window=32", "--param", "check_every=8",
+    for name, extra in (("prada", ["--detector-param", "min_distances=30",
+                                   "--detector-param", "check_every=10"]),
+                        ("mmd", ["--detector-param", "window=32", "--detector-param", "check_every=8",
                                  "--reference-size", "100"])):
         assert main(["calibrate", "--victim", str(victim), "--detector", name, "--streams", "6",
                      "--length", "96", "--target-far", "0.2", "--no-progress", *extra]) == 0

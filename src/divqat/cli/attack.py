@@ -1,0 +1,175 @@
+"""`divqat attack` (steal a victim through the black box, locally or over HTTP) and `divqat attacks`
+(the list)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from divqat.cli._common import (
+    defended_victim,
+    described,
+    out_option,
+    positive_int,
+    print_params_listing,
+    runtime_options,
+    seed_option,
+    set_threads,
+    surrogate_training,
+)
+from divqat.cli.device import cmd_copy
+from divqat.registry import params_text
+
+ATTACK_HELP = """\
+Steal a victim: run a model extraction attack through the black box (the victim behind a
+defense, with a query budget) and measure the surrogate on the victim's test split: adversary
+accuracy and error, agreement with the defended victim's argmax (and with the clean one), queries
+used; plus the defense's defender accuracy and L1/KL over the thief's queries. One fresh surrogate
+per budget; the queries are collected once for the largest budget and reused.
+Writes OUT/metrics.json (the largest budget's figures at the top, every budget under "results").
+
+Transfer sets (--transfer): "holdout" = the training images the victim was trained without
+(`divqat train --holdout N`; unseen, in-distribution), or NAME[:SPLIT] of any dataset (split
+default: train), adapted to the victim's input. dfme and maze are data-free and take none.
+`divqat attacks` lists the attacks and their parameters.
+
+--victim also takes a device program (`divqat export`, run by ExecuTorch). --attack copy is the
+other threat on a device: whoever holds it copies the .pte file, no queries (--budget not needed;
+--attack-param thief_has_key=false for a sealed file whose key the thief lacks; the defender's key
+from DIVQAT_KEY_FILE).
+
+example:
+  divqat attack --victim runs/qat --attack knockoff --defense dcp --param beta=0.5 \\
+      --transfer mnist --budget 5000 --surrogate resnet8 --epochs 30 --out runs/steal-dcp
+  divqat attack --victim runs/qat --attack knockoff --transfer holdout --budget 500 2000 10000 \\
+      --labels-only --out runs/steal-labels
+"""
+
+
+def register(sub) -> None:
+    from divqat.models import model_names
+    from divqat.train.trainer import PRECISIONS
+
+    a = described(sub, "attack", "run an extraction attack against a (defended) victim", ATTACK_HELP,
+                  parents=[runtime_options(), defended_victim(required=False, remote=True),
+                           seed_option("seed of the thief (and of a defense's model) (default: 0)"),
+                           out_option()])
+    a.add_argument("--attack", required=True, metavar="NAME", help="an attack name (see `divqat attacks`), or "
+                   "copy: the on-device thief who copies the program file")
+    a.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attack parameter, repeatable (e.g. --attack-param reward=cert)")
+    a.add_argument("--transfer", metavar="SET", help="the thief's transfer set: holdout or NAME[:SPLIT]")
+    a.add_argument("--budget", type=positive_int, nargs="+", metavar="N",
+                   help="query budget(s); one surrogate per budget (required, except for --attack copy)")
+    a.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
+    a.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
+                   help="surrogate architecture (default: resnet8)")
+    a.add_argument("--epochs", type=positive_int, default=30,
+                   help="surrogate training epochs over the stored queries (default: 30)")
+    a.add_argument("--min-steps", type=int, default=0, metavar="N",
+                   help="at least N optimizer steps per surrogate: small budgets get more epochs "
+                        "(default: 0, --epochs as given)")
+    a.add_argument("--batch-size", type=positive_int, default=128, help="surrogate batch size (default: 128)")
+    a.add_argument("--lr", type=float, default=0.1, help="surrogate peak learning rate, cosine (default: 0.1)")
+    a.add_argument("--temperature", type=float, default=1.0,
+                   help="temperature of the soft cross-entropy (default: 1)")
+    a.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="surrogate training: bf16 autocast where the CPU has it (default: fp32)")
+    _add_remote_attack_options(a)
+    a.set_defaults(func=cmd_attack)
+
+    al = sub.add_parser("attacks", help="list the attacks with their parameters and defaults")
+    al.set_defaults(func=cmd_attacks)
+
+
+def _is_url(victim: str) -> bool:
+    return victim.startswith(("http://", "https://"))
+
+
+def _add_remote_attack_options(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--api-key-file", metavar="FILE",
+                   help="with --victim URL: the thief's API key (a file holding the key `divqat keys "
+                        "create` printed)")
+    a.add_argument("--eval-key-file", metavar="FILE",
+                   help="with --victim URL: a separate key for measuring the victim's answers on its "
+                        "test split (agreement, defender accuracy); without it they are left out")
+
+
+def _refuse_remote_options(args: argparse.Namespace) -> None:
+    from divqat.errors import ConfigError
+
+    if args.api_key_file or args.eval_key_file:
+        raise ConfigError("--api-key-file and --eval-key-file go with --victim http://HOST:PORT")
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from divqat.errors import ConfigError
+    from divqat.pipelines.attack import attack_victim
+    from divqat.registry import parse_params
+
+    if _is_url(args.victim):
+        return cmd_attack_remote(args)
+    _refuse_remote_options(args)
+    set_threads(args.threads)
+    if args.attack == "copy":
+        return cmd_copy(args)
+    if not args.budget:
+        raise ConfigError("--budget N [N ...] is required (one surrogate per budget)")
+    training = surrogate_training(args)
+    m = attack_victim(args.victim, args.attack, parse_params(args.attack_param), budgets=args.budget,
+                      defense=args.defense, defense_params=parse_params(args.param),
+                      transfer=args.transfer, training=training, labels_only=args.labels_only,
+                      data_root=args.data_root, device=args.device, progress=not args.no_progress,
+                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    params = params_text(m["defense_params"], ", ")
+    kind = "label-only" if m["labels_only"] else "soft-label"
+    for r in m["results"]:
+        print(f"{m['attack']} ({kind}, {m['transfer_set'] or 'data-free'}) vs {m['victim_mode']} victim "
+              f"+ {m['defense']}({params}): budget {r['budget']}: adversary accuracy "
+              f"{r['adversary_accuracy']:.2%} (error {r['adversary_error']:.2%}), agreement "
+              f"{r['agreement']:.2%}, {r['queries_used']} queries, {r['seconds']:.0f} s")
+    print(f"defender accuracy {m['defender_accuracy']:.2%} (undefended {m['victim_accuracy']:.2%}), "
+          f"L1 {m['l1_distance']:.4f} -> {os.path.join(args.out, 'metrics.json')}")
+    return 0
+
+
+def cmd_attacks(args: argparse.Namespace) -> int:
+    from divqat.attacks import describe_attacks
+
+    print_params_listing([(name, summary, defaults, []) for name, summary, defaults
+                          in describe_attacks()])
+    return 0
+
+
+def cmd_attack_remote(args: argparse.Namespace) -> int:
+    from divqat.errors import ConfigError
+    from divqat.pipelines.attack import attack_remote
+    from divqat.registry import parse_params
+    from divqat.remote import read_key_file
+
+    if not args.api_key_file:
+        raise ConfigError("--victim URL needs --api-key-file FILE (the thief's key, `divqat keys create`)")
+    if args.defense != "none" or args.param:
+        raise ConfigError("over HTTP the defense is the service's (`divqat serve --defense`); "
+                          "drop --defense and --param")
+    set_threads(args.threads)
+    training = surrogate_training(args)
+    m = attack_remote(args.victim, args.attack, parse_params(args.attack_param),
+                      api_key=read_key_file(args.api_key_file),
+                      eval_key=read_key_file(args.eval_key_file) if args.eval_key_file else None,
+                      budgets=args.budget, transfer=args.transfer, training=training,
+                      labels_only=args.labels_only, data_root=args.data_root, device=args.device,
+                      progress=not args.no_progress, log=lambda message: print(message, file=sys.stderr),
+                      out=args.out)
+    kind = "label-only" if m["labels_only"] else f"{m['remote']['output']} answers"
+    for r in m["results"]:
+        agreement = "" if r["agreement"] is None else f", agreement {r['agreement']:.2%}"
+        print(f"{m['attack']} ({kind}, {m['transfer_set'] or 'data-free'}) vs {m['victim']}: budget "
+              f"{r['budget']}: adversary accuracy {r['adversary_accuracy']:.2%} (error "
+              f"{r['adversary_error']:.2%}){agreement}, {r['queries_used']} queries, {r['seconds']:.0f} s")
+    if m["defender_accuracy"] is not None:
+        print(f"defender accuracy {m['defender_accuracy']:.2%} (with the evaluation key)")
+    print(f"thief's key: {m['queries_used']} images counted by the service, {m['remote']['key_left']} left; "
+          f"left out: {', '.join(m['left_out'])} -> {os.path.join(args.out, 'metrics.json')}")
+    return 0

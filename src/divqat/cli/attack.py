@@ -7,17 +7,7 @@ import argparse
 import os
 import sys
 
-from divqat.cli._common import (
-    defended_victim,
-    described,
-    out_option,
-    positive_int,
-    print_params_listing,
-    runtime_options,
-    seed_option,
-    set_threads,
-    surrogate_training,
-)
+from divqat.cli import _common as common
 from divqat.cli.device import cmd_copy
 from divqat.registry import params_text
 
@@ -51,26 +41,26 @@ def register(sub) -> None:
     from divqat.models import model_names
     from divqat.train.trainer import PRECISIONS
 
-    a = described(sub, "attack", "run an extraction attack against a (defended) victim", ATTACK_HELP,
-                  parents=[runtime_options(), defended_victim(required=False, remote=True),
-                           seed_option("seed of the thief (and of a defense's model) (default: 0)"),
-                           out_option()])
+    a = common.described(sub, "attack", "run an extraction attack against a (defended) victim", ATTACK_HELP,
+                  parents=[common.runtime_options(), common.defended_victim(required=False, remote=True),
+                           common.seed_option("seed of the thief (and of a defense's model) (default: 0)"),
+                           common.out_option()])
     a.add_argument("--attack", required=True, metavar="NAME", help="an attack name (see `divqat attacks`), or "
                    "copy: the on-device thief who copies the program file")
     a.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack parameter, repeatable (e.g. --attack-param reward=cert)")
     a.add_argument("--transfer", metavar="SET", help="the thief's transfer set: holdout or NAME[:SPLIT]")
-    a.add_argument("--budget", type=positive_int, nargs="+", metavar="N",
+    a.add_argument("--budget", type=common.positive_int, nargs="+", metavar="N",
                    help="query budget(s); one surrogate per budget (required, except for --attack copy)")
     a.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
     a.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
                    help="surrogate architecture (default: resnet8)")
-    a.add_argument("--epochs", type=positive_int, default=30,
+    a.add_argument("--epochs", type=common.positive_int, default=30,
                    help="surrogate training epochs over the stored queries (default: 30)")
     a.add_argument("--min-steps", type=int, default=0, metavar="N",
                    help="at least N optimizer steps per surrogate: small budgets get more epochs "
                         "(default: 0, --epochs as given)")
-    a.add_argument("--batch-size", type=positive_int, default=128, help="surrogate batch size (default: 128)")
+    a.add_argument("--batch-size", type=common.positive_int, default=128, help="surrogate batch size (default: 128)")
     a.add_argument("--lr", type=float, default=0.1, help="surrogate peak learning rate, cosine (default: 0.1)")
     a.add_argument("--temperature", type=float, default=1.0,
                    help="temperature of the soft cross-entropy (default: 1)")
@@ -111,12 +101,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if _is_url(args.victim):
         return cmd_attack_remote(args)
     _refuse_remote_options(args)
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     if args.attack == "copy":
         return cmd_copy(args)
     if not args.budget:
         raise ConfigError("--budget N [N ...] is required (one surrogate per budget)")
-    training = surrogate_training(args)
+    training = common.surrogate_training(args)
     m = attack_victim(args.victim, args.attack, parse_params(args.attack_param), budgets=args.budget,
                       defense=args.defense, defense_params=parse_params(args.param),
                       transfer=args.transfer, training=training, labels_only=args.labels_only,
@@ -137,7 +127,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_attacks(args: argparse.Namespace) -> int:
     from divqat.attacks import describe_attacks
 
-    print_params_listing([(name, summary, defaults, []) for name, summary, defaults
+    common.print_params_listing([(name, summary, defaults, []) for name, summary, defaults
                           in describe_attacks()])
     return 0
 
@@ -153,8 +143,8 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
     if args.defense != "none" or args.param:
         raise ConfigError("over HTTP the defense is the service's (`divqat serve --defense`); "
                           "drop --defense and --param")
-    set_threads(args.threads)
-    training = surrogate_training(args)
+    common.set_threads(args.threads)
+    training = common.surrogate_training(args)
     m = attack_remote(args.victim, args.attack, parse_params(args.attack_param),
                       api_key=read_key_file(args.api_key_file),
                       eval_key=read_key_file(args.eval_key_file) if args.eval_key_file else None,

@@ -6,17 +6,7 @@ import argparse
 import os
 import sys
 
-from divqat.cli._common import (
-    add_misinformation_epochs,
-    defended_victim,
-    described,
-    out_option,
-    positive_int,
-    print_params_listing,
-    runtime_options,
-    seed_option,
-    set_threads,
-)
+from divqat.cli import _common as common
 from divqat.registry import params_text
 
 DEFEND_HELP = """\
@@ -37,17 +27,17 @@ example:
 
 
 def register(sub) -> None:
-    d = described(sub, "defend", "evaluate a defense on a victim", DEFEND_HELP,
-                  parents=[runtime_options(), defended_victim(required=True),
-                           seed_option("seed of the model a defense builds (MAD's surrogate, "
+    d = common.described(sub, "defend", "evaluate a defense on a victim", DEFEND_HELP,
+                  parents=[common.runtime_options(), common.defended_victim(required=True),
+                           common.seed_option("seed of the model a defense builds (MAD's surrogate, "
                                        "the misinformation model) (default: 0)"),
-                           out_option()])
+                           common.out_option()])
     d.add_argument("--queries", metavar="NAME[:SPLIT]",
                    help="query set: any dataset, adapted to the victim's input (default: the victim's "
                         "own test split)")
-    d.add_argument("--limit", type=positive_int, default=None, metavar="N", help="use the first N query images only")
-    d.add_argument("--batch-size", type=positive_int, default=256, help="images per query (default: 256)")
-    add_misinformation_epochs(d)
+    d.add_argument("--limit", type=common.positive_int, default=None, metavar="N", help="use the first N query images only")
+    d.add_argument("--batch-size", type=common.positive_int, default=256, help="images per query (default: 256)")
+    common.add_misinformation_epochs(d)
     d.add_argument("--retrain-misinformation", action="store_true",
                    help="adaptive-misinformation: retrain its model even if one is saved")
     d.set_defaults(func=cmd_defend)
@@ -60,7 +50,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     from divqat.pipelines.defend import defend_victim
     from divqat.registry import parse_params
 
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     m = defend_victim(args.victim, args.defense, parse_params(args.param), queries=args.queries,
                       limit=args.limit, batch_size=args.batch_size, seed=args.seed,
                       misinformation_epochs=args.misinformation_epochs,
@@ -81,6 +71,6 @@ def cmd_defend(args: argparse.Namespace) -> int:
 def cmd_defenses(args: argparse.Namespace) -> int:
     from divqat.pipelines.defense_models import list_defenses
 
-    print_params_listing([(r["name"], r["summary"], r["params"],
+    common.print_params_listing([(r["name"], r["summary"], r["params"],
                            [("model", r["model"])] if r["model"] else []) for r in list_defenses()])
     return 0

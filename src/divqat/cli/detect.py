@@ -7,19 +7,7 @@ import argparse
 import os
 import sys
 
-from divqat.cli._common import (
-    VICTIM_HELP,
-    add_detector_param,
-    defended_victim,
-    described,
-    out_option,
-    positive_int,
-    print_params_listing,
-    runtime_options,
-    seed_option,
-    set_threads,
-    surrogate_training,
-)
+from divqat.cli import _common as common
 
 CALIBRATE_HELP = """\
 Calibrate an extraction detector on a victim for a target false-alarm rate, and keep the
@@ -58,42 +46,42 @@ def register(sub) -> None:
     dl = sub.add_parser("detectors", help="list the extraction detectors with their parameters and defaults")
     dl.set_defaults(func=cmd_detectors)
 
-    c = described(sub, "calibrate", "calibrate an extraction detector's threshold on a victim", CALIBRATE_HELP,
-                  parents=[runtime_options("unused: calibration runs on the CPU (default: cpu)"),
-                           seed_option()])
-    c.add_argument("--victim", required=True, metavar="DIR", help=VICTIM_HELP)
+    c = common.described(sub, "calibrate", "calibrate an extraction detector's threshold on a victim", CALIBRATE_HELP,
+                  parents=[common.runtime_options("unused: calibration runs on the CPU (default: cpu)"),
+                           common.seed_option()])
+    c.add_argument("--victim", required=True, metavar="DIR", help=common.VICTIM_HELP)
     c.add_argument("--detector", required=True, metavar="NAME", help="a detector (see `divqat detectors`)")
-    add_detector_param(c, "a detector parameter, repeatable (e.g. --detector-param window=256; "
+    common.add_detector_param(c, "a detector parameter, repeatable (e.g. --detector-param window=256; "
                           "default: the detector's)")
     c.add_argument("--target-far", type=float, default=0.05, metavar="RATE",
                    help="share of benign streams allowed to raise the alarm (default: 0.05)")
-    c.add_argument("--streams", type=positive_int, default=40, help="benign streams (default: 40)")
-    c.add_argument("--length", type=positive_int, default=5000, metavar="N",
+    c.add_argument("--streams", type=common.positive_int, default=40, help="benign streams (default: 40)")
+    c.add_argument("--length", type=common.positive_int, default=5000, metavar="N",
                    help="queries per benign stream: the stream length the rate holds for (default: 5000)")
-    c.add_argument("--reference-size", type=positive_int, default=1000, metavar="N",
+    c.add_argument("--reference-size", type=common.positive_int, default=1000, metavar="N",
                    help="mmd: benign reference images (default: 1000)")
     c.set_defaults(func=cmd_calibrate)
 
-    d = described(sub, "detect", "measure extraction detectors against an attack", DETECT_HELP,
-                  parents=[runtime_options(), defended_victim(required=False),
-                           seed_option("seed of the thief and of the benign streams (default: 0)"),
-                           out_option()])
+    d = common.described(sub, "detect", "measure extraction detectors against an attack", DETECT_HELP,
+                  parents=[common.runtime_options(), common.defended_victim(required=False),
+                           common.seed_option("seed of the thief and of the benign streams (default: 0)"),
+                           common.out_option()])
     d.add_argument("--detector", required=True, action="append", metavar="NAME",
                    help="a detector (see `divqat detectors`); repeat it to watch the same stream with several")
-    add_detector_param(d, "a parameter of the (single) detector, repeatable (default: its calibration's)")
+    common.add_detector_param(d, "a parameter of the (single) detector, repeatable (default: its calibration's)")
     d.add_argument("--attack", required=True, metavar="NAME", help="an attack (see `divqat attacks`)")
     d.add_argument("--attack-param", action="append", default=[], metavar="KEY=VALUE",
                    help="an attack parameter, repeatable (e.g. --attack-param mix=0.5 for knockoff)")
     d.add_argument("--transfer", metavar="SET", help="the thief's transfer set: holdout or NAME[:SPLIT]")
     d.add_argument("--benign", default="holdout", metavar="SET",
                    help="the evasive knockoff thief's benign-looking images (default: holdout)")
-    d.add_argument("--budget", type=positive_int, required=True, metavar="N", help="the thief's query budget")
+    d.add_argument("--budget", type=common.positive_int, required=True, metavar="N", help="the thief's query budget")
     d.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
     d.add_argument("--benign-streams", type=int, default=20, metavar="N",
                    help="honest clients for the false-alarm rate (default: 20; 0 skips it)")
     d.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
                    help="the thief's surrogate architecture (default: resnet8)")
-    d.add_argument("--epochs", type=positive_int, default=5,
+    d.add_argument("--epochs", type=common.positive_int, default=5,
                    help="surrogate epochs (jbda's substitutes, the adaptive thief) (default: 5)")
     d.add_argument("--min-steps", type=int, default=150, metavar="N",
                    help="at least N optimizer steps per surrogate (default: 150, as the default experiment)")
@@ -108,7 +96,7 @@ def cmd_detectors(args: argparse.Namespace) -> int:
         alarm = r["alarm"] + ("; needs `divqat calibrate` first" if r["needs_calibration"] else "")
         rows.append((r["name"], r["summary"], r["params"],
                      [("alarm", alarm)] + ([("model", r["model"])] if r["model"] else [])))
-    print_params_listing(rows)
+    common.print_params_listing(rows)
     return 0
 
 
@@ -116,7 +104,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from divqat.pipelines.detect import calibrate_detector, calibration_path
     from divqat.registry import parse_params
 
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     r = calibrate_detector(args.victim, args.detector, parse_params(args.detector_param),
                            target_far=args.target_far, streams=args.streams, length=args.length,
                            reference_size=args.reference_size, seed=args.seed,
@@ -136,12 +124,12 @@ def cmd_detect(args: argparse.Namespace) -> int:
     from divqat.pipelines.detect import detect_attack
     from divqat.registry import parse_params
 
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     names = list(dict.fromkeys(args.detector))
     if args.detector_param and len(names) > 1:
         raise ConfigError("--detector-param goes with a single --detector")
     params = parse_params(args.detector_param)
-    training = surrogate_training(args)
+    training = common.surrogate_training(args)
     m = detect_attack(args.victim, {n: params for n in names}, args.attack,
                       parse_params(args.attack_param), budget=args.budget, transfer=args.transfer,
                       benign=args.benign, defense=args.defense, defense_params=parse_params(args.param),

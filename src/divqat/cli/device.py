@@ -7,15 +7,7 @@ import argparse
 import os
 import sys
 
-from divqat.cli._common import (
-    VICTIM_HELP,
-    add_defense_param,
-    described,
-    out_option,
-    positive_int,
-    set_threads,
-    threads_option,
-)
+from divqat.cli import _common as common
 
 EXPORT_HELP = """\
 Write a victim as an ExecuTorch program (.pte) that a device runtime runs with no Python, torch or
@@ -39,13 +31,13 @@ example:
 
 
 def register(sub) -> None:
-    e = described(sub, "export", "write a victim as an ExecuTorch device program (.pte)", EXPORT_HELP,
-                  parents=[threads_option(), out_option("the program file to write", metavar="FILE.pte")])
-    e.add_argument("--victim", required=True, metavar="DIR", help=VICTIM_HELP)
+    e = common.described(sub, "export", "write a victim as an ExecuTorch device program (.pte)", EXPORT_HELP,
+                  parents=[common.threads_option(), common.out_option("the program file to write", metavar="FILE.pte")])
+    e.add_argument("--victim", required=True, metavar="DIR", help=common.VICTIM_HELP)
     e.add_argument("--defense", metavar="NAME", help="a fusable defense to run inside the program")
-    add_defense_param(e)
+    common.add_defense_param(e)
     e.add_argument("--encrypt-key-file", metavar="KEY", help="seal the file with this key (created if missing)")
-    e.add_argument("--max-batch", type=positive_int, default=256,
+    e.add_argument("--max-batch", type=common.positive_int, default=256,
                    help="the largest batch one call takes (default: 256)")
     e.set_defaults(func=cmd_export)
 
@@ -54,7 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from divqat.pipelines.export import export_victim
     from divqat.registry import parse_params
 
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     m = export_victim(args.victim, args.out, defense=args.defense, defense_params=parse_params(args.param),
                       encrypt_key_file=args.encrypt_key_file, max_batch=args.max_batch,
                       log=lambda message: print(message, file=sys.stderr))

@@ -6,16 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from divqat.cli._common import (
-    add_detector_param,
-    add_misinformation_epochs,
-    defended_victim,
-    described,
-    positive_int,
-    runtime_options,
-    seed_option,
-    set_threads,
-)
+from divqat.cli import _common as common
 
 SERVE_HELP = """\
 Serve a victim behind its defense as an HTTP prediction API (FastAPI + uvicorn): POST
@@ -48,28 +39,28 @@ on stdout, and stored only as a hash: `divqat keys create NAME ... > NAME.key`.
 
 
 def register(sub) -> None:
-    s = described(sub, "serve", "serve a (defended) victim as an HTTP prediction API", SERVE_HELP,
-                  parents=[runtime_options(progress=False), defended_victim(required=False),
-                           seed_option("seed of a defense's model (default: 0)")])
+    s = common.described(sub, "serve", "serve a (defended) victim as an HTTP prediction API", SERVE_HELP,
+                  parents=[common.runtime_options(progress=False), common.defended_victim(required=False),
+                           common.seed_option("seed of a defense's model (default: 0)")])
     _add_db(s, "the key database (keys, usage, audit)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; another only when named here)")
     s.add_argument("--port", type=int, default=8000, help="TCP port; 0 takes a free one (default: 8000)")
-    s.add_argument("--max-images", type=positive_int, default=1024, metavar="N",
+    s.add_argument("--max-images", type=common.positive_int, default=1024, metavar="N",
                    help="images per request (default: 1024)")
-    s.add_argument("--max-body-mb", type=positive_int, default=64, metavar="MB",
+    s.add_argument("--max-body-mb", type=common.positive_int, default=64, metavar="MB",
                    help="request body size (default: 64)")
-    s.add_argument("--max-batch", type=positive_int, default=256, metavar="N",
+    s.add_argument("--max-batch", type=common.positive_int, default=256, metavar="N",
                    help="most images per batched victim call (default: 256)")
     s.add_argument("--max-delay-ms", type=float, default=2.0, metavar="MS",
                    help="how long a request may wait for others to share its victim call (default: 2)")
     s.add_argument("--fsync", action="store_true",
                    help="sync every count to disk (survives a power cut, not only a crash; slower)")
-    add_misinformation_epochs(s)
+    common.add_misinformation_epochs(s)
     s.add_argument("--detector", metavar="NAME",
                    help="an extraction detector watching each key's queries (see `divqat detectors`; "
                         "calibrated with `divqat calibrate`); its alarms and scores go to the audit")
-    add_detector_param(s, "a detector parameter, repeatable (default: its calibration's)")
+    common.add_detector_param(s, "a detector parameter, repeatable (default: its calibration's)")
     s.add_argument("--on-alarm", default="flag", choices=("flag", "block", "labels-only"),
                    help="what happens to a key the detector flags: flag (record only), block (403 "
                         "from its next request on), labels-only (answer labels only) (default: flag)")
@@ -78,14 +69,14 @@ def register(sub) -> None:
                         "first alarm and on shutdown; 0: after every request) (default: 1)")
     s.set_defaults(func=cmd_serve)
 
-    k = described(sub, "keys", "create, list, revoke the API keys of `divqat serve`", KEYS_HELP)
+    k = common.described(sub, "keys", "create, list, revoke the API keys of `divqat serve`", KEYS_HELP)
     ks = k.add_subparsers(dest="action", required=True, metavar="ACTION")
     kc = ks.add_parser("create", help="a new key; prints its secret once")
     kc.add_argument("name", metavar="NAME")
     kc.add_argument("--budget", type=int, required=True, metavar="N", help="images the key may send, in all")
-    kc.add_argument("--rate", type=positive_int, default=None, metavar="R",
+    kc.add_argument("--rate", type=common.positive_int, default=None, metavar="R",
                     help="images per --window seconds (default: no rate limit)")
-    kc.add_argument("--window", type=positive_int, default=60, metavar="S",
+    kc.add_argument("--window", type=common.positive_int, default=60, metavar="S",
                     help="the rate limit's window in seconds (default: 60)")
     kc.add_argument("--output", default="soft", metavar="soft|labels|top-K",
                     help="what the key receives: defended posteriors, labels only, or the top K "
@@ -119,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from divqat.serve.app import ServiceLimits
     from divqat.serve.server import run_service
 
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     limits = ServiceLimits(max_images=args.max_images, max_body_bytes=args.max_body_mb * 2**20,
                            max_batch=args.max_batch, max_delay=args.max_delay_ms / 1e3)
     run_service(args.victim, args.db, args.defense, parse_params(args.param), host=args.host,

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from divqat.cli._common import (
-    described,
-    out_option,
-    positive_int,
-    runtime_options,
-    seed_option,
-    set_threads,
-)
+from divqat.cli import _common as common
 
 TRAIN_HELP = """\
 Train a victim on a registered dataset and save it as a loadable artifact.
@@ -49,9 +42,9 @@ def register(sub) -> None:
     from divqat.train.losses import DIVERGENCES, PLACEMENTS, RECOMMENDED
     from divqat.train.trainer import PRECISIONS
 
-    t = described(sub, "train", "train an fp32, QAT or DivQAT victim", TRAIN_HELP,
-                  parents=[runtime_options("torch device for training (default: cpu)"), seed_option(),
-                           out_option("where to write the victim")])
+    t = common.described(sub, "train", "train an fp32, QAT or DivQAT victim", TRAIN_HELP,
+                  parents=[common.runtime_options("torch device for training (default: cpu)"), common.seed_option(),
+                           common.out_option("where to write the victim")])
     t.add_argument("--dataset", required=True, metavar="NAME",
                    help=f"dataset to train on: {', '.join(dataset_names())}; NAME[a-b] or NAME[a,b,c] "
                         "keeps those classes only, relabelled 0..k-1 (e.g. fashion-mnist[0-4])")
@@ -82,10 +75,10 @@ def register(sub) -> None:
     t.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="with --divergence-on out: add W * KL(teacher || quantized) on the training "
                         "images, keeping their answers faithful (default: 0)")
-    t.add_argument("--epochs", type=positive_int, required=True, help="training epochs")
-    t.add_argument("--batch-size", type=positive_int, default=128, help="(default: 128)")
+    t.add_argument("--epochs", type=common.positive_int, required=True, help="training epochs")
+    t.add_argument("--batch-size", type=common.positive_int, default=128, help="(default: 128)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 fp32, 0.01 qat/divqat)")
-    t.add_argument("--limit", type=positive_int, default=None, metavar="N", help="train on the first N training images only")
+    t.add_argument("--limit", type=common.positive_int, default=None, metavar="N", help="train on the first N training images only")
     t.add_argument("--holdout", type=int, default=0, metavar="N",
                    help="keep the last N training images out of training (an unseen in-distribution "
                         "transfer set for attacks) (default: 0)")
@@ -102,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from divqat.pipelines.train import TrainRequest, train_victim
     from divqat.train.losses import DivQATSettings, divqat_settings
 
-    set_threads(args.threads)
+    common.set_threads(args.threads)
     if args.mode == "divqat":  # unset options take the recommended setting
         settings = divqat_settings(args.alpha, args.divergence, args.cap, args.ramp, args.temperature,
                                    divergence_on=args.divergence_on, outliers=args.outliers,

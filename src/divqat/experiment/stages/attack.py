@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from divqat.attacks import create_attack
 from divqat.defenses import DEFENSES, NO_DEFENSE
-from divqat.experiment.cache import stage_key
-from divqat.experiment.labels import attack_label, defense_label, thief_label, victim_name
+from divqat.experiment.labels import attack_label, defense_label, thief_label
 from divqat.experiment.results import (
     AttackRow,
     alarm_columns,
@@ -24,16 +23,12 @@ from divqat.experiment.results import (
     victim_info,
 )
 from divqat.experiment.sizes import ARCH_COST, Sizes
-from divqat.experiment.stages.base import (
-    PlanScope,
-    RowsContext,
-    Stage,
-    StageKind,
-    StageTask,
-    register_kind,
-)
+from divqat.experiment.stages.base import StageKind, register_kind
 from divqat.experiment.stages.defense import defense_setting
 from divqat.registry import params_text
+
+if TYPE_CHECKING:
+    from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
 
 
 def may_share(attack: Any, defense: str, watched: bool) -> bool:
@@ -54,7 +49,6 @@ class Attack(StageKind):
 
     def plan(self, scope: PlanScope) -> list[Stage]:
         victim, seed = scope.victim, scope.seed
-        who = victim_name(victim.spec, scope.with_cap)
         calibrations = scope.of("calibrate")
         stages: list[Stage] = []
         # The attacks behind no defense first: a label-only thief behind a defense that may
@@ -79,9 +73,8 @@ class Attack(StageKind):
                             spec["labels_as_behind"] = NO_DEFENSE
                             inputs += (twin,)
                         label = (f"attack {attack_label(a.name, a.params, transfer, labels_only)} "
-                                 f"| {who} | {dlabel} | seed {seed}")
-                        stage = Stage(self.name, stage_key(self.name, spec, inputs), label, spec,
-                                      inputs, seed)
+                                 f"| {scope.who} | {dlabel} | seed {seed}")
+                        stage = self.stage(spec, label, inputs, seed)
                         stages.append(stage)
                         if labels_only and dname == NO_DEFENSE:
                             twins[(i, transfer)] = stage.key

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from divqat.experiment.cache import stage_key
+from divqat.experiment.labels import victim_name
 from divqat.experiment.numerics import Numerics
 from divqat.registry import Registry
 
@@ -80,6 +82,11 @@ class PlanScope:
         self._seed: dict[str, list[Stage]] = {}
         self._victim: dict[tuple[str, str], list[Stage]] = {}
 
+    @property
+    def who(self) -> str:
+        """The label of the victim being planned ("qat", "divqat a=2")."""
+        return victim_name(self.victim.spec, self.with_cap)
+
     def add(self, kind: StageKind, stages: list[Stage]) -> None:
         if kind.per_victim:
             assert self.victim is not None
@@ -141,6 +148,11 @@ class StageKind:
     def plan(self, scope: PlanScope) -> list[Stage]:
         """This kind's stages for ``scope`` (a seed, or a victim of it), in run order."""
         raise NotImplementedError
+
+    def stage(self, spec: dict[str, Any], label: str, inputs: tuple[str, ...], seed: int,
+              groups: tuple[tuple[str, ...], ...] = ()) -> Stage:
+        """A stage of this kind, keyed by its spec and its inputs' keys (``stage_key``)."""
+        return Stage(self.name, stage_key(self.name, spec, inputs), label, spec, inputs, seed, groups)
 
     def usable_inputs(self, stage: Stage, ok: Callable[[str], bool]) -> list[str] | None:
         """The inputs a stage reads now (``ok(key)``: that input finished and did not collapse),

@@ -6,20 +6,14 @@ watched by the calibrated detectors."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from divqat.experiment.cache import stage_key
-from divqat.experiment.labels import victim_name
 from divqat.experiment.results import CalibrationRow, victim_columns, victim_info
 from divqat.experiment.sizes import Sizes
-from divqat.experiment.stages.base import (
-    PlanScope,
-    RowsContext,
-    Stage,
-    StageKind,
-    StageTask,
-    register_kind,
-)
+from divqat.experiment.stages.base import StageKind, register_kind
+
+if TYPE_CHECKING:
+    from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
 
 
 @register_kind
@@ -30,16 +24,13 @@ class Calibrate(StageKind):
     table = "calibrations"
 
     def plan(self, scope: PlanScope) -> list[Stage]:
-        victim = scope.victim
-        who = victim_name(victim.spec, scope.with_cap)
         stages = []
         for det in scope.config.detectors:
             spec = {"name": det.name, "params": det.params, "target_far": det.target_far,
                     "streams": det.streams, "benign_streams": det.benign_streams,
                     "length": scope.config.stream_length(), "seed": scope.seed}
-            stages.append(Stage(self.name, stage_key(self.name, spec, [victim.key]),
-                                f"calibrate {det.name} | {who} | seed {scope.seed}", spec,
-                                (victim.key,), scope.seed))
+            stages.append(self.stage(spec, f"calibrate {det.name} | {scope.who} | seed {scope.seed}",
+                                     (scope.victim.key,), scope.seed))
         return stages
 
     def provide(self, source: Stage, folder: str, folders: dict[str, str],

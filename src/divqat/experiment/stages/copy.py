@@ -4,19 +4,13 @@ program file and runs it, with no query at all."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from divqat.experiment.cache import stage_key
-from divqat.experiment.labels import victim_name
 from divqat.experiment.results import CopyRow, victim_columns, victim_info
-from divqat.experiment.stages.base import (
-    PlanScope,
-    RowsContext,
-    Stage,
-    StageKind,
-    StageTask,
-    register_kind,
-)
+from divqat.experiment.stages.base import StageKind, register_kind
+
+if TYPE_CHECKING:
+    from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
 
 
 @register_kind
@@ -29,11 +23,9 @@ class Copy(StageKind):
     def plan(self, scope: PlanScope) -> list[Stage]:
         if scope.config.victim.target != "edge":  # only a device program can be copied
             return []
-        victim = scope.victim
-        spec = {"name": "copy", "seed": scope.seed}
-        return [Stage(self.name, stage_key(self.name, spec, [victim.key]),
-                      f"copy the device program | {victim_name(victim.spec, scope.with_cap)} | "
-                      f"seed {scope.seed}", spec, (victim.key,), scope.seed)]
+        return [self.stage({"name": "copy", "seed": scope.seed},
+                           f"copy the device program | {scope.who} | seed {scope.seed}",
+                           (scope.victim.key,), scope.seed)]
 
     def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
         return work.copy(folder, task.folders["victim"])

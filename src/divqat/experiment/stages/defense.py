@@ -5,22 +5,17 @@ every attack on that victim and defense in the same worker."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from divqat.defenses import DEFENSES
-from divqat.experiment.cache import stage_key
-from divqat.experiment.labels import defense_label, victim_name
+from divqat.experiment.labels import defense_label
 from divqat.experiment.results import DefenseRow, defense_columns, victim_columns, victim_info
 from divqat.experiment.sizes import Sizes
-from divqat.experiment.stages.base import (
-    PlanScope,
-    RowsContext,
-    Stage,
-    StageKind,
-    StageTask,
-    register_kind,
-)
+from divqat.experiment.stages.base import StageKind, register_kind
 from divqat.pipelines.stages import DefenseSetting
+
+if TYPE_CHECKING:
+    from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
 
 
 def defense_setting(spec: dict[str, Any], seed: int) -> DefenseSetting:
@@ -48,11 +43,8 @@ class Defense(StageKind):
     table = "defenses"
 
     def plan(self, scope: PlanScope) -> list[Stage]:
-        victim = scope.victim
-        who = victim_name(victim.spec, scope.with_cap)
-        return [Stage(self.name, stage_key(self.name, spec, [victim.key]),
-                      f"defense {defense_label(spec['name'], spec['params'])} | {who} | seed {scope.seed}",
-                      spec, (victim.key,), scope.seed)
+        return [self.stage(spec, f"defense {defense_label(spec['name'], spec['params'])} | {scope.who} "
+                                 f"| seed {scope.seed}", (scope.victim.key,), scope.seed)
                 for spec in defense_specs(scope)]
 
     def provide(self, source: Stage, folder: str, folders: dict[str, str],

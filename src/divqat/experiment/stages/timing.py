@@ -6,20 +6,15 @@ the rounds): the only timings that compare across victims and defenses."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from divqat.experiment.cache import stage_key
 from divqat.experiment.labels import defense_label, victim_name
 from divqat.experiment.results import LATENCY, TimingRow
-from divqat.experiment.stages.base import (
-    PlanScope,
-    RowsContext,
-    Stage,
-    StageKind,
-    StageTask,
-    register_kind,
-)
+from divqat.experiment.stages.base import StageKind, register_kind
 from divqat.experiment.stages.defense import defense_setting, defense_specs
+
+if TYPE_CHECKING:
+    from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
 
 TIMING = {"batch_size": 256, "batches": 4, "rounds": 10}
 
@@ -46,8 +41,7 @@ class Timing(StageKind):
                 "defenses": defenses, **TIMING, "seed": scope.seed}
         inputs = tuple(k for group in groups for k in group)
         label = f"timing {len(victims)} victims x {len(defenses)} defenses side by side | seed {scope.seed}"
-        return [Stage(self.name, stage_key(self.name, spec, inputs), label, spec, inputs, scope.seed,
-                      groups)]
+        return [self.stage(spec, label, inputs, scope.seed, groups)]
 
     def usable_inputs(self, stage: Stage, ok) -> list[str] | None:
         """The victims whose victim and defense stages all finished; the others are left out

@@ -5,20 +5,15 @@ from the teacher; with ``victim.target: edge`` each also writes ``victim.pte``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from divqat.experiment.cache import stage_key
 from divqat.experiment.labels import victim_name
 from divqat.experiment.results import VictimRow, victim_info
 from divqat.experiment.sizes import ARCH_COST, Sizes
-from divqat.experiment.stages.base import (
-    PlanScope,
-    RowsContext,
-    Stage,
-    StageKind,
-    StageTask,
-    register_kind,
-)
+from divqat.experiment.stages.base import StageKind, register_kind
+
+if TYPE_CHECKING:
+    from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
 
 
 def _data(scope: PlanScope) -> dict[str, Any]:
@@ -78,8 +73,7 @@ class Teacher(_Training):
                 "seed": seed}
         if config.fp32.precision != "fp32":  # absent when fp32: the keys of older configs hold
             spec["precision"] = config.fp32.precision
-        return [Stage(self.name, stage_key(self.name, spec), f"fp32 teacher | seed {seed}", spec, (),
-                      seed)]
+        return [self.stage(spec, f"fp32 teacher | seed {seed}", (), seed)]
 
     def provide(self, source: Stage, folder: str, folders: dict[str, str],
                 context: dict[str, Any]) -> None:
@@ -116,9 +110,8 @@ class Victim(_Training):
                 spec["divqat"] = settings.as_dict()
                 if train.name != "divqat":  # a variant's label; the section's keys stay as they were
                     spec["name"] = train.name
-            victims.append(Stage(self.name, stage_key(self.name, spec, [teacher.key]),
-                                 f"victim {victim_name(spec, scope.with_cap)} | seed {seed}", spec,
-                                 (teacher.key,), seed))
+            victims.append(self.stage(spec, f"victim {victim_name(spec, scope.with_cap)} | seed {seed}",
+                                      (teacher.key,), seed))
         return victims
 
     def provide(self, source: Stage, folder: str, folders: dict[str, str],

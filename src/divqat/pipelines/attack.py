@@ -50,9 +50,9 @@ from divqat.detectors import Monitor
 from divqat.errors import ConfigError
 from divqat.io import atomic_write, write_json
 from divqat.pipelines.defend import evaluate_served, parse_query_set
-from divqat.pipelines.defense_models import build_defense, victim_metadata
+from divqat.pipelines.defense_models import build_defense
 from divqat.stopwatch import phase, timed
-from divqat.victim import load_victim
+from divqat.victim import load_victim, victim_metadata
 
 # The thief's unseen in-distribution transfer set: the victim's held-out training images.
 HOLDOUT = "holdout"

@@ -41,13 +41,9 @@ from divqat.data.base import SPLITS
 from divqat.defenses.base import Defense
 from divqat.errors import ConfigError
 from divqat.io import write_json
-from divqat.pipelines.defense_models import (
-    build_defense,
-    misinformation_model_dir,
-    victim_metadata,
-)
+from divqat.pipelines.defense_models import build_defense, misinformation_model_dir
 from divqat.stopwatch import phase, timed
-from divqat.victim import load_victim
+from divqat.victim import load_victim, victim_metadata
 
 # Defended posteriors can hold exact zeros (top-k, rounding, MAD's vertices) where the clean one
 # does not, which makes KL(clean || defended) infinite. Clamping y' at 1e-12 caps each such class's

@@ -48,9 +48,9 @@ from divqat.detectors import (
 from divqat.errors import ArtifactError, ConfigError
 from divqat.io import atomic_write, write_json
 from divqat.pipelines.attack import load_transfer_set
-from divqat.pipelines.defense_models import build_defense, victim_metadata
+from divqat.pipelines.defense_models import build_defense
 from divqat.train.losses import frozen_forward
-from divqat.victim import load_fp32_net, load_victim
+from divqat.victim import load_fp32_net, load_victim, victim_metadata
 
 DETECTORS_DIR = "detectors"
 FEATURES = "features.pt"

@@ -63,8 +63,8 @@ def load_service(victim_dir: str | Path, defense: str = "none", params: dict[str
                  ) -> tuple[DefendedVictim, dict]:
     """The victim in ``victim_dir`` behind ``defense`` (built as ``divqat defend`` and ``divqat
     attack`` build it), warmed up; and the victim's metadata."""
-    from divqat.pipelines.defense_models import build_defense, victim_metadata
-    from divqat.victim import load_victim
+    from divqat.pipelines.defense_models import build_defense
+    from divqat.victim import load_victim, victim_metadata
 
     meta = victim_metadata(victim_dir)
     built = build_defense(defense, params, victim_dir, seed=seed, data_root=data_root, device=device,

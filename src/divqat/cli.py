@@ -368,16 +368,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
-    from divqat.pipelines.defend import defend_victim
+    from divqat.pipelines.context import RunContext
+    from divqat.pipelines.defend import DefendRequest, defend_victim
     from divqat.registry import parse_params
 
     _set_threads(args.threads)
-    m = defend_victim(args.victim, args.defense, parse_params(args.param), queries=args.queries,
-                      limit=args.limit, batch_size=args.batch_size, seed=args.seed,
-                      misinformation_epochs=args.misinformation_epochs,
-                      retrain_misinformation=args.retrain_misinformation, data_root=args.data_root,
-                      device=args.device, progress=not args.no_progress,
-                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    m = defend_victim(DefendRequest(args.victim, args.defense, parse_params(args.param),
+                                    queries=args.queries, limit=args.limit, batch_size=args.batch_size,
+                                    seed=args.seed, misinformation_epochs=args.misinformation_epochs,
+                                    retrain_misinformation=args.retrain_misinformation, out=args.out),
+                      RunContext(data_root=args.data_root, device=args.device,
+                                 progress=not args.no_progress,
+                                 log=lambda message: print(message, file=sys.stderr)))
     params = params_text(m["params"], ", ")
     print(f"{m['defense']}({params}) on {args.victim} ({m['victim_mode']} {m['victim_arch']}): "
           f"defender accuracy {m['defender_accuracy']:.2%} (undefended {m['victim_accuracy']:.2%}) "
@@ -406,7 +408,8 @@ def cmd_defenses(args: argparse.Namespace) -> int:
 def cmd_attack(args: argparse.Namespace) -> int:
     from divqat.attacks import SurrogateTraining
     from divqat.errors import ConfigError
-    from divqat.pipelines.attack import attack_victim
+    from divqat.pipelines.attack import AttackRequest, attack_victim
+    from divqat.pipelines.context import RunContext
     from divqat.registry import parse_params
 
     if _is_url(args.victim):
@@ -421,11 +424,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                  lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
                                  precision=args.precision, seed=args.seed,
                                  device=args.device, progress=not args.no_progress)
-    m = attack_victim(args.victim, args.attack, parse_params(args.attack_param), budgets=args.budget,
-                      defense=args.defense, defense_params=parse_params(args.param),
-                      transfer=args.transfer, training=training, labels_only=args.labels_only,
-                      data_root=args.data_root, device=args.device, progress=not args.no_progress,
-                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    m = attack_victim(AttackRequest(args.victim, args.attack, args.budget,
+                                    parse_params(args.attack_param), defense=args.defense,
+                                    defense_params=parse_params(args.param), transfer=args.transfer,
+                                    training=training, labels_only=args.labels_only, out=args.out),
+                      RunContext(data_root=args.data_root, device=args.device,
+                                 progress=not args.no_progress,
+                                 log=lambda message: print(message, file=sys.stderr)))
     params = params_text(m["defense_params"], ", ")
     kind = "label-only" if m["labels_only"] else "soft-label"
     for r in m["results"]:
@@ -676,7 +681,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_attack_remote(args: argparse.Namespace) -> int:
     from divqat.attacks import SurrogateTraining
     from divqat.errors import ConfigError
-    from divqat.pipelines.attack import attack_remote
+    from divqat.pipelines.attack import AttackRequest, ServiceAccess, attack_remote
+    from divqat.pipelines.context import RunContext
     from divqat.registry import parse_params
     from divqat.remote import read_key_file
 
@@ -690,13 +696,14 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
                                  lr=args.lr, temperature=args.temperature, min_steps=args.min_steps,
                                  precision=args.precision, seed=args.seed, device=args.device,
                                  progress=not args.no_progress)
-    m = attack_remote(args.victim, args.attack, parse_params(args.attack_param),
-                      api_key=read_key_file(args.api_key_file),
-                      eval_key=read_key_file(args.eval_key_file) if args.eval_key_file else None,
-                      budgets=args.budget, transfer=args.transfer, training=training,
-                      labels_only=args.labels_only, data_root=args.data_root, device=args.device,
-                      progress=not args.no_progress, log=lambda message: print(message, file=sys.stderr),
-                      out=args.out)
+    m = attack_remote(AttackRequest(args.victim, args.attack, args.budget,
+                                    parse_params(args.attack_param), transfer=args.transfer,
+                                    training=training, labels_only=args.labels_only, out=args.out),
+                      ServiceAccess(read_key_file(args.api_key_file),
+                                    read_key_file(args.eval_key_file) if args.eval_key_file else None),
+                      RunContext(data_root=args.data_root, device=args.device,
+                                 progress=not args.no_progress,
+                                 log=lambda message: print(message, file=sys.stderr)))
     kind = "label-only" if m["labels_only"] else f"{m['remote']['output']} answers"
     for r in m["results"]:
         agreement = "" if r["agreement"] is None else f", agreement {r['agreement']:.2%}"

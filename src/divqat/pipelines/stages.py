@@ -29,7 +29,8 @@ from divqat.defenses.base import Defense
 from divqat.detectors import DETECTORS
 from divqat.errors import TrainingCollapsed
 from divqat.io import write_json
-from divqat.pipelines.attack import attack_victim, load_transfer_set
+from divqat.pipelines.attack import AttackRequest, attack_loaded, load_transfer_set
+from divqat.pipelines.context import RunContext
 from divqat.pipelines.defend import evaluate_served, time_side_by_side
 from divqat.pipelines.defense_models import build_defense
 from divqat.pipelines.detect import (
@@ -81,6 +82,7 @@ class StageWork:
                  keep: int = 4) -> None:
         self.data_root, self.device, self.progress = data_root, device, progress
         self.log = log or (lambda message: None)
+        self.context = RunContext(data_root, device, progress, self.log)
         self.keep = keep
         self._victims: OrderedDict[str, Victim] = OrderedDict()
         self._served: dict[tuple[str, str], DefendedVictim] = {}
@@ -135,7 +137,7 @@ class StageWork:
                detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None,
                twin: str | Path | None = None) -> dict[str, Any]:
         """One attack (one surrogate per budget) against the victim behind ``setting``
-        (``divqat.pipelines.attack.attack_victim``), written to ``folder/metrics.json``.
+        (``divqat.pipelines.attack.attack_loaded``), written to ``folder/metrics.json``.
         ``twin``: the folder of the same label-only attack behind no defense, whose surrogates
         this one measures when the defense leaves every transfer label as it was.
         ``detectors``: name -> (calibration folder, params) of the extraction detectors that
@@ -149,12 +151,11 @@ class StageWork:
         if detectors:
             monitor, watched = watching({n: detector_factory(n, p, victim_dir, store=store, log=self.log)[0]
                                          for n, (store, p) in detectors.items()})
-        record = attack_victim(victim_dir, name, params, budgets=budgets, defense=setting.name,
-                               defense_params=setting.params, transfer=transfer, training=training,
-                               labels_only=labels_only, data_root=self.data_root, device=self.device,
-                               progress=self.progress, log=self.log, out=folder, served=served,
-                               transfer_set=transfer_set, test_set=self.test_set(victim_dir),
-                               monitor=monitor, twin=twin)
+        request = AttackRequest(victim_dir, name, budgets, params, defense=setting.name,
+                                defense_params=setting.params, transfer=transfer, training=training,
+                                labels_only=labels_only, twin=twin, out=folder)
+        record = attack_loaded(request, served, self.context, test_set=self.test_set(victim_dir),
+                               transfer_set=transfer_set, monitor=monitor)
         if watched:
             record["detectors"] = {n: alarm_record(d) for n, d in watched.items()}
             for n, d in record["detectors"].items():

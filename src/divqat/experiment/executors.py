@@ -37,7 +37,7 @@ import torch
 import divqat
 from divqat.errors import ConfigError
 from divqat.experiment.cache import StageCache
-from divqat.pipelines.stages import DefenseSetting, StageWork
+from divqat.pipelines.stages import AttackStageRequest, DefenseSetting, StageWork, TrainStageRequest
 from divqat.stopwatch import measuring
 
 EXECUTORS = ("serial", "ray")
@@ -108,21 +108,22 @@ def perform(task: StageTask, work: StageWork, folder: Path) -> dict[str, Any]:
     """The work of one stage (its settings turned into a ``StageWork`` call)."""
     s = task.spec
     if task.kind in ("fp32", "victim"):
-        return work.train(folder, dataset=s["dataset"], arch=s["arch"], mode=s["mode"],
-                          epochs=s["epochs"], lr=s["lr"], seed=s["seed"], limit=s["limit"],
-                          holdout=s["holdout"], batch_size=s["batch_size"], divqat=s.get("divqat"),
-                          precision=s.get("precision", "fp32"), target=s.get("target", "x86"),
-                          teacher=task.folders.get("teacher"))
+        return work.train(folder, TrainStageRequest(
+            dataset=s["dataset"], arch=s["arch"], mode=s["mode"], epochs=s["epochs"], lr=s["lr"],
+            seed=s["seed"], limit=s["limit"], holdout=s["holdout"], batch_size=s["batch_size"],
+            divqat=s.get("divqat"), precision=s.get("precision", "fp32"),
+            target=s.get("target", "x86"), teacher=task.folders.get("teacher")))
     if task.kind == "defense":
         return work.defense(folder, task.folders["victim"], defense_setting(s, s["seed"]))
     if task.kind == "attack":
         return work.attack(folder, task.folders["victim"],
-                           defense_setting(task.context["defense"], s["seed"]), name=s["name"],
-                           params=s["params"], transfer=s["transfer"], labels_only=s["labels_only"],
-                           budgets=s["budgets"], surrogate=s["surrogate"], seed=s["seed"],
-                           detectors={name: (task.folders[f"calibration:{name}"], params)
-                                      for name, params in (task.context.get("detectors") or {}).items()},
-                           twin=task.folders.get("twin"))
+                           defense_setting(task.context["defense"], s["seed"]), AttackStageRequest(
+                               name=s["name"], params=s["params"], transfer=s["transfer"],
+                               labels_only=s["labels_only"], budgets=s["budgets"],
+                               surrogate=s["surrogate"], seed=s["seed"],
+                               detectors={name: (task.folders[f"calibration:{name}"], params)
+                                          for name, params in (task.context.get("detectors") or {}).items()},
+                               twin=task.folders.get("twin")))
     if task.kind == "calibrate":
         return work.calibrate(folder, task.folders["victim"], name=s["name"], params=s["params"],
                               target_far=s["target_far"], streams=s["streams"], length=s["length"],

@@ -33,7 +33,8 @@ import torch
 from divqat.attacks import SurrogateTraining
 from divqat.experiment.stats import mean_sd, paired_difference
 from divqat.io import write_json
-from divqat.pipelines.attack import attack_victim
+from divqat.pipelines.attack import AttackRequest, attack_victim
+from divqat.pipelines.context import RunContext
 from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.train.trainer import bf16_supported, resolve_precision
 
@@ -54,8 +55,9 @@ def surrogate_run(args: argparse.Namespace, victim: str, seed: int, precision: s
     training = SurrogateTraining(arch="resnet8", epochs=5, min_steps=150, precision=precision, seed=seed,
                                  progress=False)
     start = time.perf_counter()
-    m = attack_victim(victim, "knockoff", budgets=[args.budget], transfer="holdout", training=training,
-                      progress=False, out=work / f"surrogate-{precision}-{seed}")
+    m = attack_victim(AttackRequest(victim, "knockoff", [args.budget], transfer="holdout",
+                                    training=training, out=work / f"surrogate-{precision}-{seed}"),
+                      RunContext(progress=False))
     return {"accuracy": m["results"][-1]["adversary_accuracy"], "seconds": time.perf_counter() - start,
             "ran_in": resolve_precision(precision)}
 

@@ -24,9 +24,8 @@ import torch
 from divqat.blackbox import DefendedVictim
 from divqat.data import load_dataset, to_victim_input
 from divqat.detectors import state_nbytes, state_to_bytes
-from divqat.pipelines.defense_models import victim_metadata
 from divqat.pipelines.detect import build_detector
-from divqat.victim import load_victim
+from divqat.victim import load_victim, victim_metadata
 
 BUDGET_MS = 0.5
 

@@ -24,7 +24,8 @@ import torch
 
 from divqat.attacks import SurrogateTraining
 from divqat.io import write_json, write_text
-from divqat.pipelines.detect import detect_attack
+from divqat.pipelines.context import RunContext
+from divqat.pipelines.detect import DetectRequest, detect_attack
 
 # (label, attack, attack params, transfer, budget)
 ATTACKS = [
@@ -56,7 +57,8 @@ def main() -> int:
     def run(key: str, **kwargs) -> dict:
         if key not in runs:
             start = time.perf_counter()
-            runs[key] = detect_attack(args.victim, detectors, data_root=None, **kwargs)
+            runs[key] = detect_attack(DetectRequest(args.victim, detectors, **kwargs),
+                                      RunContext(progress=False))
             alarms = {n: r["first_alarm"] for n, r in runs[key]["detectors"].items()}
             print(f"{key}: first alarm {alarms} ({time.perf_counter() - start:.0f} s)", flush=True)
             write_json(runs_path, runs)

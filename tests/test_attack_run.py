@@ -21,12 +21,18 @@ from divqat.attacks import (
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.cli import main
 from divqat.errors import ConfigError
-from divqat.pipelines.attack import attack_victim, load_transfer_set
+from divqat.pipelines.attack import AttackRequest, attack_victim, load_transfer_set
+from divqat.pipelines.context import RunContext
 from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.victim import read_metadata
 
 ATTACK_METRICS = {"adversary_accuracy", "adversary_error", "agreement", "queries_used",
                   "defender_accuracy", "l1_distance"}
+
+
+def steal(victim, attack, *, log=None, **request):
+    """``attack_victim`` with the request's fields as keywords, the default context and ``log``."""
+    return attack_victim(AttackRequest(victim, attack, **request), RunContext(log=log))
 
 
 def test_soft_cross_entropy_is_cross_entropy_on_one_hot_and_labels():
@@ -100,8 +106,8 @@ def test_min_steps_gives_small_query_sets_more_epochs(bars_victim):
 def test_attack_victim_steals_the_tiny_int8_victim(tiny_victims, tmp_path):
     training = SurrogateTraining(epochs=4, batch_size=32, progress=False)
     out = tmp_path / "attack"
-    m = attack_victim(tiny_victims["qat"], "knockoff", budgets=[200, 64], transfer="tiny-bars:train",
-                      training=training, out=out)
+    m = steal(tiny_victims["qat"], "knockoff", budgets=[200, 64], transfer="tiny-bars:train",
+              training=training, out=out)
     assert ATTACK_METRICS <= set(m)
     assert [r["budget"] for r in m["results"]] == [64, 200]
     assert [r["queries_used"] for r in m["results"]] == [64, 200]
@@ -120,13 +126,13 @@ def test_label_only_thief_behind_a_defense_that_keeps_every_label_measures_its_t
 
     training = SurrogateTraining(epochs=2, batch_size=32, progress=False)
     common = dict(budgets=[40, 80], transfer="tiny-bars:train", training=training, labels_only=True)
-    twin = attack_victim(tiny_victims["qat"], "knockoff", out=tmp_path / "none", **common)
+    twin = steal(tiny_victims["qat"], "knockoff", out=tmp_path / "none", **common)
     assert (tmp_path / "none" / attack_module.PREDICTIONS).is_file()
     dcp = dict(defense="dcp", defense_params={"beta": 0.0}, **common)
-    trained = attack_victim(tiny_victims["qat"], "knockoff", out=tmp_path / "trained", **dcp)
+    trained = steal(tiny_victims["qat"], "knockoff", out=tmp_path / "trained", **dcp)
     lines: list[str] = []
-    shared = attack_victim(tiny_victims["qat"], "knockoff", out=tmp_path / "shared", twin=tmp_path / "none",
-                           log=lines.append, **dcp)
+    shared = steal(tiny_victims["qat"], "knockoff", out=tmp_path / "shared", twin=tmp_path / "none",
+                   log=lines.append, **dcp)
     assert "surrogates_from" not in trained and shared["surrogates_from"]["folder"] == str(tmp_path / "none")
     assert any("changed none of the" in line for line in lines)
     measured = ("budget", "queries_used", "adversary_accuracy", "agreement", "agreement_clean")
@@ -140,26 +146,26 @@ def test_label_only_thief_behind_a_defense_that_keeps_every_label_measures_its_t
     # A defense that changes a label of the transfer set: the thief trains its own surrogates.
     monkeypatch.setattr(attack_module, "labels_changed", lambda served, images: 3)
     lines.clear()
-    own = attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", log=lines.append, **dcp)
+    own = steal(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", log=lines.append, **dcp)
     assert "surrogates_from" not in own
     assert any("changes the label of 3 of" in line for line in lines)
     # A twin that kept no predictions (an older divqat's): the same, and the check is not run.
     (tmp_path / "none" / attack_module.PREDICTIONS).rename(tmp_path / "kept")
     monkeypatch.setattr(attack_module, "labels_changed", lambda served, images: pytest.fail("checked"))
     lines.clear()
-    own = attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", log=lines.append, **dcp)
+    own = steal(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", log=lines.append, **dcp)
     assert "surrogates_from" not in own and any("kept no predictions.pt" in line for line in lines)
     (tmp_path / "kept").rename(tmp_path / "none" / attack_module.PREDICTIONS)
     # Another thief's folder is refused rather than measured.
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="not this thief"):
-        attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none",
-                      **{**dcp, "budgets": [40, 80], "training": SurrogateTraining(epochs=3, batch_size=32,
-                                                                                 progress=False)})
+        steal(tiny_victims["qat"], "knockoff", twin=tmp_path / "none",
+              **{**dcp, "budgets": [40, 80], "training": SurrogateTraining(epochs=3, batch_size=32,
+                                                                         progress=False)})
     # A corrupt predictions.pt is named, with what to do.
     (tmp_path / "none" / attack_module.PREDICTIONS).write_bytes(b"not a tensor file")
     with pytest.raises(ConfigError, match="predictions.pt is unreadable .*delete"):
-        attack_victim(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", **dcp)
+        steal(tiny_victims["qat"], "knockoff", twin=tmp_path / "none", **dcp)
 
 
 def test_attack_cli_label_only_behind_a_defense(tiny_victims, tmp_path, capsys):
@@ -216,4 +222,4 @@ def test_every_registered_attack_knows_its_name_and_lists_its_defaults():
 
 def test_data_free_attacks_refuse_label_only(tiny_victims, tmp_path):
     with pytest.raises(ConfigError, match="posteriors"):
-        attack_victim(tiny_victims["qat"], "dfme", budgets=[100], labels_only=True, out=tmp_path / "x")
+        steal(tiny_victims["qat"], "dfme", budgets=[100], labels_only=True, out=tmp_path / "x")

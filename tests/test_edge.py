@@ -22,7 +22,8 @@ from divqat.edge import KEY_ENV, EdgeVictim  # noqa: E402
 from divqat.errors import ArtifactError, ConfigError, MissingExtra  # noqa: E402
 from divqat.experiment import parse_config, plan_stages  # noqa: E402
 from divqat.experiment.report import copy_table, main_table  # noqa: E402
-from divqat.pipelines.defend import defend_victim  # noqa: E402
+from divqat.pipelines.context import RunContext  # noqa: E402
+from divqat.pipelines.defend import DefendRequest, defend_victim  # noqa: E402
 from divqat.pipelines.device_copy import copy_attack  # noqa: E402
 from divqat.pipelines.export import export_victim  # noqa: E402
 from divqat.pipelines.train import TrainRequest, train_victim  # noqa: E402
@@ -210,7 +211,7 @@ def test_copy_attack_gets_the_victim_itself_and_nothing_without_the_key(edge, tm
 
 
 def test_defend_and_attack_run_against_the_program(edge, tmp_path, capsys):
-    m = defend_victim(edge["plain"], "top-k", {"k": 1}, progress=False)
+    m = defend_victim(DefendRequest(edge["plain"], "top-k", {"k": 1}), RunContext(progress=False))
     assert m["victim_mode"] == "qat" and m["defender_accuracy"] == m["victim_accuracy"]
     assert main(["attack", "--victim", str(edge["plain"]), "--attack", "knockoff", "--transfer",
                  f"{TINY}:train", "--budget", "64", "--epochs", "1", "--no-progress",

@@ -233,12 +233,12 @@ def test_cache_treats_a_folder_without_done_json_as_unfinished(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Run the tiny config three times: interrupted at the third attack stage, resumed, rerun.
-    Records the calls to train_victim / attack_victim / load_victim of each run."""
+    Records the calls to train_victim / attack_loaded / load_victim of each run."""
     out = tmp_path_factory.mktemp("experiment") / "tiny"
     config = parse_config(TINY_CONFIG)
     calls: Counter = Counter()
     interrupt_at = {"attack": 3}
-    real = {name: getattr(stages_module, name) for name in ("train_victim", "attack_victim", "load_victim")}
+    real = {name: getattr(stages_module, name) for name in ("train_victim", "attack_loaded", "load_victim")}
 
     def counting(name):
         def wrapper(*args, **kwargs):
@@ -271,14 +271,14 @@ def tiny_run(tmp_path_factory):
 def test_interrupted_run_keeps_finished_stages_and_resumes(tiny_run):
     first, resumed, again = tiny_run["runs"]
     assert first["calls"]["train_victim"] == 3  # fp32, qat, divqat
-    assert first["calls"]["attack_victim"] == 3  # the third was interrupted
+    assert first["calls"]["attack_loaded"] == 3  # the third was interrupted
     assert "run the same command again to resume" in first["lines"][-1]
     assert len(first["unfinished"]) == 1  # its folder, without done.json
 
     # Nothing finished is recomputed: no victim retrained; the qat victim's 2 defenses and its
     # first 2 attacks were done, the rest (divqat's 2 defenses, 6 attacks) runs now.
     assert resumed["calls"].get("train_victim", 0) == 0
-    assert resumed["calls"]["attack_victim"] == N_ATTACKS - 2
+    assert resumed["calls"]["attack_loaded"] == N_ATTACKS - 2
     assert resumed["calls"]["load_victim"] == 2  # each victim loaded once, for all its stages
     cached = 3 + 2 + 2
     assert sum(line.endswith("... cached") for line in resumed["lines"]) == cached

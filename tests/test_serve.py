@@ -661,12 +661,13 @@ def test_stealing_over_http_matches_the_in_process_attack(tiny_victims, tmp_path
     same surrogates and the same adversary accuracy. (The fp32 victim, which runs eagerly: the
     int8 one with dcp fused into its program is the README's demonstration, at budget 5000.)"""
     from divqat.attacks import SurrogateTraining
-    from divqat.pipelines.attack import attack_victim
+    from divqat.pipelines.attack import AttackRequest, attack_victim
     from divqat.serve.server import load_service
 
     training = SurrogateTraining(epochs=2, batch_size=32, progress=False)
-    local = attack_victim(tiny_victims["fp32"], "knockoff", budgets=[100, 150], transfer="tiny-bars:train",
-                          defense="dcp", defense_params={"beta": 0.5}, training=training)
+    local = attack_victim(AttackRequest(tiny_victims["fp32"], "knockoff", [100, 150],
+                                        transfer="tiny-bars:train", defense="dcp",
+                                        defense_params={"beta": 0.5}, training=training))
 
     served, meta = load_service(tiny_victims["fp32"], "dcp", {"beta": 0.5})
     db = tmp_path / "keys.db"

@@ -4,7 +4,13 @@ DivQAT quantization-aware training, output-perturbation defenses behind a black-
 boundary, and real extraction attacks in front of it.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    # Written once, in pyproject.toml; an installed (or editable) divqat carries it.
+    __version__ = version("divqat")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"
 
 
 def load_victim(path, device: str = "cpu", compile=None, key_file=None):

@@ -3,6 +3,7 @@ by string, and adding one is adding one file with a decorator (the timm pattern)
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -48,7 +49,12 @@ class Registry(Generic[T]):
 
     @staticmethod
     def defaults(cls: Callable[..., Any]) -> dict[str, Any]:
-        """The constructor parameters of a registered class with their defaults."""
+        """The constructor parameters of a registered class with their defaults: those of its
+        ``__init__``, or, for a class that declares them as a settings dataclass
+        (``cls.Settings``, as the data-free attacks do), that dataclass's fields."""
+        settings = getattr(cls, "Settings", None)
+        if settings is not None and dataclasses.is_dataclass(settings):
+            return {f.name: f.default for f in dataclasses.fields(settings)}
         params = inspect.signature(cls.__init__).parameters
         return {k: p.default for k, p in params.items() if k != "self"}
 

@@ -22,11 +22,13 @@ import types
 import warnings
 import zipfile
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from torch import nn
 
+import divqat
 from divqat.data import check_victim_input
 from divqat.edge import is_program_path
 from divqat.errors import ArtifactError
@@ -42,6 +44,8 @@ INT8_MODES = ("qat", "divqat")
 # The compiled int8 program is static-shape (see quant.compile_int8): queries run in chunks
 # padded up to one of these batch sizes, so at most three compilations ever happen.
 BUCKETS = (16, 64, 256)
+# What every victim's metadata holds, and what defenses, detectors and their drivers read from it.
+VICTIM_KEYS = ("dataset", "arch", "input_shape", "classes", "mean", "std")
 
 
 @timed("save")
@@ -84,6 +88,33 @@ def read_metadata(path: str | Path) -> dict:
         raise ArtifactError(f"{meta_path} has format version {meta.get('format_version')}; this divqat "
                             f"reads version {FORMAT_VERSION}")
     return meta
+
+
+def victim_metadata(victim_dir: str | Path) -> dict:
+    """A victim's metadata, refused (``ArtifactError``) without what defenses and their
+    evaluation need: dataset, arch, input shape, classes and normalization (``VICTIM_KEYS``)."""
+    meta = read_metadata(victim_dir)
+    missing = [k for k in VICTIM_KEYS if k not in meta]
+    if missing:
+        raise ArtifactError(f"{Path(victim_dir) / 'victim.json'} lacks {', '.join(missing)}; "
+                            "retrain the victim with this divqat")
+    return meta
+
+
+def provenance(*packages: str) -> dict[str, str | None]:
+    """The versions an artifact was made with, as its metadata's ``versions``: ``divqat`` and
+    ``torch``, then each of ``packages`` by its distribution name (None where not installed)::
+
+        >>> provenance("torchao")
+        {'divqat': '0.1.0', 'torch': '2.13.0', 'torchao': '0.18.0'}
+    """
+    out: dict[str, str | None] = {"divqat": divqat.__version__, "torch": torch.__version__}
+    for package in packages:
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
 
 
 def load_fp32_net(path: str | Path) -> tuple[VictimNet, dict]:

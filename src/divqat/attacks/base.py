@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -318,7 +317,8 @@ class Attack(abc.ABC):
     """Base of every extraction attack: ``attack.steal(box, budgets, training) -> [Stolen]``.
 
     Subclasses take their own parameters in ``__init__`` (validated there, with defaults in the
-    signature) and implement ``steal``. ``soft_only`` attacks need posteriors and refuse a
+    signature, or declared as a settings dataclass ``Settings``, see ``Registry.defaults``) and
+    implement ``steal``. ``soft_only`` attacks need posteriors and refuse a
     label-only box. ``params()`` returns the constructor arguments (for metrics).
     """
 
@@ -355,8 +355,7 @@ class Attack(abc.ABC):
         return box, check_budgets(budgets, box)
 
     def params(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in inspect.signature(type(self).__init__).parameters
-                if k != "self"}
+        return {k: getattr(self, k) for k in ATTACKS.defaults(type(self))}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"

@@ -11,6 +11,7 @@ import copy
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -79,20 +80,12 @@ def pseudo_logits(posteriors: Tensor) -> Tensor:
     return log_p - log_p.mean(dim=1, keepdim=True)
 
 
-class DataFreeAttack(Attack):
-    """The generator-versus-student loop shared by DFME and MAZE (not registered itself).
-
-    Subclasses set the attack's parameters in ``__init__`` (``batch_size``, ``g_iter``, ``d_iter``,
-    ``directions``, ``eps``, ``generator_lr``, ``student_lr``, ``nz``, ``generator_width``, see
-    ``init_data_free``) and define the losses, the generator's optimizer and the learning-rate
-    schedule; ``_begin`` / ``_after_student_steps`` add per-run state such as MAZE's experience
-    replay.
-    """
-
-    soft_only = True
-    # MAZE trains the student's first step on the generator step's unperturbed images (already
-    # answered), which saves one batch of queries per iteration; DFME draws a fresh batch.
-    reuse_generator_batch: ClassVar[bool] = False
+@dataclass(frozen=True)
+class DataFreeSettings:
+    """The parameters of the generator-versus-student game that DFME and MAZE share. Each attack
+    declares them again with its reference's defaults (``DFMESettings``, ``MAZESettings``) and
+    says what each one does; the attack takes them by name (``DFME(directions=2)``,
+    ``--attack-param directions=2``), and its ``params()`` lists them in this order."""
 
     batch_size: int
     g_iter: int
@@ -103,6 +96,53 @@ class DataFreeAttack(Attack):
     student_lr: float
     nz: int
     generator_width: int
+
+    def checked(self, owner: str) -> dict[str, Any]:
+        """The parameters by name, each validated and converted as the checks return it;
+        errors name ``owner`` (the attack)."""
+        return {
+            "batch_size": check_int(owner, "batch_size", self.batch_size, low=MIN_BATCH),
+            "g_iter": check_int(owner, "g_iter", self.g_iter, low=0),
+            "d_iter": check_int(owner, "d_iter", self.d_iter, low=1),
+            "directions": check_int(owner, "directions", self.directions, low=1),
+            "eps": check_number(owner, "eps", self.eps, low=0, low_open=True),
+            "generator_lr": check_number(owner, "generator_lr", self.generator_lr, low=0, low_open=True),
+            "student_lr": check_number(owner, "student_lr", self.student_lr, low=0, low_open=True),
+            "nz": check_int(owner, "nz", self.nz, low=1),
+            "generator_width": check_int(owner, "generator_width", self.generator_width, low=1),
+        }
+
+
+class DataFreeAttack(Attack):
+    """The generator-versus-student loop shared by DFME and MAZE (not registered itself).
+
+    Subclasses declare their parameters and defaults as ``Settings`` (a ``DataFreeSettings``;
+    the constructor takes them by name and sets each, validated, as an attribute of the same
+    name) and define the losses, the generator's optimizer and the learning-rate schedule;
+    ``_begin`` / ``_after_student_steps`` add per-run state such as MAZE's experience replay.
+    """
+
+    soft_only = True
+    # MAZE trains the student's first step on the generator step's unperturbed images (already
+    # answered), which saves one batch of queries per iteration; DFME draws a fresh batch.
+    reuse_generator_batch: ClassVar[bool] = False
+
+    # The attack's parameters with their defaults: what the registry lists and ``params()`` reads.
+    Settings: ClassVar[type[DataFreeSettings]]
+
+    batch_size: int
+    g_iter: int
+    d_iter: int
+    directions: int
+    eps: float
+    generator_lr: float
+    student_lr: float
+    nz: int
+    generator_width: int
+
+    def __init__(self, **params: Any) -> None:
+        for name, value in self.Settings(**params).checked(self.name).items():
+            setattr(self, name, value)
 
     # ------------------------------------------------------------------ what subclasses define
     @abc.abstractmethod
@@ -270,18 +310,3 @@ class DataFreeAttack(Attack):
         grad = (d / m) * (slopes[..., None, None, None] * u).sum(dim=1) / n
         first = images.view(n, m + 1, *pre.shape[1:])[:, 0]
         return grad, float(loss[:, 0].mean()), (first, answers.view(n, m + 1, -1)[:, 0])
-
-
-def init_data_free(attack: DataFreeAttack, owner: str, batch_size: int, g_iter: int, d_iter: int,
-                   directions: int, eps: float, generator_lr: float, student_lr: float,
-                   nz: int, generator_width: int) -> None:
-    """Validate and set the parameters DFME and MAZE share."""
-    attack.batch_size = check_int(owner, "batch_size", batch_size, low=MIN_BATCH)
-    attack.g_iter = check_int(owner, "g_iter", g_iter, low=0)
-    attack.d_iter = check_int(owner, "d_iter", d_iter, low=1)
-    attack.directions = check_int(owner, "directions", directions, low=1)
-    attack.eps = check_number(owner, "eps", eps, low=0, low_open=True)
-    attack.generator_lr = check_number(owner, "generator_lr", generator_lr, low=0, low_open=True)
-    attack.student_lr = check_number(owner, "student_lr", student_lr, low=0, low_open=True)
-    attack.nz = check_int(owner, "nz", nz, low=1)
-    attack.generator_width = check_int(owner, "generator_width", generator_width, low=1)

@@ -11,12 +11,29 @@ with MAZE are in ``divqat.attacks.data_free``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from divqat.attacks.base import ATTACKS
-from divqat.attacks.data_free import DataFreeAttack, init_data_free, pseudo_logits
+from divqat.attacks.data_free import DataFreeAttack, DataFreeSettings, pseudo_logits
+
+
+@dataclass(frozen=True)
+class DFMESettings(DataFreeSettings):
+    """DFME's parameters with the reference's defaults (see ``DFME``)."""
+
+    batch_size: int = 256
+    g_iter: int = 1
+    d_iter: int = 5
+    directions: int = 1
+    eps: float = 1e-3
+    generator_lr: float = 1e-4
+    student_lr: float = 0.1
+    nz: int = 256
+    generator_width: int = 64
 
 
 @ATTACKS.register("dfme")
@@ -55,11 +72,7 @@ class DFME(DataFreeAttack):
 
     name = "dfme"
 
-    def __init__(self, batch_size: int = 256, g_iter: int = 1, d_iter: int = 5, directions: int = 1,
-                 eps: float = 1e-3, generator_lr: float = 1e-4, student_lr: float = 0.1,
-                 nz: int = 256, generator_width: int = 64) -> None:
-        init_data_free(self, "dfme", batch_size, g_iter, d_iter, directions, eps, generator_lr,
-                       student_lr, nz, generator_width)
+    Settings = DFMESettings
 
     def sample_loss(self, logits: Tensor, posteriors: Tensor) -> Tensor:
         return (logits - pseudo_logits(posteriors)).abs().mean(dim=1)

@@ -10,6 +10,7 @@ past queries, which costs no queries.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from divqat.attacks.base import ATTACKS
-from divqat.attacks.data_free import MIN_BATCH, DataFreeAttack, init_data_free
+from divqat.attacks.data_free import MIN_BATCH, DataFreeAttack, DataFreeSettings
 from divqat.boundary import QueryBoundary
 from divqat.checks import check_int
 
@@ -62,6 +63,29 @@ class ReplayBuffer:
         return self.images[idx], self.answers[idx]
 
 
+@dataclass(frozen=True)
+class MAZESettings(DataFreeSettings):
+    """MAZE's parameters with the reference's defaults (see ``MAZE``): DFME's game, plus the
+    experience replay."""
+
+    batch_size: int = 128
+    g_iter: int = 1
+    d_iter: int = 5
+    directions: int = 10
+    eps: float = 1e-3
+    generator_lr: float = 1e-4
+    student_lr: float = 0.1
+    nz: int = 100
+    generator_width: int = 64
+    replay_size: int = 5000
+    replay_steps: int = 10
+
+    def checked(self, owner: str) -> dict[str, Any]:
+        return {**super().checked(owner),
+                "replay_size": check_int(owner, "replay_size", self.replay_size, low=MIN_BATCH),
+                "replay_steps": check_int(owner, "replay_steps", self.replay_steps, low=0)}
+
+
 @ATTACKS.register("maze")
 class MAZE(DataFreeAttack):
     """MAZE: DFME's game with a KL disagreement, 10 directions and experience replay.
@@ -103,14 +127,9 @@ class MAZE(DataFreeAttack):
     name = "maze"
     reuse_generator_batch = True
 
-    def __init__(self, batch_size: int = 128, g_iter: int = 1, d_iter: int = 5,
-                 directions: int = 10, eps: float = 1e-3, generator_lr: float = 1e-4,
-                 student_lr: float = 0.1, nz: int = 100, generator_width: int = 64,
-                 replay_size: int = 5000, replay_steps: int = 10) -> None:
-        init_data_free(self, "maze", batch_size, g_iter, d_iter, directions, eps, generator_lr,
-                       student_lr, nz, generator_width)
-        self.replay_size = check_int("maze", "replay_size", replay_size, low=MIN_BATCH)
-        self.replay_steps = check_int("maze", "replay_steps", replay_steps, low=0)
+    Settings = MAZESettings
+    replay_size: int
+    replay_steps: int
 
     def sample_loss(self, logits: Tensor, posteriors: Tensor) -> Tensor:
         return kl_per_image(logits, posteriors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 VICTIM_HELP = "the victim directory (from `divqat train`)"
 
@@ -129,4 +130,17 @@ def print_params_listing(rows: list[tuple[str, str, dict, list[tuple[str, str]]]
         print(f"{'':<{width}}  params: {params_text(params, ', ') or 'none'}")
         for label, text in extra:
             print(f"{'':<{width}}  {label}: {text}")
+
+
+def run_context(args: argparse.Namespace, *, quiet_log: bool = False):
+    """The drivers' ``RunContext`` from the runtime options (data root, device, progress bars);
+    its log lines go to stderr (with ``quiet_log``: none under --no-progress)."""
+    from divqat.pipelines.context import RunContext
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    no_progress = getattr(args, "no_progress", False)
+    return RunContext(data_root=getattr(args, "data_root", None), device=getattr(args, "device", "cpu"),
+                      progress=not no_progress, log=None if quiet_log and no_progress else log)
 

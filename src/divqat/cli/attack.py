@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from divqat.cli import _common as common
 from divqat.cli.device import cmd_copy
@@ -95,7 +94,7 @@ def _refuse_remote_options(args: argparse.Namespace) -> None:
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from divqat.errors import ConfigError
-    from divqat.pipelines.attack import attack_victim
+    from divqat.pipelines.attack import AttackRequest, attack_victim
     from divqat.registry import parse_params
 
     if _is_url(args.victim):
@@ -107,11 +106,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if not args.budget:
         raise ConfigError("--budget N [N ...] is required (one surrogate per budget)")
     training = common.surrogate_training(args)
-    m = attack_victim(args.victim, args.attack, parse_params(args.attack_param), budgets=args.budget,
-                      defense=args.defense, defense_params=parse_params(args.param),
-                      transfer=args.transfer, training=training, labels_only=args.labels_only,
-                      data_root=args.data_root, device=args.device, progress=not args.no_progress,
-                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    m = attack_victim(AttackRequest(args.victim, args.attack, args.budget,
+                                    parse_params(args.attack_param), defense=args.defense,
+                                    defense_params=parse_params(args.param), transfer=args.transfer,
+                                    training=training, labels_only=args.labels_only, out=args.out),
+                      common.run_context(args))
     params = params_text(m["defense_params"], ", ")
     kind = "label-only" if m["labels_only"] else "soft-label"
     for r in m["results"]:
@@ -134,7 +133,7 @@ def cmd_attacks(args: argparse.Namespace) -> int:
 
 def cmd_attack_remote(args: argparse.Namespace) -> int:
     from divqat.errors import ConfigError
-    from divqat.pipelines.attack import attack_remote
+    from divqat.pipelines.attack import AttackRequest, ServiceAccess, attack_remote
     from divqat.registry import parse_params
     from divqat.remote import read_key_file
 
@@ -145,13 +144,12 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
                           "drop --defense and --param")
     common.set_threads(args.threads)
     training = common.surrogate_training(args)
-    m = attack_remote(args.victim, args.attack, parse_params(args.attack_param),
-                      api_key=read_key_file(args.api_key_file),
-                      eval_key=read_key_file(args.eval_key_file) if args.eval_key_file else None,
-                      budgets=args.budget, transfer=args.transfer, training=training,
-                      labels_only=args.labels_only, data_root=args.data_root, device=args.device,
-                      progress=not args.no_progress, log=lambda message: print(message, file=sys.stderr),
-                      out=args.out)
+    m = attack_remote(AttackRequest(args.victim, args.attack, args.budget,
+                                    parse_params(args.attack_param), transfer=args.transfer,
+                                    training=training, labels_only=args.labels_only, out=args.out),
+                      ServiceAccess(read_key_file(args.api_key_file),
+                                    read_key_file(args.eval_key_file) if args.eval_key_file else None),
+                      common.run_context(args))
     kind = "label-only" if m["labels_only"] else f"{m['remote']['output']} answers"
     for r in m["results"]:
         agreement = "" if r["agreement"] is None else f", agreement {r['agreement']:.2%}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from divqat.cli import _common as common
 from divqat.registry import params_text
@@ -47,16 +46,16 @@ def register(sub) -> None:
 
 
 def cmd_defend(args: argparse.Namespace) -> int:
-    from divqat.pipelines.defend import defend_victim
+    from divqat.pipelines.defend import DefendRequest, defend_victim
     from divqat.registry import parse_params
 
     common.set_threads(args.threads)
-    m = defend_victim(args.victim, args.defense, parse_params(args.param), queries=args.queries,
-                      limit=args.limit, batch_size=args.batch_size, seed=args.seed,
-                      misinformation_epochs=args.misinformation_epochs,
-                      retrain_misinformation=args.retrain_misinformation, data_root=args.data_root,
-                      device=args.device, progress=not args.no_progress,
-                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    m = defend_victim(DefendRequest(args.victim, args.defense, parse_params(args.param),
+                                    queries=args.queries, limit=args.limit,
+                                    batch_size=args.batch_size, seed=args.seed,
+                                    misinformation_epochs=args.misinformation_epochs,
+                                    retrain_misinformation=args.retrain_misinformation, out=args.out),
+                      common.run_context(args))
     params = params_text(m["params"], ", ")
     print(f"{m['defense']}({params}) on {args.victim} ({m['victim_mode']} {m['victim_arch']}): "
           f"defender accuracy {m['defender_accuracy']:.2%} (undefended {m['victim_accuracy']:.2%}) "

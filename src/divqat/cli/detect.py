@@ -4,8 +4,8 @@ false-alarm rate, kept with the victim) and `divqat detect` (how soon they catch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import sys
 
 from divqat.cli import _common as common
 
@@ -101,15 +101,17 @@ def cmd_detectors(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from divqat.pipelines.detect import calibrate_detector, calibration_path
+    from divqat.pipelines.detect import CalibrateRequest, calibrate_detector, calibration_path
     from divqat.registry import parse_params
 
     common.set_threads(args.threads)
-    r = calibrate_detector(args.victim, args.detector, parse_params(args.detector_param),
-                           target_far=args.target_far, streams=args.streams, length=args.length,
-                           reference_size=args.reference_size, seed=args.seed,
-                           data_root=args.data_root,
-                           log=None if args.no_progress else lambda m: print(m, file=sys.stderr))
+    r = calibrate_detector(CalibrateRequest(args.victim, args.detector,
+                                            parse_params(args.detector_param),
+                                            target_far=args.target_far, streams=args.streams,
+                                            length=args.length, reference_size=args.reference_size,
+                                            seed=args.seed),
+                           # The victim's features are computed on the CPU, as before.
+                           dataclasses.replace(common.run_context(args, quiet_log=True), device="cpu"))
     worst = sorted(w for w in r["worst_scores"] if w is not None)
     print(f"{args.detector}: {r['threshold_param']} = {r['threshold']:.6g} (alarm when the score is "
           f"{r['alarm_when']} it) for a false-alarm rate <= {r['target_far']:g} over {r['streams']} "
@@ -121,7 +123,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_detect(args: argparse.Namespace) -> int:
     from divqat.errors import ConfigError
-    from divqat.pipelines.detect import detect_attack
+    from divqat.pipelines.detect import DetectRequest, detect_attack
     from divqat.registry import parse_params
 
     common.set_threads(args.threads)
@@ -130,13 +132,13 @@ def cmd_detect(args: argparse.Namespace) -> int:
         raise ConfigError("--detector-param goes with a single --detector")
     params = parse_params(args.detector_param)
     training = common.surrogate_training(args)
-    m = detect_attack(args.victim, {n: params for n in names}, args.attack,
-                      parse_params(args.attack_param), budget=args.budget, transfer=args.transfer,
-                      benign=args.benign, defense=args.defense, defense_params=parse_params(args.param),
-                      training=training, labels_only=args.labels_only,
-                      benign_streams=args.benign_streams, seed=args.seed, data_root=args.data_root,
-                      device=args.device, progress=not args.no_progress,
-                      log=lambda message: print(message, file=sys.stderr), out=args.out)
+    m = detect_attack(DetectRequest(args.victim, {n: params for n in names}, args.attack, args.budget,
+                                    parse_params(args.attack_param), transfer=args.transfer,
+                                    benign=args.benign, defense=args.defense,
+                                    defense_params=parse_params(args.param), training=training,
+                                    labels_only=args.labels_only, benign_streams=args.benign_streams,
+                                    seed=args.seed, out=args.out),
+                      common.run_context(args))
     thief = m["attack"] + (f" (mix {m['mix']:g})" if m.get("mix") else "")
     source = m["transfer_set"] or "data-free"
     for name, r in m["detectors"].items():

@@ -106,19 +106,21 @@ def _add_db(parser: argparse.ArgumentParser, help: str = "the key database") -> 
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from divqat.pipelines.context import RunContext
     from divqat.registry import parse_params
     from divqat.serve.app import ServiceLimits
-    from divqat.serve.server import run_service
+    from divqat.serve.server import ServiceRequest, run_service
 
     common.set_threads(args.threads)
     limits = ServiceLimits(max_images=args.max_images, max_body_bytes=args.max_body_mb * 2**20,
                            max_batch=args.max_batch, max_delay=args.max_delay_ms / 1e3)
-    run_service(args.victim, args.db, args.defense, parse_params(args.param), host=args.host,
-                port=args.port, limits=limits, fsync=args.fsync, seed=args.seed,
-                data_root=args.data_root, device=args.device,
-                misinformation_epochs=args.misinformation_epochs, detector=args.detector,
-                detector_params=parse_params(args.detector_param), on_alarm=args.on_alarm,
-                save_every=args.detector_save_every)
+    run_service(ServiceRequest(args.victim, args.db, args.defense, parse_params(args.param),
+                               host=args.host, port=args.port, limits=limits, fsync=args.fsync,
+                               seed=args.seed, misinformation_epochs=args.misinformation_epochs,
+                               detector=args.detector,
+                               detector_params=parse_params(args.detector_param),
+                               on_alarm=args.on_alarm, save_every=args.detector_save_every),
+                RunContext(data_root=args.data_root, device=args.device))
     return 0
 
 

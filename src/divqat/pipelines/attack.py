@@ -18,8 +18,9 @@ the transfer set and then measures the twin's surrogates against this defense in
 training them again (``surrogates_from`` in the record). The surrogates' test-split labels are
 kept for that in ``predictions.pt``.
 
-    >>> record = attack_victim("runs/qat", "knockoff", transfer="mnist", budgets=[5000],
-    ...                        defense="dcp", defense_params={"beta": 0.5}, out="runs/attack")
+    >>> request = AttackRequest("runs/qat", "knockoff", [5000], transfer="mnist", defense="dcp",
+    ...                         defense_params={"beta": 0.5}, out="runs/attack")
+    >>> record = attack_victim(request, RunContext(data_root="data"))
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import pickle
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +47,14 @@ from divqat.data import (
     to_victim_input,
     training_split,
 )
-from divqat.defenses.base import Defense
 from divqat.detectors import Monitor
 from divqat.errors import ConfigError
 from divqat.io import atomic_write, write_json
+from divqat.pipelines.context import RunContext
 from divqat.pipelines.defend import evaluate_served, parse_query_set
-from divqat.pipelines.defense_models import build_defense, victim_metadata
+from divqat.pipelines.defense_models import build_defense
 from divqat.stopwatch import phase, timed
-from divqat.victim import load_victim
+from divqat.victim import load_victim, victim_metadata
 
 # The thief's unseen in-distribution transfer set: the victim's held-out training images.
 HOLDOUT = "holdout"
@@ -167,42 +169,54 @@ def _twin_results(twin: Path, expected: dict[str, Any], budgets: list[int], labe
     return record, results
 
 
-def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | None = None, *,
-                  budgets: Sequence[int], defense: str = "none",
-                  defense_params: dict[str, Any] | None = None, transfer: str | None = None,
-                  training: SurrogateTraining | None = None, labels_only: bool = False,
-                  data_root: str | Path | None = None, device: str = "cpu", progress: bool = True,
-                  log: Callable[[str], None] | None = None, out: str | Path | None = None,
-                  victim: Callable[[Tensor], Tensor] | None = None,
-                  built_defense: Defense | None = None,
-                  transfer_set: TransferSet | None = None, served: DefendedVictim | None = None,
-                  test_set: ImageDataset | None = None, monitor: Monitor | None = None,
-                  twin: str | Path | None = None) -> dict[str, Any]:
-    """Run one attack against a saved victim behind a defense; measure every surrogate.
+@dataclass(frozen=True)
+class AttackRequest:
+    """What ``divqat attack`` is asked: one thief against one victim behind one defense.
 
     Arguments:
-        victim_dir: the victim artifact (``divqat train``).
-        attack, params: registered attack name and its parameters.
-        budgets: query budgets; one surrogate per budget (see the attack for how queries are
-            shared between them). The black box's budget is the largest.
-        defense, defense_params: the output perturbation (``divqat defenses``). (Default: none.)
+        victim: the victim artifact (``divqat train``); for ``attack_remote``, the service's URL.
+        attack, params: registered attack name and its parameters. (Default params: the
+            attack's defaults.)
+        budgets: query budgets (one int, or several); one surrogate per budget (see the attack
+            for how queries are shared between them). The black box's budget is the largest.
+        defense, defense_params: the output perturbation (``divqat defenses``).
+            (Default: none.)
         transfer: the thief's transfer set, ``"holdout"`` or ``"NAME[:SPLIT]"``; required by
             attacks that use one (knockoff, knockoff-adaptive, jbda's seed set).
-        training: the surrogate recipe. (Default: ``SurrogateTraining()``.)
-        labels_only: the black box answers labels only.
-        victim, built_defense, transfer_set, served, test_set: already loaded / built objects to
-            reuse (the experiment's stages pass them; ``served`` = ``DefendedVictim(victim,
-            built_defense)`` keeps its compiled program); otherwise loaded from ``victim_dir``.
-        out: directory for ``metrics.json``.
-        monitor: extraction detectors watching the thief's stream (``BlackBox(monitor=...)``;
-            with ``on_alarm`` other than flag, the alarm also changes what the thief gets).
+            (Default: None.)
+        training: the surrogate recipe. (Default: None, ``SurrogateTraining()`` on the
+            context's device, with its progress bars.)
+        labels_only: the black box answers labels only. (Default: False.)
         twin: the folder of this same label-only attack (same victim, transfer set, budgets,
             surrogate recipe and seed) behind no defense. When this defense is a deterministic
             formula of each posterior (``Defense.fusable``), the thief queries only its transfer
             set, no detector watches, and the defense changes the label of none of the transfer
             set's images, the thief's answers here are the twin's answers, so its surrogates are
             the twin's: they are measured against this defense, not trained again. Otherwise
-            the attack runs as without ``twin``.
+            the attack runs as without ``twin``. (Default: None.)
+        out: the folder of ``metrics.json`` and ``predictions.pt``. (Default: None, nothing
+            written.)
+    """
+
+    victim: str | Path
+    attack: str
+    budgets: Sequence[int] | int
+    params: dict[str, Any] = field(default_factory=dict)
+    defense: str = "none"
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    transfer: str | None = None
+    training: SurrogateTraining | None = None
+    labels_only: bool = False
+    twin: str | Path | None = None
+    out: str | Path | None = None
+
+
+def attack_victim(request: AttackRequest, context: RunContext | None = None) -> dict[str, Any]:
+    """Run one attack against a saved victim behind a defense; measure every surrogate.
+
+    Loads what ``request`` names: the victim, its test split, the transfer set, and builds the
+    defense (``context``: where the data are, the device, progress bars, the log; default
+    ``RunContext()``). ``attack_loaded`` runs the same attack on objects already loaded.
 
     Returns a dict with the settings, the defense's metrics over the thief's queries
     (``defender_accuracy``, ``l1_distance``, ``kl_divergence``, ``argmax_changed``,
@@ -211,42 +225,53 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
     ``agreement_clean``, ``seconds``) and, at the top level, the largest budget's figures;
     ``surrogates_from`` (the twin's folder and why) when the twin's surrogates were measured.
     """
-    say = log or (lambda _msg: None)
-    victim_dir = Path(victim_dir)
+    return _attack(request, context or RunContext(), None, None, None, None)
+
+
+def attack_loaded(request: AttackRequest, served: DefendedVictim, context: RunContext | None = None,
+                  *, test_set: ImageDataset | None = None, transfer_set: TransferSet | None = None,
+                  monitor: Monitor | None = None) -> dict[str, Any]:
+    """``attack_victim`` on objects the caller already holds (an experiment's stage worker keeps
+    them between stages): ``served`` is the victim behind the request's defense
+    (``DefendedVictim``, whose compiled program is kept), ``test_set`` the victim's test split
+    and ``transfer_set`` the thief's, each loaded from the request when None. ``monitor``:
+    extraction detectors watching the thief's stream (``BlackBox(monitor=...)``; with
+    ``on_alarm`` other than flag, the alarm also changes what the thief gets). The request's
+    ``defense`` names ``served.defense`` in the record. Returns what ``attack_victim`` returns.
+    """
+    return _attack(request, context or RunContext(), served, test_set, transfer_set, monitor)
+
+
+def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim | None,
+            test_set: ImageDataset | None, transfer_set: TransferSet | None,
+            monitor: Monitor | None) -> dict[str, Any]:
+    attack, labels_only, defense, twin = request.attack, request.labels_only, request.defense, request.twin
+    data_root, device, say = context.data_root, context.device, context.say
+    victim_dir = Path(request.victim)
     meta = victim_metadata(victim_dir)
-    training = training if training is not None else SurrogateTraining(device=device, progress=progress)
+    training = (request.training if request.training is not None
+                else SurrogateTraining(device=device, progress=context.progress))
     if not isinstance(training, SurrogateTraining):
         raise ConfigError(f"training must be a SurrogateTraining, got {type(training).__name__}")
     check_bool("", "labels_only", labels_only)
-    thief = create_attack(attack, **dict(params or {}))
+    thief = create_attack(attack, **dict(request.params or {}))
     if thief.soft_only and labels_only:
         raise ConfigError(f"attack {attack!r} needs posteriors: it cannot run label-only")
-    if isinstance(budgets, int) and not isinstance(budgets, bool):
-        budgets = [budgets]
-    if not budgets:
-        raise ConfigError("give at least one query budget")
-    budgets = sorted({check_int("", "budget", b, low=1) for b in budgets})
+    budgets = _budgets(request.budgets)
 
     # The data first: a missing dataset must not be found after minutes of work.
     test = test_set if test_set is not None else load_dataset(meta["dataset"], "test", data_root)
     if thief.uses_transfer_set and transfer_set is None:
-        if transfer is None:
+        if request.transfer is None:
             raise ConfigError(f"attack {attack!r} needs a transfer set: --transfer holdout or "
                               "--transfer NAME[:SPLIT] (e.g. mnist)")
-        transfer_set = load_transfer_set(transfer, meta, data_root)
-    if served is not None:
-        victim = served.victim
-        if built_defense is None:
-            built_defense = served.defense
-        elif served.defense is not built_defense:
-            raise ConfigError("served must be the victim behind built_defense")
-    if built_defense is None:
-        built_defense = build_defense(defense, defense_params, victim_dir, seed=training.seed,
-                                      data_root=data_root, device=device, progress=progress, log=log)
-    if victim is None:
-        victim = load_victim(victim_dir, device=device)
+        transfer_set = load_transfer_set(request.transfer, meta, data_root)
     if served is None:
-        served = DefendedVictim(victim, built_defense)
+        built = build_defense(defense, request.defense_params, victim_dir, seed=training.seed,
+                              data_root=data_root, device=device, progress=context.progress,
+                              log=context.log)
+        served = DefendedVictim(load_victim(victim_dir, device=device), built)
+    victim, built_defense = served.victim, served.defense
 
     test_images = to_victim_input(test.images, tuple(meta["input_shape"]))
     labels = torch.as_tensor(test.labels).long()
@@ -299,8 +324,8 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
                    **prediction_metrics(pred, labels, defended_pred, clean_pred),
                    **({"info": s.info} if s.info else {})}
             results.append(row)
-        if out is not None:
-            atomic_write(Path(out) / PREDICTIONS, lambda tmp: torch.save(predictions, tmp))
+        if request.out is not None:
+            atomic_write(Path(request.out) / PREDICTIONS, lambda tmp: torch.save(predictions, tmp))
     for row in results:
         say(f"  budget {row['budget']}: adversary accuracy {row['adversary_accuracy']:.2%}, agreement "
             f"{row['agreement']:.2%} ({row['queries_used']} queries, {row['seconds']:.0f} s)")
@@ -321,45 +346,74 @@ def attack_victim(victim_dir: str | Path, attack: str, params: dict[str, Any] | 
         "budget": top["budget"], "queries_used": queries_used, "attack_seconds": seconds,
         "results": results, **({"surrogates_from": shared} if shared else {}),
     }
-    if out is not None:
-        write_json(Path(out) / "metrics.json", record)
+    if request.out is not None:
+        write_json(Path(request.out) / "metrics.json", record)
     return record
 
 
-def attack_remote(url: str, attack: str, params: dict[str, Any] | None = None, *, api_key: str,
-                  eval_key: str | None = None, budgets: Sequence[int], transfer: str | None = None,
-                  training: SurrogateTraining | None = None, labels_only: bool = False,
-                  dataset: str | None = None, data_root: str | Path | None = None,
-                  device: str = "cpu", progress: bool = True,
-                  log: Callable[[str], None] | None = None,
-                  out: str | Path | None = None) -> dict[str, Any]:
-    """``attack_victim`` against a ``divqat serve`` prediction API instead of a victim directory.
-
-    The thief queries through ``RemoteBlackBox(url, api_key)``; the service's defense, budget and
-    counter apply. Measured on the test split of the service's dataset (``/v1/model``, or
-    ``dataset``), adapted as ``attack_victim`` does: ``adversary_accuracy`` / ``adversary_error``
-    always; ``agreement`` and ``defender_accuracy`` only with ``eval_key``, a separate key whose
-    answers on the test split stand for the defended victim's (never the thief's key: its budget
-    is the attack's). ``agreement_clean``, ``victim_accuracy`` and the defense's distances need
-    the undefended victim, which the service never shows. What is missing is None in the record
-    and named, with the reason, under ``left_out``.
-
-    ``transfer``: as ``attack_victim``; ``"holdout:N"`` for the last N images of the dataset's
-    training split (``holdout`` alone needs the victim's metadata, which the service does not
-    publish). The record adds ``remote`` (url, the key's output level, budget and what is left).
-    """
-    from divqat.remote import RemoteBlackBox
-
-    say = log or (lambda _msg: None)
-    training = training if training is not None else SurrogateTraining(device=device, progress=progress)
-    if not isinstance(training, SurrogateTraining):
-        raise ConfigError(f"training must be a SurrogateTraining, got {type(training).__name__}")
-    thief = create_attack(attack, **dict(params or {}))
+def _budgets(budgets: Sequence[int] | int) -> list[int]:
+    """The budgets ascending, each once; one int is one budget."""
     if isinstance(budgets, int) and not isinstance(budgets, bool):
         budgets = [budgets]
     if not budgets:
         raise ConfigError("give at least one query budget")
-    budgets = sorted({check_int("", "budget", b, low=1) for b in budgets})
+    return sorted({check_int("", "budget", b, low=1) for b in budgets})
+
+
+@dataclass(frozen=True)
+class ServiceAccess:
+    """How ``attack_remote`` reaches a ``divqat serve`` prediction API.
+
+    Arguments:
+        api_key: the thief's key; its budget is the attack's.
+        eval_key: a separate key whose answers on the test split stand for the defended
+            victim's (``agreement``, ``defender_accuracy``); never the thief's key.
+            (Default: None, those are left out.)
+        dataset: the registered dataset whose test split measures the surrogates.
+            (Default: None, the one the service publishes at ``/v1/model``.)
+    """
+
+    # The keys are secrets: never in a repr, hence never in a log or a traceback.
+    api_key: str = field(repr=False)
+    eval_key: str | None = field(default=None, repr=False)
+    dataset: str | None = None
+
+
+def attack_remote(request: AttackRequest, access: ServiceAccess,
+                  context: RunContext | None = None) -> dict[str, Any]:
+    """``attack_victim`` against a ``divqat serve`` prediction API: ``request.victim`` is its
+    URL, and its defense is the service's (``request.defense`` stays "none", no ``twin``).
+
+    The thief queries through ``RemoteBlackBox(url, access.api_key)``; the service's defense,
+    budget and counter apply. Measured on the test split of the service's dataset
+    (``/v1/model``, or ``access.dataset``), adapted as ``attack_victim`` does:
+    ``adversary_accuracy`` / ``adversary_error`` always; ``agreement`` and ``defender_accuracy``
+    only with ``access.eval_key``. ``agreement_clean``, ``victim_accuracy`` and the defense's
+    distances need the undefended victim, which the service never shows. What is missing is
+    None in the record and named, with the reason, under ``left_out``.
+
+    ``request.transfer``: as ``attack_victim``; ``"holdout:N"`` for the last N images of the
+    dataset's training split (``holdout`` alone needs the victim's metadata, which the service
+    does not publish). The record adds ``remote`` (url, the key's output level, budget and what
+    is left).
+    """
+    from divqat.remote import RemoteBlackBox
+
+    context = context or RunContext()
+    url, attack, transfer, labels_only = str(request.victim), request.attack, request.transfer, request.labels_only
+    api_key, eval_key, dataset = access.api_key, access.eval_key, access.dataset
+    data_root, device, say = context.data_root, context.device, context.say
+    if request.defense != "none" or request.defense_params:
+        raise ConfigError("over HTTP the defense is the service's (`divqat serve --defense`); "
+                          "drop --defense and --param")
+    if request.twin is not None:
+        raise ConfigError("over HTTP there is no twin: the thief's answers are the service's")
+    training = (request.training if request.training is not None
+                else SurrogateTraining(device=device, progress=context.progress))
+    if not isinstance(training, SurrogateTraining):
+        raise ConfigError(f"training must be a SurrogateTraining, got {type(training).__name__}")
+    thief = create_attack(attack, **dict(request.params or {}))
+    budgets = _budgets(request.budgets)
     holdout = None
     if transfer is not None and str(transfer).startswith(HOLDOUT):
         count = str(transfer)[len(HOLDOUT) + 1:]
@@ -455,10 +509,11 @@ def attack_remote(url: str, attack: str, params: dict[str, Any] | None = None, *
         box.close()
         if evaluator is not None:
             evaluator.close()
-    if out is not None:
-        write_json(Path(out) / "metrics.json", record)
+    if request.out is not None:
+        write_json(Path(request.out) / "metrics.json", record)
     return record
 
 
-__all__ = ["HOLDOUT", "PREDICTIONS", "attack_remote", "attack_victim", "labels_changed", "load_transfer_set",
-           "parse_transfer", "predict", "prediction_metrics", "surrogate_predictions"]
+__all__ = ["HOLDOUT", "PREDICTIONS", "AttackRequest", "ServiceAccess", "attack_loaded", "attack_remote",
+           "attack_victim", "labels_changed", "load_transfer_set", "parse_transfer", "predict",
+           "prediction_metrics", "surrogate_predictions"]

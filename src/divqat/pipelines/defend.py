@@ -17,7 +17,8 @@ split and over a query set, and reports:
 ``defend_victim`` is the whole ``divqat defend`` command: load the victim, build the defense,
 load the sets, evaluate, write ``OUT/metrics.json``::
 
-    >>> metrics = defend_victim("runs/qat", "dcp", {"beta": 0.5}, queries="mnist:test", out="runs/dcp")
+    >>> metrics = defend_victim(DefendRequest("runs/qat", "dcp", {"beta": 0.5}, queries="mnist:test",
+    ...                                       out="runs/dcp"), RunContext(data_root="data"))
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +42,10 @@ from divqat.data.base import SPLITS
 from divqat.defenses.base import Defense
 from divqat.errors import ConfigError
 from divqat.io import write_json
-from divqat.pipelines.defense_models import (
-    build_defense,
-    misinformation_model_dir,
-    victim_metadata,
-)
+from divqat.pipelines.context import RunContext
+from divqat.pipelines.defense_models import build_defense, misinformation_model_dir
 from divqat.stopwatch import phase, timed
-from divqat.victim import load_victim
+from divqat.victim import load_victim, victim_metadata
 
 # Defended posteriors can hold exact zeros (top-k, rounding, MAD's vertices) where the clean one
 # does not, which makes KL(clean || defended) infinite. Clamping y' at 1e-12 caps each such class's
@@ -312,24 +310,49 @@ def load_queries(query_set: str, input_shape: tuple[int, int, int], *, limit: in
 
 # ---------------------------------------------------------------- the `divqat defend` command
 
-def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] | None = None, *,
-                  queries: str | None = None, limit: int | None = None, batch_size: int = 256,
-                  seed: int = 0, misinformation_epochs: int = 5,
-                  retrain_misinformation: bool = False, data_root: str | Path | None = None,
-                  device: str = "cpu", progress: bool = True,
-                  log: Callable[[str], None] | None = None,
-                  out: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate one defense on a saved victim; write ``OUT/metrics.json`` when ``out`` is given.
+@dataclass(frozen=True)
+class DefendRequest:
+    """What ``divqat defend`` is asked: evaluate one defense on a saved victim.
 
-    ``queries`` is "NAME[:SPLIT]" of any registered dataset, adapted to the victim's input
-    (Default: None, the victim's own test split); ``limit`` keeps its first N images. The
-    defense is built with ``build_defense`` (see there for ``seed``, the misinformation model
-    and ``log``); the data are loaded and the parameters checked before any model is trained. Returns the metrics of
-    ``evaluate_defense`` plus ``victim``, ``victim_mode``, ``victim_dataset``, ``victim_arch``,
-    ``test_set``, ``query_set``, ``batch_size`` and, for model-backed defenses, ``seed``.
+    Arguments:
+        victim: the victim directory (``divqat train``).
+        defense, params: the registered defense and its parameters (``divqat defenses``).
+            (Default params: the defense's defaults.)
+        queries: the query set, "NAME[:SPLIT]" of any registered dataset, adapted to the
+            victim's input. (Default: None, the victim's own test split.)
+        limit: keep the query set's first N images. (Default: None, all.)
+        batch_size: images per query. (Default: 256.)
+        seed, misinformation_epochs, retrain_misinformation: for a defense that builds a model
+            (``build_defense``). (Defaults: 0, 5, False.)
+        out: the folder of ``metrics.json``. (Default: None, nothing written.)
     """
 
-    victim_dir = Path(victim_dir)
+    victim: str | Path
+    defense: str
+    params: dict[str, Any] = field(default_factory=dict)
+    queries: str | None = None
+    limit: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    misinformation_epochs: int = 5
+    retrain_misinformation: bool = False
+    out: str | Path | None = None
+
+
+def defend_victim(request: DefendRequest, context: RunContext | None = None) -> dict[str, Any]:
+    """Evaluate one defense on a saved victim (``DefendRequest``); write ``OUT/metrics.json``
+    when ``request.out`` is given.
+
+    ``context``: where the data are, the device, progress bars and the log that hears about a
+    misinformation model (default ``RunContext()``). The defense is built with
+    ``build_defense``; the data are loaded and the parameters checked before any model is
+    trained. Returns the metrics of ``evaluate_defense`` plus ``victim``, ``victim_mode``,
+    ``victim_dataset``, ``victim_arch``, ``test_set``, ``query_set``, ``batch_size`` and, for
+    model-backed defenses, ``seed``.
+    """
+    context = context or RunContext()
+    victim_dir, queries, limit = Path(request.victim), request.queries, request.limit
+    batch_size, seed, data_root = request.batch_size, request.seed, context.data_root
     meta = victim_metadata(victim_dir)
     query_set = queries if queries is not None else f"{meta['dataset']}:test"
     check_int("", "batch size", batch_size, low=1)
@@ -341,11 +364,11 @@ def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] |
     else:
         query_name, query_images = load_queries(query_set, tuple(meta["input_shape"]), limit=limit,
                                                 data_root=data_root)
-    built = build_defense(defense, params, victim_dir, seed=seed,
-                          misinformation_epochs=misinformation_epochs,
-                          retrain_misinformation=retrain_misinformation, data_root=data_root,
-                          device=device, progress=progress, log=log)
-    victim = load_victim(victim_dir, device=device)
+    built = build_defense(request.defense, request.params, victim_dir, seed=seed,
+                          misinformation_epochs=request.misinformation_epochs,
+                          retrain_misinformation=request.retrain_misinformation, data_root=data_root,
+                          device=context.device, progress=context.progress, log=context.log)
+    victim = load_victim(victim_dir, device=context.device)
     start = time.perf_counter()
     metrics = evaluate_defense(victim, built, test, query_images, batch_size)
     record: dict[str, Any] = {
@@ -363,10 +386,10 @@ def defend_victim(victim_dir: str | Path, defense: str, params: dict[str, Any] |
         record["seed"] = seed
     if built.trains_model:
         record["misinformation_model"] = str(misinformation_model_dir(victim_dir))
-    if out is not None:
-        write_json(Path(out) / "metrics.json", record)
+    if request.out is not None:
+        write_json(Path(request.out) / "metrics.json", record)
     return record
 
 
-__all__ = ["KL_CLAMP", "DefenseEvaluation", "defend_victim", "evaluate_defense", "evaluate_served",
+__all__ = ["KL_CLAMP", "DefendRequest", "DefenseEvaluation", "defend_victim", "evaluate_defense", "evaluate_served",
            "load_queries", "parse_query_set", "posterior_distances", "time_side_by_side"]

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-import divqat
 from divqat.checks import check_int
 from divqat.data import ImageDataset, load_dataset, training_split
 from divqat.defenses.adaptive_misinformation import misinformation_loss
@@ -42,11 +41,10 @@ from divqat.io import write_json
 from divqat.models import build_net
 from divqat.quant import export_dynamic
 from divqat.train.trainer import FitConfig, accuracy, fit, predict_logits
-from divqat.victim import load_fp32_net, read_metadata, save_victim
+from divqat.victim import VICTIM_KEYS, load_fp32_net, provenance, save_victim, victim_metadata
 
 MISINFORMATION_DIR = "misinformation"
 MISINFORMATION_ROLE = "misinformation-model"
-_VICTIM_KEYS = ("dataset", "arch", "input_shape", "classes", "mean", "std")
 
 
 class MisinformationObjective:
@@ -56,17 +54,6 @@ class MisinformationObjective:
                  progress: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss = misinformation_loss(logits, labels)
         return loss, {"loss": loss.detach()}
-
-
-def victim_metadata(victim_dir: str | Path) -> dict:
-    """A victim's metadata, refused (``ArtifactError``) without what defenses and their
-    evaluation need: dataset, arch, input shape, classes and normalization."""
-    meta = read_metadata(victim_dir)
-    missing = [k for k in _VICTIM_KEYS if k not in meta]
-    if missing:
-        raise ArtifactError(f"{Path(victim_dir) / 'victim.json'} lacks {', '.join(missing)}; "
-                            "retrain the victim with this divqat")
-    return meta
 
 
 def _fingerprint(victim_dir: Path) -> str:
@@ -135,7 +122,7 @@ def train_misinformation_model(victim_dir: str | Path, epochs: int = 5, seed: in
     test_accuracy = accuracy(predict_logits(model, test.images), test.labels)
 
     metadata = {
-        **{k: meta[k] for k in _VICTIM_KEYS},
+        **{k: meta[k] for k in VICTIM_KEYS},
         "mode": "fp32",
         "role": MISINFORMATION_ROLE,
         "loss": "misinformation: -log(1 - p_y + 1e-12)",
@@ -147,7 +134,7 @@ def train_misinformation_model(victim_dir: str | Path, epochs: int = 5, seed: in
         "train_images": len(train),
         "lr": lr,
         "schedule": cfg.schedule,
-        "versions": {"divqat": divqat.__version__, "torch": torch.__version__},
+        "versions": provenance(),
         "metrics": {"test_accuracy": test_accuracy, "train_seconds": seconds},
     }
     out = misinformation_model_dir(victim_dir)
@@ -292,6 +279,5 @@ __all__ = [
     "misinformation_model_dir",
     "random_surrogate",
     "train_misinformation_model",
-    "victim_metadata",
     "victim_training_images",
 ]

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import divqat
 from divqat.defenses.base import DEFENSES, Defense, create_defense
 from divqat.edge import METADATA_METHOD, PROGRAM_FORMAT, PROGRAM_FORMAT_VERSION, is_program_path
 from divqat.errors import ArtifactError, ConfigError
@@ -39,7 +38,7 @@ from divqat.io import atomic_write
 from divqat.quant import quiet_torchao
 from divqat.quant.edge import EDGE_MAX_BATCH, lower_to_pte, require_executorch
 from divqat.sealed import new_key, read_key, seal
-from divqat.victim import INT8_MODES, PROGRAM
+from divqat.victim import INT8_MODES, PROGRAM, provenance, victim_metadata
 
 # Why a defense cannot live inside a device program (every non-fusable one must be listed).
 NOT_FUSABLE = {
@@ -115,8 +114,6 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
     ``mode``, ``precision``, ``outputs``, ``defense``, ``defense_params``, ``encrypted``,
     ``new_key`` (a key file was created).
     """
-    from divqat.pipelines.defense_models import victim_metadata
-
     say = log or (lambda _msg: None)
     victim_dir, out = Path(victim_dir), Path(out)
     if is_program_path(victim_dir):
@@ -151,8 +148,7 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
         "defense_params": None if fused is None else fused.params(),
         "precision": "int8" if int8 else "fp32", "backend": "xnnpack", "max_batch": max_batch,
         "source": str(victim_dir),
-        "versions": {"divqat": divqat.__version__, "torch": torch.__version__,
-                     "executorch": _version("executorch")},
+        "versions": provenance("executorch"),
     }
     metadata = {**meta, "program": section}
     # An example at the upper bound: with a small one (2) this ExecuTorch planned the input for
@@ -168,15 +164,6 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
             "arch": meta.get("arch"), "precision": section["precision"], "outputs": section["outputs"],
             "defense": section["defense"], "defense_params": section["defense_params"],
             "encrypted": key is not None, "new_key": new, "max_batch": max_batch}
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 __all__ = ["NOT_FUSABLE", "DeviceModel", "device_defense", "export_victim"]

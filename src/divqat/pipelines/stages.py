@@ -29,12 +29,14 @@ from divqat.defenses.base import Defense
 from divqat.detectors import DETECTORS
 from divqat.errors import TrainingCollapsed
 from divqat.io import write_json
-from divqat.pipelines.attack import attack_victim, load_transfer_set
+from divqat.pipelines.attack import AttackRequest, attack_loaded, load_transfer_set
+from divqat.pipelines.context import RunContext
 from divqat.pipelines.defend import evaluate_served, time_side_by_side
 from divqat.pipelines.defense_models import build_defense
 from divqat.pipelines.detect import (
+    CalibrateRequest,
     alarm_record,
-    calibrate_detector,
+    calibrate_loaded,
     detector_factory,
     false_alarm_rate,
     load_features,
@@ -66,6 +68,52 @@ class DefenseSetting:
                           sort_keys=True)
 
 
+@dataclass(frozen=True)
+class TrainStageRequest:
+    """What a teacher or victim stage trains: a stage's settings as ``divqat train`` takes them
+    (``TrainRequest``), with ``divqat`` as the plain mapping of a config (``DivQATSettings``
+    fields, read for mode "divqat" only) and ``teacher`` the fp32 teacher's folder (None: this
+    stage trains the teacher). Defaults as ``TrainRequest``'s."""
+
+    dataset: str
+    arch: str = "resnet8"
+    mode: str = "fp32"
+    epochs: int = 10
+    lr: float | None = None
+    seed: int = 0
+    limit: int | None = None
+    holdout: int = 0
+    batch_size: int = 128
+    divqat: dict[str, Any] | None = None
+    precision: str = "fp32"
+    target: str = "x86"
+    teacher: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class AttackStageRequest:
+    """What an attack stage runs against the victim behind its defense (``AttackRequest``'s
+    thief, budgets and transfer set; ``surrogate`` the recipe's fields of ``SurrogateTraining``
+    as a config writes them, ``seed`` the thief's).
+
+    ``detectors``: name -> (calibration folder, params) of the extraction detectors that watch
+    the thief's stream (they only record: no answer changes). ``twin``: the folder of the same
+    label-only attack behind no defense, whose surrogates this one measures when the defense
+    leaves every transfer label as it was. (Defaults: the attack's parameters, no transfer set,
+    posteriors, the default recipe, seed 0, no detector, no twin.)
+    """
+
+    name: str
+    budgets: Sequence[int]
+    params: dict[str, Any] = field(default_factory=dict)
+    transfer: str | None = None
+    labels_only: bool = False
+    surrogate: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None
+    twin: str | Path | None = None
+
+
 class StageWork:
     """Runs stages in this process, reusing what they share (see the module docstring).
 
@@ -81,6 +129,7 @@ class StageWork:
                  keep: int = 4) -> None:
         self.data_root, self.device, self.progress = data_root, device, progress
         self.log = log or (lambda message: None)
+        self.context = RunContext(data_root, device, progress, self.log)
         self.keep = keep
         self._victims: OrderedDict[str, Victim] = OrderedDict()
         self._served: dict[tuple[str, str], DefendedVictim] = {}
@@ -89,19 +138,17 @@ class StageWork:
 
     # -- the kinds of stage
 
-    def train(self, folder: str | Path, *, dataset: str, arch: str, mode: str, epochs: int,
-              lr: float, seed: int, limit: int | None = None, holdout: int = 0,
-              batch_size: int = 128, divqat: dict[str, Any] | None = None,
-              precision: str = "fp32", target: str = "x86",
-              teacher: str | Path | None = None) -> dict[str, Any]:
-        """Train the fp32 teacher (``teacher`` None) or an int8 victim from it into ``folder``;
-        returns its metrics without the per-epoch history. An ``edge`` victim is also exported
-        to ``folder/victim.pte``. A collapsed DivQAT victim is a finding (the cliff), not a
-        failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
-        settings = DivQATSettings(**divqat) if mode == "divqat" else DivQATSettings()
-        req = TrainRequest(dataset=dataset, arch=arch, mode=mode, out=folder, epochs=epochs,
-                           teacher=teacher, divqat=settings, limit=limit, holdout=holdout, seed=seed,
-                           batch_size=batch_size, lr=lr, precision=precision, target=target,
+    def train(self, folder: str | Path, stage: TrainStageRequest) -> dict[str, Any]:
+        """Train the fp32 teacher (``stage.teacher`` None) or an int8 victim from it into
+        ``folder``; returns its metrics without the per-epoch history. An ``edge`` victim is also
+        exported to ``folder/victim.pte``. A collapsed DivQAT victim is a finding (the cliff),
+        not a failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
+        mode, teacher, target = stage.mode, stage.teacher, stage.target
+        settings = DivQATSettings(**stage.divqat) if mode == "divqat" else DivQATSettings()
+        req = TrainRequest(dataset=stage.dataset, arch=stage.arch, mode=mode, out=folder,
+                           epochs=stage.epochs, teacher=teacher, divqat=settings, limit=stage.limit,
+                           holdout=stage.holdout, seed=stage.seed, batch_size=stage.batch_size,
+                           lr=stage.lr, precision=stage.precision, target=target,
                            data_root=self.data_root, device=self.device, progress=self.progress,
                            log_epochs=self.progress)
         try:
@@ -129,32 +176,27 @@ class StageWork:
         write_json(Path(folder) / "metrics.json", metrics)
         return metrics
 
-    def attack(self, folder: str | Path, victim_dir: str | Path, setting: DefenseSetting, *,
-               name: str, params: dict[str, Any], transfer: str | None, labels_only: bool,
-               budgets: Sequence[int], surrogate: dict[str, Any], seed: int,
-               detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None,
-               twin: str | Path | None = None) -> dict[str, Any]:
+    def attack(self, folder: str | Path, victim_dir: str | Path, setting: DefenseSetting,
+               stage: AttackStageRequest) -> dict[str, Any]:
         """One attack (one surrogate per budget) against the victim behind ``setting``
-        (``divqat.pipelines.attack.attack_victim``), written to ``folder/metrics.json``.
-        ``twin``: the folder of the same label-only attack behind no defense, whose surrogates
-        this one measures when the defense leaves every transfer label as it was.
-        ``detectors``: name -> (calibration folder, params) of the extraction detectors that
-        watch the thief's stream (they only record: no answer changes); the result then holds,
-        per detector, when it first raised its alarm (``detectors``)."""
+        (``divqat.pipelines.attack.attack_loaded``), written to ``folder/metrics.json``; with
+        ``stage.detectors``, the result also holds, per detector, when it first raised its
+        alarm (``detectors``)."""
+        transfer, budgets, detectors = stage.transfer, stage.budgets, stage.detectors
         served = self.served(victim_dir, setting)
         victim = served.victim
         transfer_set = None if transfer is None else self.transfer_set(transfer, victim.metadata)
-        training = SurrogateTraining(**surrogate, seed=seed, device=self.device, progress=self.progress)
+        training = SurrogateTraining(**stage.surrogate, seed=stage.seed, device=self.device,
+                                     progress=self.progress)
         monitor = watched = None
         if detectors:
             monitor, watched = watching({n: detector_factory(n, p, victim_dir, store=store, log=self.log)[0]
                                          for n, (store, p) in detectors.items()})
-        record = attack_victim(victim_dir, name, params, budgets=budgets, defense=setting.name,
-                               defense_params=setting.params, transfer=transfer, training=training,
-                               labels_only=labels_only, data_root=self.data_root, device=self.device,
-                               progress=self.progress, log=self.log, out=folder, served=served,
-                               transfer_set=transfer_set, test_set=self.test_set(victim_dir),
-                               monitor=monitor, twin=twin)
+        request = AttackRequest(victim_dir, stage.name, budgets, stage.params, defense=setting.name,
+                                defense_params=setting.params, transfer=transfer, training=training,
+                                labels_only=stage.labels_only, twin=stage.twin, out=folder)
+        record = attack_loaded(request, served, self.context, test_set=self.test_set(victim_dir),
+                               transfer_set=transfer_set, monitor=monitor)
         if watched:
             record["detectors"] = {n: alarm_record(d) for n, d in watched.items()}
             for n, d in record["detectors"].items():
@@ -166,15 +208,15 @@ class StageWork:
     def calibrate(self, folder: str | Path, victim_dir: str | Path, *, name: str, params: dict[str, Any],
                   target_far: float, streams: int, length: int, benign_streams: int,
                   seed: int) -> dict[str, Any]:
-        """Calibrate detector ``name`` on the victim into ``folder`` (``calibrate_detector``: a
+        """Calibrate detector ``name`` on the victim into ``folder`` (``calibrate_loaded``: a
         threshold for ``target_far`` on ``streams`` benign streams of ``length`` training
         images), then its false-alarm rate over ``benign_streams`` honest clients of the same
         length on images the calibration never saw (test split and holdout,
         ``false_alarm_rate``); written to ``folder/metrics.json``."""
         victim = self._victim(victim_dir)
-        calibration = calibrate_detector(victim_dir, name, params, target_far=target_far, streams=streams,
-                                         length=length, seed=seed, data_root=self.data_root, store=folder,
-                                         victim=victim, log=self.log)
+        request = CalibrateRequest(victim_dir, name, params, target_far=target_far, streams=streams,
+                                   length=length, seed=seed, store=folder)
+        calibration = calibrate_loaded(request, victim, self.context)
         make, _ = detector_factory(name, params, victim_dir, store=folder, log=self.log)
         cls = DETECTORS.get(name)
         features = load_features(victim_dir, folder) if cls.model_param == "features" else None
@@ -257,4 +299,4 @@ class StageWork:
                              log=self.log)
 
 
-__all__ = ["EDGE_PROGRAM", "DefenseSetting", "StageWork"]
+__all__ = ["EDGE_PROGRAM", "AttackStageRequest", "DefenseSetting", "StageWork", "TrainStageRequest"]

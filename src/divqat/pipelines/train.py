@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import divqat
 from divqat.checks import check_choice, check_int
 from divqat.data import channel_stats, dataset_spec, load_dataset, to_float, training_split
 from divqat.errors import ConfigError, TrainingCollapsed
@@ -30,6 +29,7 @@ from divqat.victim import (
     INT8_MODES,
     Victim,
     load_fp32_net,
+    provenance,
     read_metadata,
     save_victim,
 )
@@ -248,19 +248,13 @@ def train_victim(req: TrainRequest) -> dict:
         # The int8 scheme: "x86" (inductor, oneDNN) or "edge" (XNNPACK, `divqat export`).
         "target": req.target if req.mode in INT8_MODES else None,
         "teacher": str(req.teacher) if req.teacher is not None else None,
-        "versions": {"divqat": divqat.__version__, "torch": torch.__version__, "torchao": _torchao_version()},
+        "versions": provenance("torchao"),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
     }
     out = Path(req.out)
     save_victim(out, program, metadata, weights)
     write_json(out / "metrics.json", metrics)
     return metrics
-
-
-def _torchao_version() -> str:
-    from importlib.metadata import version
-
-    return version("torchao")
 
 
 __all__ = ["MODES", "TrainRequest", "teacher_distances", "train_victim"]

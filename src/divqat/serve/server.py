@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from divqat.blackbox import DefendedVictim
 from divqat.errors import ConfigError
+from divqat.pipelines.context import RunContext
 from divqat.serve.app import ServiceLimits, create_app
 from divqat.serve.store import KeyStore
 
@@ -63,8 +65,8 @@ def load_service(victim_dir: str | Path, defense: str = "none", params: dict[str
                  ) -> tuple[DefendedVictim, dict]:
     """The victim in ``victim_dir`` behind ``defense`` (built as ``divqat defend`` and ``divqat
     attack`` build it), warmed up; and the victim's metadata."""
-    from divqat.pipelines.defense_models import build_defense, victim_metadata
-    from divqat.victim import load_victim
+    from divqat.pipelines.defense_models import build_defense
+    from divqat.victim import load_victim, victim_metadata
 
     meta = victim_metadata(victim_dir)
     built = build_defense(defense, params, victim_dir, seed=seed, data_root=data_root, device=device,
@@ -74,26 +76,56 @@ def load_service(victim_dir: str | Path, defense: str = "none", params: dict[str
     return served, meta
 
 
-def run_service(victim_dir: str | Path, db: str | Path, defense: str = "none",
-                params: dict[str, Any] | None = None, *, host: str = LOOPBACK, port: int = 8000,
-                limits: ServiceLimits | None = None, fsync: bool = False, seed: int = 0,
-                data_root: str | Path | None = None, device: str = "cpu",
-                misinformation_epochs: int = 5, log: Callable[[str], None] | None = None,
-                detector: str | None = None, detector_params: dict[str, Any] | None = None,
-                on_alarm: str = "flag", save_every: float = 1.0) -> None:
-    """Serve the defended victim on http://host:port until SIGTERM / Ctrl-C. Prints one line with
-    the URL once it listens (``port=0``: a free port, shown there).
+@dataclass(frozen=True)
+class ServiceRequest:
+    """What ``divqat serve`` is asked: a victim behind a defense, as an HTTP prediction API.
 
-    ``detector``: an extraction detector watching each key's stream (built for the victim, with
-    its calibration from ``divqat calibrate``), ``on_alarm`` what happens to a key it flags
-    (flag, block, labels-only), ``save_every`` seconds between saves of a key's detector state
-    (``divqat.serve.watch``)."""
+    Arguments:
+        victim: the victim directory (``divqat train``).
+        db: the API keys' database (``divqat keys``).
+        defense, params: the defense in front of the victim and its parameters.
+            (Default: none.)
+        host, port: where to listen; port 0 takes a free one. (Default: 127.0.0.1:8000.)
+        limits: images per request, body size, dynamic batching. (Default: None,
+            ``ServiceLimits()``.)
+        fsync: commit every key's counter to disk before answering. (Default: False.)
+        seed, misinformation_epochs: for a defense that builds a model (``build_defense``).
+            (Defaults: 0, 5.)
+        detector, detector_params: an extraction detector watching each key's stream (built
+            for the victim, with its calibration from ``divqat calibrate``). (Default: None.)
+        on_alarm: what happens to a key it flags: flag, block or labels-only. (Default: flag.)
+        save_every: seconds between saves of a key's detector state (``divqat.serve.watch``).
+            (Default: 1.0.)
+    """
+
+    victim: str | Path
+    db: str | Path
+    defense: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+    host: str = LOOPBACK
+    port: int = 8000
+    limits: ServiceLimits | None = None
+    fsync: bool = False
+    seed: int = 0
+    misinformation_epochs: int = 5
+    detector: str | None = None
+    detector_params: dict[str, Any] = field(default_factory=dict)
+    on_alarm: str = "flag"
+    save_every: float = 1.0
+
+
+def run_service(request: ServiceRequest, context: RunContext | None = None) -> None:
+    """Serve the defended victim on http://host:port until SIGTERM / Ctrl-C. Prints one line with
+    the URL once it listens (``port=0``: a free port, shown there). ``context``: where the data
+    are, the device, and the log (default: lines on stderr)."""
     import uvicorn
 
-    say = log or (lambda message: print(message, file=sys.stderr, flush=True))
-    sock = bind(host, port)  # first: a port in use is found before minutes of loading
+    context = context or RunContext()
+    victim_dir, db, defense, detector = request.victim, request.db, request.defense, request.detector
+    say = context.log or (lambda message: print(message, file=sys.stderr, flush=True))
+    sock = bind(request.host, request.port)  # first: a port in use is found before minutes of loading
     try:
-        store = KeyStore(db, fsync=fsync)  # and a file that is no key database
+        store = KeyStore(db, fsync=request.fsync)  # and a file that is no key database
         if not any(key.revoked is None for key in store.keys()):
             say(f"divqat serve: {db} holds no usable API key yet; every request gets 401 until one is "
                 f"created: divqat keys create NAME --budget N --db {db}")
@@ -103,15 +135,17 @@ def run_service(victim_dir: str | Path, db: str | Path, defense: str = "none",
             from divqat.pipelines.detect import detector_factory
             from divqat.serve.watch import KeyWatch
 
-            make, settings = detector_factory(detector, detector_params, victim_dir, log=say)
-            watch = KeyWatch(make, settings, on_alarm=on_alarm, save_every=save_every)
+            make, settings = detector_factory(detector, request.detector_params, victim_dir, log=say)
+            watch = KeyWatch(make, settings, on_alarm=request.on_alarm, save_every=request.save_every)
             shown = ", ".join(f"{k}={v}" for k, v in settings["params"].items())
             say(f"divqat serve: every key watched by {detector} ({shown}; "
-                f"{'calibrated' if settings['calibrated'] else 'not calibrated'}), on alarm: {on_alarm}")
-        served, meta = load_service(victim_dir, defense, params, seed=seed, data_root=data_root,
-                                    device=device, misinformation_epochs=misinformation_epochs, log=say)
+                f"{'calibrated' if settings['calibrated'] else 'not calibrated'}), "
+                f"on alarm: {request.on_alarm}")
+        served, meta = load_service(victim_dir, defense, request.params, seed=request.seed,
+                                    data_root=context.data_root, device=context.device,
+                                    misinformation_epochs=request.misinformation_epochs, log=say)
         app = create_app(served, db, classes=meta["classes"], dataset=meta.get("dataset"),
-                         limits=limits, fsync=fsync, watch=watch)
+                         limits=request.limits, fsync=request.fsync, watch=watch)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=60, server_header=False)
         bound_host, bound_port = sock.getsockname()[:2]

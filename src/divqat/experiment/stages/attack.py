@@ -25,6 +25,7 @@ from divqat.experiment.results import (
 from divqat.experiment.sizes import ARCH_COST, Sizes
 from divqat.experiment.stages.base import StageKind, register_kind
 from divqat.experiment.stages.defense import defense_setting
+from divqat.pipelines.stages import AttackStageRequest
 from divqat.registry import params_text
 
 if TYPE_CHECKING:
@@ -87,12 +88,13 @@ class Attack(StageKind):
     def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
         s = task.spec
         return work.attack(folder, task.folders["victim"],
-                           defense_setting(task.context["defense"], s["seed"]), name=s["name"],
-                           params=s["params"], transfer=s["transfer"], labels_only=s["labels_only"],
-                           budgets=s["budgets"], surrogate=s["surrogate"], seed=s["seed"],
-                           detectors={name: (task.folders[f"calibration:{name}"], params)
-                                      for name, params in (task.context.get("detectors") or {}).items()},
-                           twin=task.folders.get("twin"))
+                           defense_setting(task.context["defense"], s["seed"]), AttackStageRequest(
+                               name=s["name"], params=s["params"], transfer=s["transfer"],
+                               labels_only=s["labels_only"], budgets=s["budgets"],
+                               surrogate=s["surrogate"], seed=s["seed"],
+                               detectors={name: (task.folders[f"calibration:{name}"], params)
+                                          for name, params in (task.context.get("detectors") or {}).items()},
+                               twin=task.folders.get("twin")))
 
     def summary(self, result: dict[str, Any]) -> str:
         return "adversary accuracy " + ", ".join(f"{x['adversary_accuracy']:.1%} at {x['budget']}"

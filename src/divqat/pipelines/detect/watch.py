@@ -1,0 +1,60 @@
+"""Several detectors watching one thief's stream without changing any answer: what
+``divqat detect`` and the experiment's attack stages record."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from divqat.detectors import Detector, Monitor
+
+
+class _Tee(Detector):
+    """Several detectors watching one stream (one attack run measures them all); its own
+    verdict is never used."""
+
+    name = "tee"
+
+    def __init__(self, detectors: Sequence[Detector]) -> None:
+        super().__init__()
+        self.detectors = list(detectors)
+        self.threshold = None
+
+    def _observe(self, images: Tensor, labels: Tensor, answers: Tensor) -> list[tuple[int, float]]:
+        for detector in self.detectors:
+            detector.observe(images, answers)
+        return []
+
+    def _reset(self) -> None:
+        for detector in getattr(self, "detectors", []):
+            detector.reset()
+
+    def _state(self) -> dict[str, Any]:
+        return {"detectors": [d.state_dict() for d in self.detectors]}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        for detector, saved in zip(self.detectors, state["detectors"], strict=True):
+            detector.load_state_dict(saved)
+
+    def params(self) -> dict[str, Any]:
+        return {"detectors": [d.name for d in self.detectors]}
+
+
+def watching(factories: dict[str, Callable[[], Detector]]) -> tuple[Monitor, dict[str, Detector]]:
+    """A monitor that only records (``flag``) and the fresh detectors it feeds, by name: several
+    detectors watching one thief's stream without changing any answer."""
+    detectors = {name: make() for name, make in factories.items()}
+    return Monitor(_Tee(list(detectors.values())), on_alarm="flag"), detectors
+
+
+def alarm_record(detector: Detector) -> dict[str, Any]:
+    """What a watched stream ended with: ``detected``, ``first_alarm`` (queries until the alarm,
+    None if not raised), the last and most suspicious scores, and how many tests ran."""
+    v = detector.verdict()
+    return {"detected": v.first_alarm is not None, "first_alarm": v.first_alarm,
+            "final_score": v.score, "worst_score": v.worst, "tests": v.tests}
+
+
+__all__ = ["alarm_record", "watching"]

@@ -1,4 +1,4 @@
-"""The detection table of the README: each detector against each thief, over seeds.
+"""The detection table of docs/results.md: each detector against each thief, over seeds.
 
     python benchmarks/detection_table.py --victim runs/victims/qat --out runs/detection [--seeds 0 1 2]
 

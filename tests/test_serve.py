@@ -659,7 +659,7 @@ def test_remote_attack_errors_are_one_line(tmp_path, capsys):
 def test_stealing_over_http_matches_the_in_process_attack(tiny_victims, tmp_path, capsys, one_thread):
     """The same seed, transfer set and defense (dcp): the same posteriors, bit for bit, hence the
     same surrogates and the same adversary accuracy. (The fp32 victim, which runs eagerly: the
-    int8 one with dcp fused into its program is the README's demonstration, at budget 5000.)"""
+    int8 one with dcp fused into its program is the serving guide's demonstration, at budget 5000.)"""
     from divqat.attacks import SurrogateTraining
     from divqat.pipelines.attack import AttackRequest, attack_victim
     from divqat.serve.server import load_service

@@ -7,7 +7,7 @@ check")[:8]``: it tells a wrong key from a tampered file without revealing anyth
 a 256-bit key.
 
 A key file holds 32 random bytes as 64 hex characters (one line), the form a device keystore or a
-key server hands over. What this does and does not protect is in the README ("Protection at rest"):
+key server hands over. What this does and does not protect is in the device guide (docs/guides/device.md, "Protection at rest"):
 it keeps the program unreadable to whoever copies the file without the key; it does nothing
 against a thief who also gets the key (a key shipped in the same app, a rooted device, a memory
 dump of the running app).

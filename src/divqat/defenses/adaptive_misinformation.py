@@ -70,6 +70,7 @@ class AdaptiveMisinformation(Defense):
     """
 
     name = "adaptive-misinformation"
+    not_fusable_because = "it runs a second model (the misinformation model) beside the victim"
     model_param = "misinformation_model"
     model_help = ("a model of the victim's architecture trained to be wrong on the victim's training "
                   "images; trained on first use (--misinformation-epochs), kept in "

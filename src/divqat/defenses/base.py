@@ -53,6 +53,8 @@ class Defense(abc.ABC):
     # ``forward`` is a deterministic tensor formula of ``y`` alone (no logits, images, model or
     # random state), so ``epilogue`` can be compiled into an int8 victim's program.
     fusable: ClassVar[bool] = False
+    # Why it cannot: one clause, shown when someone asks to put it inside a device program.
+    not_fusable_because: ClassVar[str] = "it is not a deterministic formula of the posteriors alone"
 
     def __init__(self) -> None:  # noqa: B027  (not abstract: parameterless defenses keep it)
         """A defense without parameters (so ``params()`` is empty, not object's *args)."""

@@ -93,6 +93,7 @@ class MAD(Defense):
     """
 
     name = "mad"
+    not_fusable_because = "it runs a surrogate model and a per-query search over its gradients"
     needs_inputs = True
     model_param = "surrogate"
     model_help = "a randomly initialized model of the victim's architecture (--seed)"

@@ -43,6 +43,8 @@ class RandomNoise(Defense):
     """
 
     name = "random-noise"
+    not_fusable_because = ("it draws fresh random noise for every query, and a device program is a "
+                           "fixed formula of the posteriors")
 
     def __init__(self, eps: float = 0.5, target: str = "simplex", seed: int | None = None) -> None:
         self.eps = check_number(self.name, "eps", eps, low=0.0, high=2.0)

@@ -12,7 +12,7 @@ split: ``adversary_accuracy``, ``agreement`` with the victim's (defended) argmax
 whether the copy is byte-identical. An encrypted program (``divqat export --encrypt-key-file``)
 copied by a thief without its key does not load: the copy is then recorded as worth nothing
 (``adversary_accuracy`` None) with the reason. ``thief_has_key=True`` (the default) is the
-common case the README warns about: the key ships inside the same app, so the thief has it too.
+common case the device guide warns about: the key ships inside the same app, so the thief has it too.
 
     >>> record = copy_attack("qat.pte", out="runs/copy")
 """

@@ -40,14 +40,6 @@ from divqat.quant.edge import EDGE_MAX_BATCH, lower_to_pte, require_executorch
 from divqat.sealed import new_key, read_key, seal
 from divqat.victim import INT8_MODES, PROGRAM, provenance, victim_metadata
 
-# Why a defense cannot live inside a device program (every non-fusable one must be listed).
-NOT_FUSABLE = {
-    "random-noise": "it draws fresh random noise for every query, and a device program is a fixed "
-                    "formula of the posteriors",
-    "adaptive-misinformation": "it runs a second model (the misinformation model) beside the victim",
-    "mad": "it runs a surrogate model and a per-query search over its gradients",
-}
-
 
 class DeviceModel(nn.Module):
     """What the device runs: the victim's network (normalization inside), then, with a defense,
@@ -73,7 +65,7 @@ def device_defense(name: str | None, params: dict[str, Any] | None = None) -> De
         return None
     cls = DEFENSES.get(name)  # an unknown name: the registry's error lists the names
     if not cls.fusable:
-        reason = NOT_FUSABLE.get(name, "it is not a deterministic formula of the posteriors alone")
+        reason = cls.not_fusable_because
         fusable = ", ".join(n for n in DEFENSES.names() if DEFENSES.get(n).fusable)
         raise ConfigError(f"defense {name!r} cannot go inside a device program: {reason}; "
                           f"fusable: {fusable}")
@@ -166,4 +158,4 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
             "encrypted": key is not None, "new_key": new, "max_batch": max_batch}
 
 
-__all__ = ["NOT_FUSABLE", "DeviceModel", "device_defense", "export_victim"]
+__all__ = ["DeviceModel", "device_defense", "export_victim"]

@@ -1,6 +1,6 @@
 """The prediction API: a FastAPI app serving a ``DefendedVictim`` behind API keys.
 
-Endpoints (the README's "Serving" section shows a session):
+Endpoints (the serving guide, docs/guides/serving.md, shows a session):
 
 - ``POST /v1/predict`` (key): a batch of images, as a ``.npy`` array (``Content-Type:
   application/x-npy``; uint8, or float32 in [0, 1]; (N, C, H, W) or (N, H, W)) or as PNG / JPEG

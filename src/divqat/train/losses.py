@@ -155,7 +155,7 @@ class DivQATSettings:
 # little (alpha 0.5: 1.5x QAT's KL to the fp32 teacher) or fell off a cliff (alpha 1: -8.7 points
 # of int8 accuracy); the cap stops the push once a sample is `cap` nats away, so alpha can be large
 # enough to move the posteriors at all. Measured on Fashion-MNIST resnet8, one epoch of
-# fine-tuning (README, "Measured"): cap 0.2 gave 14.9x at -0.92 points from one teacher but
+# fine-tuning (docs/results.md): cap 0.2 gave 14.9x at -0.92 points from one teacher but
 # -1.07 and -2.30 from two others; cap 0.15 gave 9.8-14.3x at -0.57 to -1.30 over two teachers
 # and two seeds, the middle of the narrow band where the KL is >= 10x and the cost about 1 point.
 RECOMMENDED = DivQATSettings(alpha=2.0, divergence="kl", cap=0.15)

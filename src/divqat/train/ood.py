@@ -2,7 +2,7 @@
 
 The paper's DivQAT (Khaled et al., arXiv 2512.23948) pushes the quantized model's posteriors away
 from the fp32 teacher's on the *training* images, where they also have to stay accurate: the
-argmax is pinned by CE, and only a small divergence is affordable (README, "Measured": about 1
+argmax is pinned by CE, and only a small divergence is affordable (docs/results.md: about 1
 point of accuracy for 10x QAT's KL). But a thief with in-distribution images barely needs the
 posteriors (a label-only thief steals almost as well), and a thief with foreign images sees
 answers the training loss never shaped. This objective moves the push to where thieves get their

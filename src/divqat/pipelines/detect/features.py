@@ -34,7 +34,7 @@ class FeatureExtractor:
     features (N, F), computed without gradients in chunks. Inference only: its BatchNorms are
     folded into the convolutions before them (``frozen_forward``), and it runs channels_last
     (1.4-1.7x for these convolutions on this CPU, environment notes): a watched query pays
-    for this forward pass and nearly nothing else (README, "Per-query cost")."""
+    for this forward pass and nearly nothing else (docs/results.md, "Per-query cost")."""
 
     def __init__(self, net: nn.Module) -> None:
         if not hasattr(getattr(net, "net", None), "features"):

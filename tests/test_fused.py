@@ -130,3 +130,18 @@ def test_a_fused_defense_that_produces_nan_is_refused_and_not_counted(int8_victi
     with pytest.raises(RuntimeError, match="non-finite"):
         box.query(queries[:16])
     assert box.queries_used == 0
+
+
+def test_a_defense_that_cannot_go_inside_a_device_program_says_why():
+    from divqat.defenses import DEFENSES
+    from divqat.defenses.base import Defense
+    from divqat.errors import ConfigError
+    from divqat.pipelines.export import device_defense
+
+    unfusable = [n for n in DEFENSES.names() if not DEFENSES.get(n).fusable]
+    assert {"mad", "random-noise", "adaptive-misinformation"} <= set(unfusable)
+    for name in unfusable:
+        reason = DEFENSES.get(name).not_fusable_because
+        assert reason != Defense.not_fusable_because  # each says its own why
+        with pytest.raises(ConfigError, match=f"defense '{name}' cannot go inside a device program: "):
+            device_defense(name)

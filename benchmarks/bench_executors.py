@@ -1,16 +1,16 @@
 """The same stages under `divqat run --executor serial` and `--executor ray`, one run after the other.
 
     python benchmarks/bench_executors.py [--preset smoke | --config FILE] [--rounds 1]
-        [--threads 2] [--cpus-per-stage 1] [--work DIR] [--out benchmarks/results/executors.json]
+        [--threads N] [--cpus-per-stage N] [--work DIR] [--out benchmarks/results/executors.json]
 
 Each round runs the whole `divqat run` command twice from an empty output folder, serial first
-(``--threads`` torch threads, one stage at a time), then Ray (``--cpus-per-stage`` CPUs and
-threads per stage, as many stages at a time as the cores allow; the local Ray instance's start
-and stop included), and times each end to end. With several rounds the order alternates, so a
-change of load on the machine falls on both. Prints each wall time, the stage seconds summed
-from ``done.json``, and the ratio serial / ray per round and over all rounds (the verdict).
-With ``--threads`` equal to ``--cpus-per-stage`` it also checks that both executors wrote the
-same results (every number but the timings).
+(one stage at a time), then Ray (a stage worker per ``--cpus-per-stage`` CPUs, as many stages at
+a time as the cores allow; the local Ray instance's start and stop included), and times each end
+to end. Every stage runs with the config's ``numerics.threads`` torch threads under both
+(``--threads`` overrides it for both). With several rounds the order alternates, so a change of
+load on the machine falls on both. Prints each wall time, the stage seconds summed from
+``done.json``, the ratio serial / ray per round and over all rounds (the verdict), and whether
+both executors wrote the same results (every number but the timings).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ TIMINGS = {"ms_per_query_clean", "ms_per_query_defended", "latency_ratio", "atta
 def run(executor: str, source: list[str], out: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "divqat.cli", "run", *source, "--out", str(out), "--no-progress",
                "--executor", executor]
-    command += (["--threads", str(args.threads)] if executor == "serial"
-                else ["--cpus-per-stage", str(args.cpus_per_stage)])
+    command += ["--threads", str(args.threads)] if args.threads else []
+    if executor == "ray" and args.cpus_per_stage:
+        command += ["--cpus-per-stage", str(args.cpus_per_stage)]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -62,8 +63,10 @@ def main() -> None:
     parser.add_argument("--preset", default="smoke")
     parser.add_argument("--config", help="a YAML config instead of --preset")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--cpus-per-stage", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every stage (default: the config's numerics.threads)")
+    parser.add_argument("--cpus-per-stage", type=int, default=None,
+                        help="ray: CPUs per stage worker (default: the stages' threads)")
     parser.add_argument("--work", help="where the runs go (default: a temporary folder, removed)")
     parser.add_argument("--out", default="benchmarks/results/executors.json")
     args = parser.parse_args()
@@ -85,11 +88,9 @@ def main() -> None:
             row = {"round": r + 1, "order": list(order), **{f"{k}_{e}": v for e in got
                                                             for k, v in got[e].items() if k != "executor"},
                    "ratio": ratio}
-            if args.threads == args.cpus_per_stage:
-                row["same_results"] = same_results(work / f"round{r}-serial", work / f"round{r}-ray")
+            row["same_results"] = same_results(work / f"round{r}-serial", work / f"round{r}-ray")
             rows.append(row)
-            print(f"round {r + 1}: serial / ray = {ratio:.2f}x"
-                  + (f", same results: {row['same_results']}" if "same_results" in row else ""))
+            print(f"round {r + 1}: serial / ray = {ratio:.2f}x, same results: {row['same_results']}")
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -737,3 +737,22 @@ def test_the_add_a_stage_kind_example_plans_runs_and_reports_its_kind(tiny_run, 
     assert all(r["bytes"] > 10_000 and r["files"] >= 1 for r in sizes)
     assert any("victim-size | qat" in line for line in lines) and any("bytes in" in line for line in lines)
     assert "victim-size" not in STAGE_KINDS and len(plan_stages(config)) == N_STAGES
+
+
+def test_the_numerics_section_says_which_stages_used_bf16_and_which_fell_back():
+    from divqat.experiment.numerics import Numerics, lines, mismatch, summary
+
+    here = Numerics().record()
+    bf16 = {"kind": "attack", "spec": {"surrogate": {"precision": "bf16"}}}
+    used = {**bf16, "numerics": {**here, "bf16_native": True}}
+    fell_back = {**bf16, "numerics": {**here, "bf16_native": False}}
+    plain = {"kind": "victim", "spec": {"mode": "qat"}, "numerics": {**here, "bf16_native": False}}
+    s = summary([used, used, plain], {**here, "bf16_native": True})
+    assert (s["bf16_stages"], s["bf16_fell_back"], s["bf16_by_kind"]["used"]) == (2, 0, {"attack": 2})
+    assert "2 stage(s) trained under bf16 autocast as configured (2 attack" in "\n".join(lines(s))
+    s = summary([fell_back, plain], {**here, "bf16_native": False})
+    assert "1 stage(s) (1 attack) asked for bf16 but the CPU had no native bf16" in "\n".join(lines(s))
+    # A bf16 stage from a CPU with native bf16 is not reused on one without (nor the reverse);
+    # a stage that did not ask for bf16 does not care.
+    assert "native bf16" in mismatch(used, {**here, "bf16_native": False})
+    assert mismatch(plain, {**here, "bf16_native": True}) is None

@@ -103,11 +103,16 @@ def summary(records: list[dict[str, Any]], wanted: dict[str, Any]) -> dict[str, 
         have = recorded(record)
         if have not in seen:
             seen.append(have)
-    bf16 = [uses_bf16(r) for r in records]
+    bf16: dict[str, dict[str, int]] = {"used": {}, "fell_back": {}}
+    for record in records:
+        used = uses_bf16(record)
+        if used is not None:
+            counts = bf16["used" if used else "fell_back"]
+            counts[record.get("kind", "?")] = counts.get(record.get("kind", "?"), 0) + 1
     return {**wanted, "stages": len(records),
             "not_recorded": sum(recorded(r).get("torch") == NOT_RECORDED for r in records),
-            "bf16_stages": sum(b is True for b in bf16), "bf16_fell_back": sum(b is False for b in bf16),
-            "distinct": seen}
+            "bf16_stages": sum(bf16["used"].values()), "bf16_fell_back": sum(bf16["fell_back"].values()),
+            "bf16_by_kind": bf16, "distinct": seen}
 
 
 def lines(numerics: dict[str, Any] | None) -> list[str]:
@@ -118,11 +123,18 @@ def lines(numerics: dict[str, Any] | None) -> list[str]:
            f"{'s' if numerics['threads'] != 1 else ''} (`numerics.threads`) under torch "
            f"{numerics['torch']}, on a CPU {'with' if numerics['bf16_native'] else 'without'} native "
            "bf16; the serial and the Ray executor give the same numbers under the same numerics."]
+    by_kind = numerics.get("bf16_by_kind") or {}
+
+    def kinds(which: str) -> str:
+        return ", ".join(f"{n} {kind}" for kind, n in (by_kind.get(which) or {}).items())
+
     if numerics["bf16_stages"]:
-        out.append(f"{numerics['bf16_stages']} stage(s) trained under bf16 autocast as configured.")
+        out.append(f"{numerics['bf16_stages']} stage(s) trained under bf16 autocast as configured "
+                   f"({kinds('used')}; the rest in fp32).")
     if numerics["bf16_fell_back"]:
-        out.append(f"{numerics['bf16_fell_back']} stage(s) asked for bf16 but this CPU has no native "
-                   "bf16: they trained in fp32, and their numbers are not comparable with a bf16 run's.")
+        out.append(f"{numerics['bf16_fell_back']} stage(s) ({kinds('fell_back')}) asked for bf16 but "
+                   "the CPU had no native bf16: they trained in fp32, and their numbers are not "
+                   "comparable with a bf16 run's.")
     if numerics["not_recorded"]:
         out.append(f"{numerics['not_recorded']} cached stage(s) finished before the numerics were "
                    "recorded: their threads are their worker's, their torch version is not known.")

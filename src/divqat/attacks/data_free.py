@@ -127,18 +127,9 @@ class DataFreeAttack(Attack):
     # answered), which saves one batch of queries per iteration; DFME draws a fresh batch.
     reuse_generator_batch: ClassVar[bool] = False
 
-    # The attack's parameters with their defaults: what the registry lists and ``params()`` reads.
+    # The attack's parameters with their defaults: what the registry lists and ``params()`` reads;
+    # each becomes an attribute of the same name (``self.batch_size``, ...: DataFreeSettings).
     Settings: ClassVar[type[DataFreeSettings]]
-
-    batch_size: int
-    g_iter: int
-    d_iter: int
-    directions: int
-    eps: float
-    generator_lr: float
-    student_lr: float
-    nz: int
-    generator_width: int
 
     def __init__(self, **params: Any) -> None:
         for name, value in self.Settings(**params).checked(self.name).items():

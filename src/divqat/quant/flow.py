@@ -1,14 +1,24 @@
+"""The PT2E QAT flow for any exportable CNN: export, fake-quant, fine-tune, convert, compile.
+
+Two things make it take a user's architecture, not only divqat's ResNets: a graph fix for nets
+that call one activation module twice (``_one_partition_per_call``), and errors that say in one
+line which code or quantizer pattern stopped export or quantization (``UnsupportedModel``).
+"""
+
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import re
+import traceback
 import warnings
 
 import torch
 from torch import nn
 from torch.export import Dim
 
-from divqat.errors import ConfigError
+from divqat.errors import ConfigError, DivqatError, UnsupportedModel
 from divqat.stopwatch import phase, timed
 
 # The batch dimension of every exported graph is dynamic up to this size.
@@ -28,13 +38,99 @@ def quiet_torchao() -> None:
         import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
 
 
+# torch.export logs its guard hints and prints the partial graph to sys.stderr when it fails;
+# the one-line UnsupportedModel says what matters, so these stay quiet while exporting.
+_EXPORT_LOGGERS = ("torch.export", "torch._export", "torch._dynamo", "torch.fx.experimental.symbolic_shapes",
+                   "torch._subclasses.fake_tensor", "torch.utils._sympy")
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    loggers = [logging.getLogger(name) for name in _EXPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 @timed("export")
 def export_dynamic(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dimension, so one program serves any batch size."""
+    """``torch.export`` with a dynamic batch dimension, so one program serves any batch size.
+    A model torch.export cannot capture is an ``UnsupportedModel`` naming the line that stopped it."""
     batch = Dim("batch", min=1, max=MAX_BATCH)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    try:
+        with _quiet_export():
+            return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except DivqatError:
+        raise
+    except Exception as exc:
+        raise UnsupportedModel(
+            f"cannot export {type(model).__name__} for quantization: {_first_line(exc)}"
+            f"{_where(exc, user_code=True)}; torch.export needs a forward without Python branches "
+            "on tensor values, .item(), .numpy() or other data-dependent code (rewrite that line, "
+            "e.g. with torch.where, or train --mode fp32)") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # The symbolic-shapes hints after the expression say nothing to a model's author.
+    first = re.sub(r"\s*\(unhinted:.*$", "", lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+# Code that is not the user's: torch, torchao, ExecuTorch, divqat's flow.
+_LIBRARY_FILES = re.compile(r"[/\\](torch|torchao|executorch|functorch|sympy|divqat[/\\]quant)[/\\]")
+
+
+def _where(exc: BaseException, user_code: bool) -> str:
+    """`` at FILE:LINE in Class.function (`code`)`` of the innermost frame of the user's code
+    (``user_code``), or `` (in torchao's Class.function)`` of the quantizer's (the pattern it annotated), from the
+    exception's traceback."""
+    frames = zip(traceback.walk_tb(exc.__traceback__), traceback.extract_tb(exc.__traceback__),
+                 strict=True)
+    for (frame, lineno), summary in reversed(list(frames)):
+        filename = frame.f_code.co_filename
+        if user_code != (not _LIBRARY_FILES.search(filename)) or not (user_code or "torchao" in filename):
+            continue
+        name = frame.f_code.co_qualname
+        if not user_code:
+            return f" (in torchao's {name})"
+        code = f" (`{summary.line.strip()}`)" if summary.line else ""
+        return f" at {filename}:{lineno} in {name}{code}"
+    return ""
+
+
+def _one_partition_per_call(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make each call of a module its own quantization partition.
+
+    The quantizers group a graph's nodes into partitions by the module they came from
+    (``get_source_partitions``: with non-strict export, by the qualified name in each node's
+    ``nn_module_stack``). torchvision's BasicBlock and Bottleneck call one ``nn.ReLU`` module
+    twice, so both ReLUs land in one partition with two outputs, and the X86 quantizer's
+    conv-bn-add-relu annotation fails ("Input partition has more than one output node").
+    torch.export already tells the calls apart: the stack's key of a module's second call ends
+    in ``@1``. Copying that suffix into the qualified name splits the partition per call.
+
+    Chosen over rewriting the model (a copy of the module per call): that needs a call counter
+    inside the user's module to route each call to its copy, and changes the model that
+    checkpoints and the fp32 teacher share. This touches only the exported graph's metadata,
+    works for any module type called more than once, and leaves once-called modules as they were.
+    """
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        for key, (qualified, kind) in list(stack.items()):
+            call = re.search(r"@(\d+)$", key)
+            if call and not qualified.endswith(call.group(0)):
+                stack[key] = (f"{qualified}{call.group(0)}", kind)
+    return gm
 
 
 def _bn_nodes(gm: torch.fx.GraphModule):
@@ -129,12 +225,29 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, target: str = "x86") ->
     quantizer = qat_quantizer(target)
     was_training = model.training
     model.train()
-    exported = export_dynamic(model, example).module()
-    model.train(was_training)
-    with warnings.catch_warnings(), _conv2d_only(exported):
-        warnings.simplefilter("ignore")
+    try:
+        exported = _one_partition_per_call(export_dynamic(model, example).module())
+    finally:
+        model.train(was_training)
+    with _quantizer_errors(f"quantize {type(model).__name__} for target {target!r}"), \
+            _conv2d_only(exported):
         prepared = prepare_qat_pt2e(exported, quantizer)
     return QATModel(prepared).train()
+
+
+@contextlib.contextmanager
+def _quantizer_errors(doing: str):
+    """A quantizer's failure on an exported graph as one line naming the pattern it annotated."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except DivqatError:
+        raise
+    except Exception as exc:
+        raise UnsupportedModel(
+            f"cannot {doing}: {_first_line(exc)}"
+            f"{_where(exc, user_code=False)}; try the other --target, or train --mode fp32") from None
 
 
 _OTHER_CONVS = ("conv1d", "conv3d", "conv_transpose")
@@ -205,8 +318,7 @@ def convert_to_int8(qat: QATModel, example: torch.Tensor) -> torch.export.Export
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     qat.eval()
-    with warnings.catch_warnings(), _conv2d_only(qat.graph_module):
-        warnings.simplefilter("ignore")
+    with _quantizer_errors("convert the QAT model to int8"), _conv2d_only(qat.graph_module):
         converted = convert_pt2e(qat.graph_module)
     return export_dynamic(converted, example)
 

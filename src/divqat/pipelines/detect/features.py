@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from divqat.errors import ArtifactError
+from divqat.errors import ArtifactError, ConfigError
 from divqat.io import atomic_write
+from divqat.models import penultimate
 from divqat.train.losses import frozen_forward
 from divqat.victim import load_fp32_net, victim_metadata
 
@@ -19,14 +20,16 @@ FEATURES = "features.pt"
 
 
 class _Penultimate(nn.Module):
-    """The fp32 victim net's normalization and layers up to its last one, as one module."""
+    """The fp32 victim net's normalization and layers up to its last one, as one module (any
+    architecture: ``divqat.models.penultimate``)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        self.net = net
+        self.normalize = net.normalize
+        self.features = penultimate(net.net)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net.net.features(self.net.normalize(x))
+        return self.features(self.normalize(x))
 
 
 class FeatureExtractor:
@@ -37,10 +40,14 @@ class FeatureExtractor:
     for this forward pass and nearly nothing else (docs/results.md, "Per-query cost")."""
 
     def __init__(self, net: nn.Module) -> None:
-        if not hasattr(getattr(net, "net", None), "features"):
-            raise ArtifactError(f"the fp32 model {type(getattr(net, 'net', net)).__name__} has no "
-                                "features() to take its penultimate layer from")
-        self.net = frozen_forward(_Penultimate(net.eval())).eval().to(memory_format=torch.channels_last)
+        if not isinstance(getattr(net, "net", None), nn.Module) or not hasattr(net, "normalize"):
+            raise ArtifactError(f"the fp32 model {type(net).__name__} is not a VictimNet "
+                                "(normalization + net)")
+        try:
+            extractor = _Penultimate(net.eval())
+        except ConfigError as exc:
+            raise ArtifactError(f"the fp32 model has no penultimate layer to watch: {exc}") from None
+        self.net = frozen_forward(extractor).eval().to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, images: Tensor) -> Tensor:

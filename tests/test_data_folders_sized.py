@@ -173,3 +173,69 @@ def test_folder_images_checks():
         FolderImages([], "CMYK", (8, 8))
     empty = FolderImages([], "L", (8, 8))
     assert empty.shape == (0, 1, 8, 8) and len(empty) == 0 and empty.dtype == np.uint8
+
+
+# --- training and evaluation through the streamed path --------------------------------------------
+
+class Recorder:
+    """Cross-entropy that keeps every batch it is shown."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, logits, targets, inputs, progress):
+        self.batches.append((inputs.detach().clone(), targets.clone()))
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        return loss, {"loss": loss.detach()}
+
+
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, len(CLASSES)))
+
+
+def train_once(data, crop: str, workers: int):
+    from divqat.train.trainer import FitConfig, fit
+
+    model, objective = tiny_net(), Recorder()
+    cfg = FitConfig(epochs=2, batch_size=5, lr=0.05, crop=crop, workers=workers, seed=3,
+                    progress=False, log_epochs=False)
+    history = fit(model, data.images, data.labels, objective, cfg)
+    return model, objective.batches, history
+
+
+@pytest.mark.parametrize("crop, workers", [("auto", 0), ("resized", 0), ("resized", 2)])
+def test_streamed_fit_sees_the_same_batches(folder, crop, workers):
+    memory = load_image_folder("train", folder, (24, 24))
+    streamed = load_image_folder("train", folder, (24, 24), stream_bytes=0)
+    m_model, m_batches, m_history = train_once(memory, crop, 0)
+    s_model, s_batches, s_history = train_once(streamed, crop, workers)
+    assert len(m_batches) == len(s_batches) == 2 * 5
+    for (mx, my), (sx, sy) in zip(m_batches, s_batches, strict=True):
+        assert torch.equal(mx, sx) and torch.equal(my, sy)
+    assert m_history.epochs == s_history.epochs
+    for (name, a), (_, b) in zip(m_model.state_dict().items(), s_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_auto_crop_keeps_small_images_on_the_pad_crop(folder):
+    from divqat.train.trainer import resolve_crop
+
+    assert resolve_crop("auto", (32, 32)) == resolve_crop("auto", (28, 28)) == "pad"
+    assert resolve_crop("auto", (64, 96)) == resolve_crop("resized", (8, 8)) == "resized"
+    memory = load_image_folder("train", folder, (24, 24))
+    _, auto_batches, _ = train_once(memory, "auto", 0)
+    _, pad_batches, _ = train_once(memory, "pad", 0)
+    assert all(torch.equal(a[0], p[0]) for a, p in zip(auto_batches, pad_batches, strict=True))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_predict_logits(folder, workers):
+    from divqat.train.trainer import predict_logits
+
+    memory = load_image_folder("test", folder, (24, 24))
+    streamed = load_image_folder("test", folder, (24, 24), stream_bytes=0)
+    model = tiny_net().eval()
+    expected = predict_logits(model, memory.images, batch_size=7)
+    assert torch.equal(predict_logits(model, streamed.images, batch_size=7, workers=workers), expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import zlib
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from divqat.errors import DatasetError
 
@@ -120,6 +121,28 @@ def read_image(path: Path, mode: str, size: tuple[int, int],
                 # Pillow's bilinear resize filters over the whole footprint when shrinking,
                 # so small targets do not alias.
                 im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            pixels = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, *PARSE_ERRORS) as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def read_image_cropped(path: Path, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """One image file -> uint8 (C, H, W) in ``mode`` ("L" or "RGB"), its shorter side resized to
+    fit ``size`` = (H, W) and the rest center-cropped: the aspect ratio is kept, as a CNN trained
+    on resized-and-cropped photos expects, instead of being squeezed."""
+    height, width = size
+    try:
+        with Image.open(path) as im:
+            # A JPEG can decode straight at 1/2, 1/4 or 1/8 scale (DCT scaling): several times
+            # faster for photos much larger than the target. draft() never goes below the size
+            # asked, here the size before the crop, so the final resize still does the filtering.
+            scale = max(height / im.height, width / im.width)
+            im.draft(mode, (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+            im = im.convert(mode)
+            if im.size != (width, height):
+                # Resamples straight from the centered crop box of the source (one filter pass).
+                im = ImageOps.fit(im, (width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, *PARSE_ERRORS) as e:
         raise DatasetError(f"cannot read image {path}: {e}") from e

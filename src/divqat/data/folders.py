@@ -1,12 +1,16 @@
 """Sets stored as one file per image: GTSRB (Stallkamp et al., 2012) and generic class folders.
 
 Decoding tens of thousands of small files takes a while (GTSRB: about 50k); nothing is cached
-to disk behind the user's back, callers that load often can keep the ImageDataset.
+to disk behind the user's back, callers that load often can keep the ImageDataset. An image
+folder whose decoded images would exceed ``STREAM_BYTES`` is not decoded at all: it comes back
+lazy (``divqat.data.streaming.FolderImages``) and training decodes its batches in worker
+processes.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +27,9 @@ from divqat.data._io import (
     require_root,
 )
 from divqat.data.base import SPLITS, DatasetSpec, ImageDataset, register_dataset
-from divqat.errors import DatasetError
+from divqat.data.sizes import sized_name
+from divqat.data.streaming import FolderImages
+from divqat.errors import ConfigError, DatasetError
 
 # --- GTSRB ---------------------------------------------------------------------------------------
 
@@ -126,10 +132,34 @@ def load_gtsrb(split: str, root: Path | None) -> ImageDataset:
 # --- generic class folders -----------------------------------------------------------------------
 
 IMAGE_FOLDER_SIZE = (32, 32)
-"""(H, W) every image-folder image is resized to (aspect ratio not kept)."""
+"""(H, W) every image-folder image is resized to without a chosen size (aspect ratio not kept).
+``image-folder@H[xW]`` resizes the shorter side and center-crops instead (aspect kept)."""
 
-IMAGE_FOLDER_LAYOUT = ("DIR/train/<class>/<image> and DIR/test/<class>/<image>, the same class "
-                       "folders in both, any format Pillow reads")
+IMAGE_FOLDER_LAYOUT = ("DIR/train/<class>/<image> and DIR/test/<class>/<image> (and optionally "
+                       "DIR/val/<class>/<image>), the same class folders in each, any format "
+                       "Pillow reads")
+
+STREAM_BYTES = 2 * 1024**3
+"""Decoded size (N * C * H * W bytes) above which an image-folder split stays on disk and is
+decoded batch by batch (``FolderImages``) instead of held in memory. Overridden by the
+environment variable ``DIVQAT_STREAM_BYTES`` or the ``stream_bytes`` keyword (0 streams always)."""
+
+STREAM_ENV = "DIVQAT_STREAM_BYTES"
+
+
+def stream_threshold(stream_bytes: int | None = None) -> int:
+    """The threshold in force: ``stream_bytes``, else $DIVQAT_STREAM_BYTES, else STREAM_BYTES."""
+    if stream_bytes is None:
+        text = os.environ.get(STREAM_ENV)
+        if not text:
+            return STREAM_BYTES
+        try:
+            stream_bytes = int(text)
+        except ValueError:
+            raise ConfigError(f"{STREAM_ENV} must be a number of bytes, got {text!r}") from None
+    if stream_bytes < 0:
+        raise ConfigError(f"the streaming threshold must be >= 0 bytes, got {stream_bytes}")
+    return stream_bytes
 
 
 def _class_folders(split_dir: Path) -> list[Path]:
@@ -142,7 +172,14 @@ def _image_files(class_dir: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions)
 
 
-def load_image_folder(split: str, root: Path | None) -> ImageDataset:
+def load_image_folder(split: str, root: Path | None, size: tuple[int, int] | None = None, *,
+                      stream_bytes: int | None = None) -> ImageDataset:
+    """One split of DIR/{train,test[,val]}/<class>/<image>.
+
+    size: None for the 32x32 of old (stretched); (H, W) to resize the shorter side and
+        center-crop (``image-folder@H[xW]``), the dataset then named ``image-folder@...``.
+    stream_bytes: decoded size above which the split comes back lazy (``stream_threshold``).
+    """
     root = require_root("image-folder", root, IMAGE_FOLDER_LAYOUT)
     if not (root / split).is_dir():
         raise DatasetError(f"image-folder: no folder {root / split}; expected {IMAGE_FOLDER_LAYOUT}")
@@ -163,9 +200,12 @@ def load_image_folder(split: str, root: Path | None) -> ImageDataset:
     # One channel count for both splits, or a model trained on one could not read the other.
     every_file = [f for pairs in files.values() for f, _ in pairs]
     mode = "L" if all(image_mode(f) in GRAY_MODES for f in every_file) else "RGB"
-    images = np.stack([read_image(f, mode, IMAGE_FOLDER_SIZE) for f, _ in samples])
+    # One reader for both paths, so a streamed split decodes to the very bytes an in-memory one holds.
+    lazy = FolderImages([f for f, _ in samples], mode, size or IMAGE_FOLDER_SIZE,
+                        fit="stretch" if size is None else "crop")
+    images = lazy if lazy.nbytes > stream_threshold(stream_bytes) else lazy[:]
     labels = np.array([c for _, c in samples], dtype=np.int64)
-    return ImageDataset("image-folder", split, images, labels, classes)
+    return ImageDataset(sized_name("image-folder", size), split, images, labels, classes)
 
 
 register_dataset(DatasetSpec(
@@ -174,6 +214,8 @@ register_dataset(DatasetSpec(
                 "and resized to 32x32 RGB, 43 classes"))
 register_dataset(DatasetSpec(
     "image-folder", load_image_folder, hflip=True, needs_root=True,
-    aliases=("imagefolder", "image_folder", "folder"),
-    description="any DIR/{train,test}/<class>/<image> tree, resized to 32x32, gray if every "
-                "image is gray else RGB"))
+    aliases=("imagefolder", "image_folder", "folder"), splits=SPLITS,
+    sized_loader=load_image_folder,
+    description="any DIR/{train,test[,val]}/<class>/<image> tree, resized to 32x32 (or "
+                "image-folder@H[xW]: shorter side resized, center-cropped), gray if every image "
+                "is gray else RGB; streamed from disk when larger than STREAM_BYTES decoded"))

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from divqat.checks import check_choice, check_int
-from divqat.data import channel_stats, dataset_spec, load_dataset, to_float, training_split
+from divqat.data import (
+    STATS_SAMPLE,
+    channel_stats,
+    dataset_spec,
+    is_lazy,
+    load_dataset,
+    to_float,
+    training_split,
+)
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.io import write_json
 from divqat.models import VictimNet
@@ -166,7 +174,8 @@ def train_victim(req: TrainRequest) -> dict:
     outliers = None
 
     if req.mode == "fp32":
-        mean, std = channel_stats(train.images)
+        # A lazy folder's statistics from a fixed sample: a full pass would decode every file.
+        mean, std = channel_stats(train.images, sample=STATS_SAMPLE if is_lazy(train.images) else None)
         net = VictimNet(req.arch, train.channels, train.num_classes, mean, std)
         objective = CrossEntropy()
         model = net

@@ -4,6 +4,8 @@ The modes differ only in the model handed in (an ``nn.Module`` or a PT2E fake-qu
 ``QATModel``) and in the objective (``CrossEntropy`` or ``DivQATLoss``). SGD with Nesterov
 momentum, one-cycle or cosine schedule, batched tensor augmentation of uint8 images kept in
 memory, channels_last; optionally bf16 autocast (``FitConfig.precision``) where the CPU has it.
+Image folders too large for memory (lazy ``FolderImages``) are decoded batch by batch in
+DataLoader worker processes, in the very batches the in-memory path would take.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,12 +22,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from divqat.data import augment, to_float
+from divqat.data import augment, is_lazy, random_resized_crop, to_float
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.stopwatch import phase, timed
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
+CROPS = ("auto", "pad", "resized")
+RESIZED_CROP_FROM = 64
+"""Shorter side (px) from which crop="auto" picks the random resized crop over the pad-crop."""
 
 
 @functools.cache
@@ -61,6 +67,10 @@ class FitConfig:
     augment: bool = True
     pad: int = 4
     hflip: bool = True
+    # "pad": pad-crop by ``pad`` px (``augment``); "resized": random resized crop
+    # (``random_resized_crop``); "auto": resized from RESIZED_CROP_FROM px on the shorter side,
+    # pad below (every 28/32 px set, whose batches stay what they were).
+    crop: str = "auto"
     seed: int = 0
     # Fraction of the steps after which QAT freezes observers and BatchNorm statistics.
     freeze_at: float | None = None
@@ -72,6 +82,8 @@ class FitConfig:
     progress: bool = True  # progress bars (only ever drawn on a terminal)
     log_epochs: bool = True  # one summary line per epoch
     desc: str = "train"
+    # DataLoader worker processes decoding lazy images (None: min(4, CPUs); 0: in this process).
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -86,6 +98,69 @@ class FitConfig:
             raise ConfigError(f"freeze_at must be a fraction in [0, 1], got {self.freeze_at}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.crop not in CROPS:
+            raise ConfigError(f"unknown crop {self.crop!r}; choose one of: {', '.join(CROPS)}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
+
+
+def resolve_crop(crop: str, size: tuple[int, int]) -> str:
+    """The augmentation crop for images of ``size`` (H, W): "auto" -> "resized" from
+    RESIZED_CROP_FROM px on the shorter side, else "pad"."""
+    if crop != "auto":
+        return crop
+    return "resized" if min(size) >= RESIZED_CROP_FROM else "pad"
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+# --- streaming lazy images ------------------------------------------------------------------------
+# Lazy images (divqat.data.streaming) are decoded in DataLoader workers, but the order of the
+# batches and the augmentation stay in the main process with the one seeded generator: the
+# sampler hands out exactly the chunks of the torch.randperm the in-memory path draws, and the
+# workers only turn those indices into uint8 arrays. So a streamed folder trains on the same
+# batches, augmented the same way, as the same folder held in memory (determinism across paths,
+# tested). Decoding and resizing files is the expensive part worth spreading over processes; the
+# batched gather or grid_sample augmentation is cheap, and moving it to workers would split the
+# random stream over processes.
+
+
+class _Chunks(torch.utils.data.Sampler):
+    """The index chunks of ``order``, ``batch_size`` at a time; ``order`` is set per epoch (the
+    sampler runs in the main process, also with persistent workers)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self.order = torch.empty(0, dtype=torch.int64)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start in range(0, len(self.order), self.batch_size):
+            yield self.order[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order) / self.batch_size)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """``images[chunk]`` as a uint8 tensor: one item is one whole batch, decoded in a worker."""
+
+    def __init__(self, images) -> None:
+        self.images = images
+
+    def __getitem__(self, chunk: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.images[chunk.numpy()])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _loader(images, sampler: _Chunks, workers: int | None) -> torch.utils.data.DataLoader:
+    workers = default_workers() if workers is None else workers
+    # batch_size=None: the sampler's chunks are the batches, nothing is collated.
+    return torch.utils.data.DataLoader(_Decoded(images), sampler=sampler, batch_size=None,
+                                       num_workers=workers, persistent_workers=workers > 0)
 
 
 @dataclass
@@ -130,7 +205,8 @@ def fit(
     """Train ``model`` in place.
 
     images: uint8 (N, C, H, W) at the model's input size, or float in [0, 1] (queries an attack
-    synthesized); the model normalizes internally.
+    synthesized); the model normalizes internally. Lazy uint8 images (``FolderImages``) are
+    decoded in ``cfg.workers`` processes, giving the same batches as in memory.
     targets: int64 labels (N,) or float posteriors (N, K) (soft labels for surrogates); the
     objective decides what they mean. objective(logits, targets, inputs, progress) -> (loss, logs).
     An objective with a method ``extra_inputs(images, generator) -> images or None`` (outliers,
@@ -139,9 +215,12 @@ def fit(
     A NaN or infinite loss stops training with ``TrainingCollapsed``.
     """
     device = torch.device(cfg.device)
-    images = torch.as_tensor(images)
+    lazy = is_lazy(images)
+    if not lazy:
+        images = torch.as_tensor(images)
     targets = torch.as_tensor(targets)
     n = images.shape[0]
+    crop = resolve_crop(cfg.crop, tuple(images.shape[-2:]))
     if n == 0:
         raise ConfigError("no training images")
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -161,6 +240,9 @@ def fit(
     freeze_step = None if cfg.freeze_at is None else max(1, int(cfg.freeze_at * total_steps))
     precision = resolve_precision(cfg.precision, cfg.device)
     history = History(precision=precision)
+    sampler = _Chunks(cfg.batch_size)
+    # One loader per fit call; its workers persist across epochs and end with it.
+    loader = _loader(images, sampler, cfg.workers) if lazy else None
 
     def autocast():
         if precision == "fp32":
@@ -171,6 +253,9 @@ def fit(
     for epoch in range(cfg.epochs):
         model.train()
         order = torch.randperm(n, generator=generator)
+        if loader is not None:
+            sampler.order = order
+            batches = iter(loader)
         sums: dict[str, float] = {}
         correct = 0
         bar = tqdm(range(steps_per_epoch), desc=f"{cfg.desc} {epoch + 1}/{cfg.epochs}",
@@ -179,9 +264,11 @@ def fit(
             if freeze_step is not None and step == freeze_step and hasattr(model, "freeze"):
                 model.freeze()
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = images[idx]
+            x = next(batches) if loader is not None else images[idx]
             x = to_float(x) if x.dtype == torch.uint8 else x.float()
-            if cfg.augment:
+            if cfg.augment and crop == "resized":
+                x = random_resized_crop(x, hflip=cfg.hflip, generator=generator)
+            elif cfg.augment:
                 x = augment(x, pad=cfg.pad, hflip=cfg.hflip, generator=generator)
             if extra_inputs is not None:
                 more = extra_inputs(x, generator)  # images only: the labels stay here
@@ -224,14 +311,22 @@ def fit(
 
 @torch.no_grad()
 def predict_logits(model: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray | torch.Tensor,
-                   batch_size: int = 512, device: str = "cpu", channels_last: bool = False) -> torch.Tensor:
+                   batch_size: int = 512, device: str = "cpu", channels_last: bool = False,
+                   workers: int | None = None) -> torch.Tensor:
     """Logits (N, K) on the CPU for uint8 images (N, C, H, W); ``model`` is called in chunks as is
-    (put it in eval mode first)."""
-    images = torch.as_tensor(images)
+    (put it in eval mode first). Lazy images are decoded in ``workers`` processes (None:
+    min(4, CPUs)), in the same chunks."""
     out = []
+    if is_lazy(images):
+        sampler = _Chunks(batch_size)
+        sampler.order = torch.arange(images.shape[0])
+        chunks = iter(_loader(images, sampler, workers))
+    else:
+        images = torch.as_tensor(images)
+        chunks = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
     with phase("evaluate"):
-        for start in range(0, images.shape[0], batch_size):
-            x = to_float(images[start:start + batch_size]).to(device)
+        for chunk in chunks:
+            x = to_float(chunk).to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out.append(model(x).float().cpu())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -158,6 +159,8 @@ class _Decoded(torch.utils.data.Dataset):
 
 def _loader(images, sampler: _Chunks, workers: int | None) -> torch.utils.data.DataLoader:
     workers = default_workers() if workers is None else workers
+    if multiprocessing.current_process().daemon:
+        workers = 0  # a daemonic process (a multiprocessing.Pool worker) may not start children
     # batch_size=None: the sampler's chunks are the batches, nothing is collated.
     return torch.utils.data.DataLoader(_Decoded(images), sampler=sampler, batch_size=None,
                                        num_workers=workers, persistent_workers=workers > 0)

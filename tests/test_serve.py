@@ -42,6 +42,7 @@ from divqat.serve.store import KeyStore, Refused
 
 TIMEOUT = 30.0  # seconds, every HTTP call of these tests
 NPY = "application/x-npy"
+METRICS_TOKEN = "operator-token"
 
 
 # ---------------------------------------------------------------------- helpers
@@ -96,7 +97,8 @@ def service(tmp_path):
     victim = BarsVictim()
     db = tmp_path / "keys.db"
     limits = ServiceLimits(max_images=64, max_body_bytes=256 * 1024, max_side=64, max_delay=0.002)
-    app = create_app(DefendedVictim(victim), db, classes=TINY_CLASSES, dataset=TINY, limits=limits)
+    app = create_app(DefendedVictim(victim), db, classes=TINY_CLASSES, dataset=TINY, limits=limits,
+                     metrics_token=METRICS_TOKEN)
     server = ThreadServer(app)
     store = KeyStore(db)
     yield server.url, store, victim
@@ -370,13 +372,17 @@ def test_model_endpoint_tells_what_a_client_may_know_and_nothing_more(service):
     assert httpx.get(f"{url}/healthz", timeout=TIMEOUT).json() == {"status": "ok"}
 
 
-def test_metrics_are_prometheus_text(service):
+def test_metrics_are_prometheus_text_for_the_operator_only(service):
     url, store, _ = service
     _, key = store.create_key("k", 100)
     post(url, key, GOOD)
     post(url, key, b"junk")
     post(url, None, GOOD)
-    text = httpx.get(f"{url}/metrics", timeout=TIMEOUT).text
+    for headers in ({}, {"Authorization": f"Bearer {key}"}, {"Authorization": "Bearer operator-tokeN"}):
+        r = httpx.get(f"{url}/metrics", headers=headers, timeout=TIMEOUT)
+        assert (r.status_code, r.json()["error"]) == (401, "unknown_key")  # a client's key is no token
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"},
+                     timeout=TIMEOUT).text
     for line in ('divqat_requests_total{outcome="ok"} 1.0', 'divqat_images_total{outcome="ok"} 2.0',
                  'divqat_refusals_total{reason="bad_npy"} 1.0', 'divqat_refusals_total{reason="missing_key"} 1.0',
                  "divqat_batch_images_count 1.0", "divqat_request_seconds_count 1.0"):

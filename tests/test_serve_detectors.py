@@ -74,10 +74,17 @@ def test_service_flags_the_thief_and_blocks_or_answers_labels_only(tmp_path, on_
         assert [r.status_code for r in sent] == [200] * 15, sent[-1].text
         queries = chains(200)
         for i in range(0, 200, BATCH):  # until the alarm, at most 10 requests
+            used = store.key("thief").used
             r = post(server.url, thief, npy(queries[i:i + BATCH].numpy()), accept="application/x-npy")
-            assert r.status_code == 200 and from_npy(r.content).shape == (BATCH, 4)
             if store.flags():
                 break
+            assert r.status_code == 200 and from_npy(r.content).shape == (BATCH, 4)
+        # The request that raised the alarm already gets what --on-alarm says.
+        if on_alarm == "block":
+            assert r.status_code == 403 and r.json()["error"] == "key_blocked"
+            assert "prada" not in r.text.lower() and store.key("thief").used == used  # refunded
+        else:
+            assert r.status_code == 200 and from_npy(r.content).shape == (BATCH,)
         flags = store.flags()
         assert set(flags) == {"thief"} and flags["thief"]["detector"] == "prada"
         assert flags["thief"]["queries"] % 10 == 0 and flags["thief"]["queries"] <= 120
@@ -95,7 +102,7 @@ def test_service_flags_the_thief_and_blocks_or_answers_labels_only(tmp_path, on_
     finally:
         server.stop()
     # The alarm and the scores are in the audit: one row per request, the alarm on the flagging one.
-    rows = [r for r in reversed(store.audit("thief")) if r["outcome"] == "ok"]
+    rows = [r for r in reversed(store.audit("thief")) if r["outcome"] == "ok" or r["alarm"] is not None]
     assert all(r["detector_score"] is None or 0 < r["detector_score"] <= 1 for r in rows)
     alarms = [i for i, r in enumerate(rows) if r["alarm"] == 1]
     assert alarms and rows[alarms[0]]["detector_score"] < 0.9

@@ -13,35 +13,58 @@ Endpoints (the serving guide, docs/guides/serving.md, shows a session):
   (draft-ietf-httpapi-ratelimit-headers; the quota unit is images).
 - ``GET /v1/model`` (key): input shape, class names, dataset, what the key receives, limits.
   Never the defense, the architecture or the weights.
-- ``GET /healthz``, ``GET /metrics`` (Prometheus text format).
+- ``GET /healthz``: ``{"status": "ok"}``, or 503 ``{"status": "unhealthy", "problem": ...}``
+  when the batcher's worker is dead or a victim call has run past ``stuck_after`` seconds.
+- ``GET /metrics`` (Prometheus text format): only with the operator's token (``metrics_token``,
+  sent as ``Authorization: Bearer TOKEN``); without a token configured it is not served (404).
 
 Errors are JSON ``{"error": CODE, "message": ...}``: 401 ``missing_key`` / ``unknown_key`` /
-``revoked_key``; 429 ``budget_exhausted`` / ``rate_limited`` (with ``Retry-After``); 413
-``body_too_large`` / ``too_many_images`` / ``batch_over_rate``; 415 ``unsupported_media_type``;
-400 ``bad_npy`` / ``bad_dtype`` / ``bad_shape`` / ``not_finite`` / ``out_of_range`` /
-``empty_batch`` / ``bad_image`` / ``bad_form``; 403 ``key_blocked`` (an extraction detector
-flagged the key, ``--on-alarm block``); 500 ``victim_error`` (refunded). None of them counts an
+``revoked_key``; 429 ``budget_exhausted`` / ``rate_limited`` (with ``Retry-After``) /
+``too_many_in_flight`` (the key's cap on requests at once) / ``too_many_refusals`` (the key or
+the client address was refused too often in the last minute); 503 ``busy`` (the service's cap
+on requests at once); 408 ``read_timeout`` (the body did not arrive within ``read_timeout``);
+413 ``body_too_large`` / ``too_many_images`` / ``too_many_pixels`` / ``batch_over_rate``; 415
+``unsupported_media_type``; 400 ``bad_npy`` / ``bad_dtype`` / ``bad_shape`` / ``not_finite`` /
+``out_of_range`` / ``empty_batch`` / ``bad_image`` / ``bad_form``; 403 ``key_blocked`` (the key
+was flagged, ``--on-alarm block``); 500 ``victim_error`` (refunded). None of them counts an
 image (see ``divqat.serve.store`` for the accounting).
+
+What a request costs before it is counted, in order: the service's concurrency cap (503, nothing
+read), the refusal limits (429, nothing read or written), the key (401), its flag (403), its
+budget and rate window (429: a key with nothing left is refused before its body is read, so a
+refusal costs no decode), its cap on requests in flight (429), then the body, read within
+``read_timeout`` seconds, and its decoding, in a pool of ``decode_threads`` threads off the event
+loop (a ``.npy`` body is checked against the image limits from its header, before any pixel is
+converted; PNG / JPEG sizes from their headers, before any is decoded). The memory held in
+request bodies is at most ``max_concurrent * max_body_bytes``.
 
 With an extraction detector (``create_app(..., watch=KeyWatch(...))``, ``divqat serve --detector``)
 every answered request's images and answers go through the key's own detector (its state kept
 in the key database across restarts, ``divqat.serve.watch``); its score and alarm are written
 to the request's audit row, and a key it flags is flagged in the database (``divqat keys
 usage``). Then ``--on-alarm`` decides: ``flag`` only records, ``block`` refuses the key's later
-requests (403), ``labels-only`` answers them with labels only.
+requests (403), ``labels-only`` answers them with labels only. The alarm acts at once, on the
+requests already admitted too: each request's answer leaves only after the key's detector has
+watched it (in the order the answers were computed), and a request whose verdict is an alarm
+(the one that raised it, and every later one) gets what ``--on-alarm`` says: with ``block`` a
+403, its images refunded (the victim saw them, the client gets nothing of them). So no soft
+answer leaves after the alarm; at most the requests whose observation finished before it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import io
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,30 +94,54 @@ from divqat.serve.watch import KeyWatch
 NPY = "application/x-npy"
 MULTIPART = "multipart/form-data"
 IMAGE_FORMATS = ("PNG", "JPEG")
+INLINE_NPY_BYTES = 64 * 1024  # smaller .npy bodies are decoded on the event loop: cheaper than a hop
 log = logging.getLogger("divqat.serve")
 
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """What one request may carry and how requests are batched.
+    """What one request may carry, how long it may take to arrive, how many are served at once,
+    and how requests are batched.
 
     max_images: images per request (more: 413 ``too_many_images``). max_body_bytes: request
     body size (413 ``body_too_large``). max_side: largest height or width of an image before
-    adaptation. max_batch, max_delay: the dynamic batcher's (``DynamicBatcher``).
+    adaptation. max_pixels: height x width summed over a request's images, before adaptation
+    (413 ``too_many_pixels``; 2**24: one 4096 x 4096 image, or 1024 of 128 x 128).
+    read_timeout: seconds for the whole body to arrive (408 ``read_timeout``). max_concurrent:
+    prediction requests served at once (more: 503 ``busy``); with max_body_bytes it bounds the
+    memory held in bodies. max_per_key: requests of one key at once (429 ``too_many_in_flight``).
+    max_refusals: refusals per key and per client address in a minute before their requests are
+    refused unread and unaudited (429 ``too_many_refusals``). decode_threads: threads decoding
+    bodies off the event loop. max_batch, max_delay: the dynamic batcher's (``DynamicBatcher``).
+    stuck_after: seconds a victim call may run before ``/healthz`` reports the batcher stuck.
     """
 
     max_images: int = 1024
     max_body_bytes: int = 64 * 2**20
     max_side: int = 4096
+    max_pixels: int = 2**24
+    read_timeout: float = 30.0
+    max_concurrent: int = 256
+    max_per_key: int = 64
+    max_refusals: int = 120
+    decode_threads: int = 2
     max_batch: int = 256
     max_delay: float = 0.002
+    stuck_after: float = 60.0
 
     def __post_init__(self) -> None:
         check_int("serve", "max_images", self.max_images, low=1)
         check_int("serve", "max_body_bytes", self.max_body_bytes, low=1024)
         check_int("serve", "max_side", self.max_side, low=1)
+        check_int("serve", "max_pixels", self.max_pixels, low=1)
+        check_number("serve", "read_timeout", self.read_timeout, low=0.01)
+        check_int("serve", "max_concurrent", self.max_concurrent, low=1)
+        check_int("serve", "max_per_key", self.max_per_key, low=1)
+        check_int("serve", "max_refusals", self.max_refusals, low=1)
+        check_int("serve", "decode_threads", self.decode_threads, low=1)
         check_int("serve", "max_batch", self.max_batch, low=1)
         check_number("serve", "max_delay", self.max_delay, low=0, high=10)
+        check_number("serve", "stuck_after", self.stuck_after, low=0)
 
 
 class BadRequest(Exception):
@@ -126,6 +173,14 @@ class ServiceMetrics:
         self.victim_seconds = Histogram("divqat_victim_seconds", "Victim (and defense) time per call",
                                         buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .5, 1), registry=r)
         self.in_flight = Gauge("divqat_requests_in_flight", "Prediction requests being served", registry=r)
+        self.body_bytes = Gauge("divqat_body_bytes", "Bytes of request bodies held", registry=r)
+        self.body_bytes_now = self.body_bytes_peak = 0
+
+    def hold(self, nbytes: int) -> None:
+        """``nbytes`` more (or, negative, fewer) bytes of request bodies in memory."""
+        self.body_bytes_now += nbytes
+        self.body_bytes_peak = max(self.body_bytes_peak, self.body_bytes_now)
+        self.body_bytes.set(self.body_bytes_now)
 
     def observe_batch(self, images: int, requests: int, seconds: float) -> None:
         self.batch_images.observe(images)
@@ -139,6 +194,31 @@ class ServiceMetrics:
             self.refusals.labels(outcome).inc()
         if seconds is not None:
             self.latency.observe(seconds)
+
+
+class RefusalLimit:
+    """Refusals counted per key and per client address in fixed windows of ``window`` seconds:
+    past ``limit`` in a window, ``over`` says for how many seconds more they are refused at once
+    (nothing read, no audit row). Forgets windows that ended once it tracks ``keep`` of them."""
+
+    def __init__(self, limit: int, window: float = 60.0, keep: int = 100_000) -> None:
+        self.limit, self.window, self.keep = limit, window, keep
+        self._windows: dict[object, list[float]] = {}  # who -> [window start, refusals]
+
+    def over(self, who: object, now: float) -> int | None:
+        w = self._windows.get(who)
+        if w is None or now >= w[0] + self.window or w[1] < self.limit:
+            return None
+        return max(1, math.ceil(w[0] + self.window - now))
+
+    def add(self, who: object, now: float) -> None:
+        w = self._windows.get(who)
+        if w is None or now >= w[0] + self.window:
+            if len(self._windows) >= self.keep:
+                self._windows = {k: v for k, v in self._windows.items() if now < v[0] + self.window}
+            self._windows[who] = [now, 1]
+        else:
+            w[1] += 1
 
 
 # ---------------------------------------------------------------------- decoding the images
@@ -162,14 +242,19 @@ def _check_array(x: np.ndarray, limits: ServiceLimits) -> np.ndarray:
         raise BadRequest(400, "bad_shape", f"images must be (N, C, H, W) with C = 1 or 3, or (N, H, W); "
                          f"got shape {x.shape}")
     n, _, h, w = x.shape
+    # The shape is checked whole before its image count is believed (a header may declare
+    # 2**63 images of zero pixels): only then is the count written anywhere.
+    if not (0 < h <= limits.max_side and 0 < w <= limits.max_side):
+        raise BadRequest(400, "bad_shape", f"images must be 1 to {limits.max_side} pixels high and wide, "
+                         f"got {h}x{w}")
     if n == 0:
         raise BadRequest(400, "empty_batch", "the batch holds no images")
     if n > limits.max_images:
         raise BadRequest(413, "too_many_images", f"{n} images in one request; at most {limits.max_images}",
                          images=n)
-    if not (0 < h <= limits.max_side and 0 < w <= limits.max_side):
-        raise BadRequest(400, "bad_shape", f"images must be 1 to {limits.max_side} pixels high and wide, "
-                         f"got {h}x{w}", images=n)
+    if n * h * w > limits.max_pixels:
+        raise BadRequest(413, "too_many_pixels", f"{n} images of {h}x{w} pixels; at most {limits.max_pixels} "
+                         f"pixels in one request", images=n)
     return x
 
 
@@ -179,8 +264,8 @@ def decode_npy(body: bytes | bytearray, limits: ServiceLimits) -> Tensor:
     costs as much as decoding it)."""
     try:
         x = read_npy(body)
-    except ValueError as e:
-        raise BadRequest(400, "bad_npy", f"the body is not a .npy array ({e})") from None
+    except Exception as e:  # whatever numpy's header parser or dtype raises: the client's error
+        raise BadRequest(400, "bad_npy", f"the body is not a .npy array ({type(e).__name__}: {e})"[:500]) from None
     x = _check_array(x, limits)
     if not x.flags.writeable:  # a bytes body: torch wants memory it may write
         x = x.copy()
@@ -199,27 +284,65 @@ def decode_npy(body: bytes | bytearray, limits: ServiceLimits) -> Tensor:
     return images
 
 
-def decode_image(data: bytes, limits: ServiceLimits) -> Tensor:
-    """One PNG or JPEG file -> float32 (1, C, H, W) in [0, 1], C = 1 for gray images, else 3."""
+def _open_image(data: bytes, limits: ServiceLimits):
+    """A PNG or JPEG file opened (its header read, no pixel decoded yet)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    if img.format not in IMAGE_FORMATS:
+        img.close()
+        raise BadRequest(400, "bad_image", f"images must be PNG or JPEG, got {img.format}")
+    w, h = img.size
+    if not (0 < h <= limits.max_side and 0 < w <= limits.max_side):
+        img.close()
+        raise BadRequest(400, "bad_image", f"images must be 1 to {limits.max_side} pixels high "
+                         f"and wide, got {h}x{w}")
+    return img
+
+
+def _image_errors() -> tuple[type[BaseException], ...]:
     from PIL import Image, UnidentifiedImageError
 
+    return (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def decode_image(data: bytes, limits: ServiceLimits) -> Tensor:
+    """One PNG or JPEG file -> float32 (1, C, H, W) in [0, 1], C = 1 for gray images, else 3."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.format not in IMAGE_FORMATS:
-                raise BadRequest(400, "bad_image", f"images must be PNG or JPEG, got {img.format}")
-            w, h = img.size
-            if not (0 < h <= limits.max_side and 0 < w <= limits.max_side):
-                raise BadRequest(400, "bad_image", f"images must be 1 to {limits.max_side} pixels high "
-                                 f"and wide, got {h}x{w}")
+        with _open_image(data, limits) as img:
             gray = img.mode in ("1", "L", "LA", "I", "I;16", "F") or (
                 img.mode == "P" and img.palette is not None and img.palette.mode == "L")
             pixels = np.array(img.convert("L" if gray else "RGB"), dtype=np.uint8)  # writable
     except BadRequest:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except _image_errors() as e:
         raise BadRequest(400, "bad_image", f"an image could not be decoded ({type(e).__name__}: {e})") from None
     pixels = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]
     return to_float(np.ascontiguousarray(pixels))
+
+
+def decode_files(files: Sequence[bytes], shape: tuple[int, int, int], limits: ServiceLimits) -> Tensor:
+    """PNG / JPEG files -> the victim's input (N, *shape). Every file's size is read from its
+    header first, and the request refused (413 ``too_many_pixels``) before any is decoded when
+    they pass ``max_pixels`` together."""
+    pixels = 0
+    for data in files:
+        try:
+            with _open_image(data, limits) as img:
+                pixels += img.size[0] * img.size[1]
+        except BadRequest:
+            raise
+        except _image_errors() as e:
+            raise BadRequest(400, "bad_image", f"an image could not be read ({type(e).__name__}: {e})") from None
+    if pixels > limits.max_pixels:
+        raise BadRequest(413, "too_many_pixels", f"the images hold {pixels} pixels; at most "
+                         f"{limits.max_pixels} in one request", images=len(files))
+    # Each image adapted on its own: the files of one request may differ in size and colour.
+    return torch.cat([_fit(decode_image(data, limits), shape) for data in files])
+
+
+def decode_npy_fitted(body: bytes | bytearray, shape: tuple[int, int, int], limits: ServiceLimits) -> Tensor:
+    return _fit(decode_npy(body, limits), shape)
 
 
 async def _stream(body: bytes | bytearray) -> AsyncIterator[bytes]:
@@ -228,7 +351,7 @@ async def _stream(body: bytes | bytearray) -> AsyncIterator[bytes]:
 
 
 async def decode_multipart(request: Request, body: bytes | bytearray, shape: tuple[int, int, int],
-                           limits: ServiceLimits) -> Tensor:
+                           limits: ServiceLimits, pool: Executor | None = None) -> Tensor:
     from starlette.datastructures import UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -247,35 +370,48 @@ async def decode_multipart(request: Request, body: bytes | bytearray, shape: tup
         if len(files) > limits.max_images:
             raise BadRequest(413, "too_many_images", f"more than {limits.max_images} images in one request",
                              images=len(files))
-        # Each image adapted on its own: the files of one request may differ in size and colour.
-        return torch.cat([_fit(decode_image(await f.read(), limits), shape) for f in files])
+        datas = [await f.read() for f in files]
     finally:
         await form.close()
+    return await asyncio.get_running_loop().run_in_executor(pool, decode_files, datas, shape, limits)
 
 
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout: float = math.inf,
+                    hold: Callable[[int], None] | None = None) -> bytearray:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes, and (408) when it
+    has not all arrived within ``timeout`` seconds; ``hold`` is told each chunk's size."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, "body_too_large", f"the body has {int(declared)} bytes; at most {limit}")
     body = bytearray()  # writable, so that decode_npy can use it in place
-    async for chunk in request.stream():
-        if len(body) + len(chunk) > limit:
-            raise BadRequest(413, "body_too_large", f"the body passes {limit} bytes")
-        body += chunk
+    try:
+        async with asyncio.timeout(None if math.isinf(timeout) else timeout):
+            async for chunk in request.stream():
+                if len(body) + len(chunk) > limit:
+                    raise BadRequest(413, "body_too_large", f"the body passes {limit} bytes")
+                body += chunk
+                if hold is not None:
+                    hold(len(chunk))
+    except TimeoutError:
+        raise BadRequest(408, "read_timeout", f"the body did not arrive within {timeout:g} s "
+                         f"({len(body)} bytes came)") from None
     return body
 
 
-async def read_images(request: Request, shape: tuple[int, int, int], limits: ServiceLimits) -> Tensor:
-    """The request's images at the victim's input: float32 (N, *shape) in [0, 1]."""
+async def read_images(request: Request, shape: tuple[int, int, int], limits: ServiceLimits,
+                      pool: Executor | None = None, hold: Callable[[int], None] | None = None) -> Tensor:
+    """The request's images at the victim's input: float32 (N, *shape) in [0, 1]; decoded in
+    ``pool`` (default: the event loop's), but for a small ``.npy`` body."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media not in (NPY, MULTIPART):
         raise BadRequest(415, "unsupported_media_type",
                          f"send images as {NPY} or {MULTIPART} (PNG / JPEG files), not {media or 'nothing'!r}")
-    body = await read_body(request, limits.max_body_bytes)
+    body = await read_body(request, limits.max_body_bytes, limits.read_timeout, hold)
     if media == NPY:
-        return _fit(decode_npy(body, limits), shape)
-    return await decode_multipart(request, body, shape, limits)
+        if len(body) <= INLINE_NPY_BYTES:
+            return decode_npy_fitted(body, shape, limits)
+        return await asyncio.get_running_loop().run_in_executor(pool, decode_npy_fitted, body, shape, limits)
+    return await decode_multipart(request, body, shape, limits, pool)
 
 
 # ---------------------------------------------------------------------- answers
@@ -344,7 +480,8 @@ def _bearer(request: Request) -> str | None:
 
 def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str],
                dataset: str | None = None, limits: ServiceLimits | None = None,
-               fsync: bool = False, watch: KeyWatch | None = None) -> FastAPI:
+               fsync: bool = False, watch: KeyWatch | None = None,
+               metrics_token: str | None = None) -> FastAPI:
     """The prediction API for ``served`` (the victim behind its defense), keys and audit in
     the SQLite file ``db`` (``divqat keys`` writes the keys).
 
@@ -359,6 +496,11 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             crash of the service. (Default: False.)
         watch (KeyWatch, optional): an extraction detector per key and the policy on its alarm
             (not started; the app opens and closes it with the key database). (Default: None.)
+        metrics_token (str, optional): the operator's token for ``/metrics`` (``Authorization:
+            Bearer TOKEN``); None: ``/metrics`` is not served. (Default: None.)
+
+    ``app.state`` holds the ``batcher``, the ``metrics`` and the ``watch`` (for tests and
+    operators' probes).
     """
     limits = limits or ServiceLimits()
     if len(classes) != served.num_classes:
@@ -372,7 +514,11 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
     # make it wait, for as long as that write takes.
     store = KeyStore(db, fsync=fsync)
     batcher = DynamicBatcher(lambda images: served(images).defended, max_batch=limits.max_batch,
-                             max_delay=limits.max_delay, observe=metrics.observe_batch)
+                             max_delay=limits.max_delay, observe=metrics.observe_batch,
+                             stuck_after=limits.stuck_after)
+    decoders = ThreadPoolExecutor(max_workers=limits.decode_threads, thread_name_prefix="divqat-decode")
+    refusals = RefusalLimit(limits.max_refusals)
+    in_flight = {"all": 0}  # and per key id
 
     if watch is not None:
         watch.open(store)
@@ -384,12 +530,14 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             yield
         finally:  # after the server has finished the requests in flight (SIGTERM, Ctrl-C)
             await batcher.close()
+            decoders.shutdown(wait=True)
             if watch is not None:
                 watch.close()  # every key's detector state saved
             store.close()
 
     app = FastAPI(title="divqat prediction API", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.watch = batcher, metrics, watch
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -398,10 +546,19 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
 
     @app.get("/healthz")
     async def healthz() -> Response:
+        problem = batcher.health()
+        if problem is not None:
+            return Response(json.dumps({"status": "unhealthy", "problem": problem}), status_code=503,
+                            media_type="application/json")
         return Response(json.dumps({"status": "ok"}), media_type="application/json")
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        token = _bearer(request)
+        if metrics_token is None:
+            return _error(404, "not_found", "Not Found")
+        if token is None or not hmac.compare_digest(token.encode(), metrics_token.encode()):
+            return _error(401, "unknown_key", "/metrics needs the operator's token")
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/model")
@@ -426,42 +583,100 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
         }), media_type="application/json", headers=usage_headers(key))
 
     async def predict(request: Request) -> Response:
+        if in_flight["all"] >= limits.max_concurrent:  # nothing read: costs no memory
+            metrics.outcome("busy", 0)
+            return _error(503, "busy", f"the service is serving {limits.max_concurrent} requests at once; "
+                          "retry shortly", {"Retry-After": "1"})
+        in_flight["all"] += 1
         metrics.in_flight.inc()
+        held = [0]
+
+        def hold(nbytes: int) -> None:
+            held[0] += nbytes
+            metrics.hold(nbytes)
+
         try:
-            return await _predict(request)
+            return await _predict(request, hold)
         finally:
+            in_flight["all"] -= 1
             metrics.in_flight.dec()
+            metrics.hold(-held[0])
 
     # A plain route: the handler reads the request itself, so FastAPI's per-request dependency
     # solving would only add its cost (it is a tenth of a one-image request's time here).
     app.add_route("/v1/predict", predict, methods=["POST"])
 
-    async def _predict(request: Request) -> Response:
+    blocked_message = "the API key {!r} was flagged for extraction-like querying; its requests are refused"
+
+    async def _predict(request: Request, hold: Callable[[int], None]) -> Response:
         start, now = time.perf_counter(), time.time()
+        address = ("address", request.client.host if request.client is not None else None)
+        retry = refusals.over(address, now)
+        if retry is not None:
+            metrics.outcome("too_many_refusals", 0)
+            return _error(429, "too_many_refusals", f"too many refused requests from this address; retry in "
+                          f"{retry} s", {"Retry-After": str(retry)})
         try:
             key = store.authenticate(_bearer(request))
         except Refused as r:
+            refusals.add(address, now)
             metrics.outcome(r.code, 0)
             return _error(r.status, r.code, r.message)
+        retry = refusals.over(key.id, now)
+        if retry is not None:
+            metrics.outcome("too_many_refusals", 0)
+            return _error(429, "too_many_refusals", f"too many refused requests of the API key {key.name!r}; "
+                          f"retry in {retry} s", {"Retry-After": str(retry)})
+
+        def refuse(status: int, code: str, message: str, headers: dict[str, str], images: int = 0,
+                   audited: bool = True) -> Response:
+            refusals.add(key.id, now)
+            refusals.add(address, now)
+            metrics.outcome(code, images)
+            if audited:
+                store.record(key.id, now, images, code, status, (time.perf_counter() - start) * 1e3)
+            return _error(status, code, message, headers)
+
         labels_only = False
         if watch is not None and watch.on_alarm != "flag" and store.is_flagged(key.id):
             if watch.on_alarm == "block":
-                message = (f"the API key {key.name!r} was flagged by the extraction detector "
-                           f"({watch.name}); its requests are refused")
-                metrics.outcome("key_blocked", 0)
-                store.record(key.id, now, 0, "key_blocked", 403, (time.perf_counter() - start) * 1e3)
-                return _error(403, "key_blocked", message, usage_headers(key))
+                return refuse(403, "key_blocked", blocked_message.format(key.name), usage_headers(key))
             labels_only = True
+        try:  # before the body is read: a key with nothing left costs no read and no decode
+            store.check_room(key.id, now)
+        except Refused as r:
+            headers = usage_headers(r.key or key, r.window)
+            if r.retry_after is not None:
+                headers["Retry-After"] = str(r.retry_after)
+            return refuse(r.status, r.code, r.message, headers)
+        if in_flight.get(key.id, 0) >= limits.max_per_key:
+            return refuse(429, "too_many_in_flight", f"the API key {key.name!r} has {limits.max_per_key} "
+                          "requests in flight already; wait for their answers", {**usage_headers(key),
+                                                                                  "Retry-After": "1"})
+        in_flight[key.id] = in_flight.get(key.id, 0) + 1
         try:
-            images = await read_images(request, shape, limits)
+            return await _admitted(request, key, labels_only, start, now, address, hold)
+        finally:
+            in_flight[key.id] -= 1
+            if not in_flight[key.id]:
+                del in_flight[key.id]
+
+    async def _admitted(request: Request, key: KeyInfo, labels_only: bool, start: float, now: float,
+                        address: tuple, hold: Callable[[int], None]) -> Response:
+        try:
+            images = await read_images(request, shape, limits, decoders, hold)
         except BadRequest as e:
+            refusals.add(key.id, now)
+            refusals.add(address, now)
             metrics.outcome(e.code, e.images)
             store.record(key.id, now, e.images, e.code, e.status, (time.perf_counter() - start) * 1e3)
             return _error(e.status, e.code, e.message, usage_headers(key))
         n = len(images)
         try:
             reservation = store.reserve(key.id, n, now, _digest(images))
-        except Refused as r:
+        except Refused as r:  # audited by reserve
+            refusals.add(key.id, now)
+            refusals.add(address, now)
             metrics.outcome(r.code, n)
             headers = usage_headers(r.key or key, r.window)
             if r.retry_after is not None:
@@ -470,8 +685,6 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
         # Counted and committed: from here on the images count whatever happens to the answer.
         try:
             defended = await batcher.submit(images)
-            shown = dataclasses.replace(reservation.key, output="labels") if labels_only else reservation.key
-            body, media = encode_answer(defended, shown, NPY in request.headers.get("accept", ""))
         except Exception:
             log.exception("the victim failed on a batch; the request's images are refunded")
             seconds = time.perf_counter() - start
@@ -480,16 +693,35 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             return _error(500, "victim_error", "the victim failed on this batch; nothing was counted")
         verdict = None
         if watch is not None:
-            # Before the answer leaves, so that a key flagged by this request is blocked from its
-            # next one on; a detector failure never costs the client its answer.
+            # Before the answer leaves, in the order the answers were computed: a request whose
+            # verdict is an alarm (its own, or an earlier request's) gets what --on-alarm says;
+            # a detector failure never costs the client its answer.
             try:
                 verdict = await watch.observe(key.id, images, defended)
             except Exception:
                 log.exception("the extraction detector failed on a request of key %r", key.name)
+        score = None if verdict is None else verdict.score
+        alarm = None if verdict is None else verdict.alarm
+        if verdict is not None and verdict.flagged and watch.on_alarm != "flag":
+            if watch.on_alarm == "block":
+                seconds = time.perf_counter() - start
+                store.finish(reservation.audit_id, "key_blocked", 403, seconds * 1e3, refund=True,
+                             detector_score=score, alarm=alarm)
+                metrics.outcome("key_blocked", n, seconds)
+                refunded = dataclasses.replace(reservation.key, used=reservation.key.used - n)
+                return _error(403, "key_blocked", blocked_message.format(key.name), usage_headers(refunded))
+            labels_only = True
+        try:
+            shown = dataclasses.replace(reservation.key, output="labels") if labels_only else reservation.key
+            body, media = encode_answer(defended, shown, NPY in request.headers.get("accept", ""))
+        except Exception:
+            log.exception("encoding an answer failed; the request's images are refunded")
+            seconds = time.perf_counter() - start
+            store.finish(reservation.audit_id, "victim_error", 500, seconds * 1e3, refund=True)
+            metrics.outcome("victim_error", n, seconds)
+            return _error(500, "victim_error", "the victim failed on this batch; nothing was counted")
         seconds = time.perf_counter() - start
-        store.finish(reservation.audit_id, "ok", 200, seconds * 1e3,
-                     detector_score=None if verdict is None else verdict.score,
-                     alarm=None if verdict is None else verdict.alarm)
+        store.finish(reservation.audit_id, "ok", 200, seconds * 1e3, detector_score=score, alarm=alarm)
         metrics.outcome("ok", n, seconds)
         return Response(body, media_type=media, headers=usage_headers(reservation.key, reservation.window))
 

@@ -1,9 +1,14 @@
 """``divqat serve``: load a victim, put its defense in front, warm it up, and run the API under
-uvicorn until SIGTERM or Ctrl-C (both finish the requests in flight first)."""
+uvicorn until SIGTERM or Ctrl-C (both finish the requests in flight first).
+
+Clients send their API key with every request: on any address but loopback the service speaks
+HTTPS (``tls_cert`` / ``tls_key``, handed to uvicorn), or refuses to start unless told
+``insecure`` (behind a TLS-terminating proxy on the same machine, say)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from collections.abc import Callable
@@ -20,6 +25,7 @@ from divqat.serve.app import ServiceLimits, create_app
 from divqat.serve.store import KeyStore
 
 LOOPBACK = "127.0.0.1"
+METRICS_TOKEN_ENV = "DIVQAT_METRICS_TOKEN"
 
 
 def is_loopback(host: str) -> bool:
@@ -96,6 +102,11 @@ class ServiceRequest:
         on_alarm: what happens to a key it flags: flag, block or labels-only. (Default: flag.)
         save_every: seconds between saves of a key's detector state (``divqat.serve.watch``).
             (Default: 1.0.)
+        tls_cert, tls_key: PEM certificate (chain) and private key: serve HTTPS. (Default: None.)
+        insecure: listen on a non-loopback address without TLS (the keys cross the network in
+            clear). (Default: False.)
+        metrics_token: the operator's token for ``/metrics``; None: read from the environment
+            variable DIVQAT_METRICS_TOKEN, and without it ``/metrics`` is not served.
     """
 
     victim: str | Path
@@ -112,6 +123,27 @@ class ServiceRequest:
     detector_params: dict[str, Any] = field(default_factory=dict)
     on_alarm: str = "flag"
     save_every: float = 1.0
+    tls_cert: str | Path | None = None
+    tls_key: str | Path | None = None
+    insecure: bool = False
+    metrics_token: str | None = None
+
+
+def check_transport(request: ServiceRequest) -> dict[str, str]:
+    """uvicorn's TLS settings for the request; ``ConfigError`` for half a TLS pair, a missing
+    file, or a non-loopback address without TLS and without ``insecure``."""
+    if (request.tls_cert is None) != (request.tls_key is None):
+        raise ConfigError("TLS needs both a certificate and its private key (--tls-cert and --tls-key)")
+    if request.tls_cert is None:
+        if not is_loopback(request.host) and not request.insecure:
+            raise ConfigError(f"{request.host} is reachable from other machines, and without TLS the API "
+                              "keys would cross the network in clear: give --tls-cert and --tls-key, or "
+                              "--insecure (behind a TLS proxy on this machine)")
+        return {}
+    for name, path in (("certificate", request.tls_cert), ("private key", request.tls_key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"no TLS {name} at {path}")
+    return {"ssl_certfile": str(request.tls_cert), "ssl_keyfile": str(request.tls_key)}
 
 
 def run_service(request: ServiceRequest, context: RunContext | None = None) -> None:
@@ -123,6 +155,8 @@ def run_service(request: ServiceRequest, context: RunContext | None = None) -> N
     context = context or RunContext()
     victim_dir, db, defense, detector = request.victim, request.db, request.defense, request.detector
     say = context.log or (lambda message: print(message, file=sys.stderr, flush=True))
+    tls = check_transport(request)
+    metrics_token = request.metrics_token or os.environ.get(METRICS_TOKEN_ENV) or None
     sock = bind(request.host, request.port)  # first: a port in use is found before minutes of loading
     try:
         store = KeyStore(db, fsync=request.fsync)  # and a file that is no key database
@@ -145,16 +179,17 @@ def run_service(request: ServiceRequest, context: RunContext | None = None) -> N
                                     data_root=context.data_root, device=context.device,
                                     misinformation_epochs=request.misinformation_epochs, log=say)
         app = create_app(served, db, classes=meta["classes"], dataset=meta.get("dataset"),
-                         limits=request.limits, fsync=request.fsync, watch=watch)
+                         limits=request.limits, fsync=request.fsync, watch=watch,
+                         metrics_token=metrics_token)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=60, server_header=False)
+                                timeout_graceful_shutdown=60, server_header=False, **tls)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         if not is_loopback(bound_host):
             say(f"divqat serve: listening on {bound_host}, reachable from other machines")
         say(f"divqat serve: {meta.get('mode')} {meta.get('arch')} victim {victim_dir} behind {defense}"
             f"{' (fused)' if served.fused else ''}, keys in {db}")
-        print(f"listening on http://{shown}:{bound_port}", flush=True)
+        print(f"listening on {'https' if tls else 'http'}://{shown}:{bound_port}", flush=True)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

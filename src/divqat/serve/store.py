@@ -25,6 +25,13 @@ crash never loses a counted image: images answered <= images counted <= answered
 An answer computed but not delivered (the client hung up) stays counted. A request the victim
 failed on is refunded (outcome ``error``, nothing counted).
 
+Before any of that, ``check_room`` refuses a key with no budget or rate left before its
+request's body is even read (the service calls it first, so a refused request costs no decode).
+
+The database is created readable and writable by its owner only (0600; SQLite gives its WAL and
+shared-memory files the same mode): it holds the keys' hashes, their clients' query history and,
+with PRADA, raw queries.
+
 Durability: ``synchronous=NORMAL`` in WAL mode keeps every committed transaction through a crash
 of the service (kill -9); ``fsync=True`` (``synchronous=FULL``) also through a power cut, at
 about 0.3 ms more per transaction measured here.
@@ -35,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import re
 import secrets
 import sqlite3
@@ -193,6 +201,8 @@ class KeyStore:
                              f"create NAME --budget N --db {self.path})")
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():  # owner only, whatever the umask allows others
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
@@ -292,6 +302,25 @@ class KeyStore:
             raise Refused(401, "revoked_key", f"the API key {key.name!r} was revoked")
         return key
 
+    def check_room(self, key_id: int, now: float, images: int = 1) -> None:
+        """``Refused`` (429, nothing written) when ``images`` more would pass the key's budget
+        or its current rate window; the cheap check made before a request's body is read.
+        ``reserve`` decides for good once the images are known."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_KEY_COLUMNS}, window_start, window_used FROM keys WHERE id = ?",
+                (key_id,)).fetchone()
+        *row, w_start, w_used = row
+        key = _key(row)
+        if key.used + images > key.budget:
+            raise Refused(429, "budget_exhausted", f"the key's query budget is used up ({key.used} of "
+                          f"{key.budget}); nothing counted", key=key)
+        if key.rate is not None and now < w_start + key.window and w_used + images > key.rate:
+            reset = max(1, math.ceil(w_start + key.window - now))
+            raise Refused(429, "rate_limited", f"rate limit: {key.rate} images per {key.window:g} s, "
+                          f"{key.rate - w_used} left in this window; retry in {reset} s", key=key,
+                          retry_after=reset, window=(key.rate - w_used, reset))
+
     def reserve(self, key_id: int, images: int, now: float, batch_sha256: str) -> Reservation:
         """Count ``images`` against the key, atomically, and open the request's audit row.
 
@@ -387,13 +416,20 @@ class KeyStore:
         return bytes(row[2])
 
     def save_detector_state(self, key_id: int, detector: str, config: str, state: bytes,
-                            queries: int) -> None:
+                            queries: int, flagged: bool = False) -> bool:
+        """Save a key's detector state; ``flagged``: the state is an alarmed one, saved only
+        while the key is flagged (``unflag`` may have cleared it meanwhile: the stale state must
+        not come back). False when it was not saved for that reason."""
+        condition = " AND flagged IS NOT NULL" if flagged else ""
         with self._lock:  # one statement: a transaction of its own (autocommit)
-            self._db.execute(
+            saved = self._db.execute(
                 "INSERT INTO detector_state (key, detector, config, state, queries, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET detector = excluded.detector, "
+                f"SELECT ?, ?, ?, ?, ?, ? FROM keys WHERE id = ?{condition} "
+                "ON CONFLICT (key) DO UPDATE SET detector = excluded.detector, "
                 "config = excluded.config, state = excluded.state, queries = excluded.queries, "
-                "updated = excluded.updated", (key_id, detector, config, state, queries, time.time()))
+                "updated = excluded.updated",
+                (key_id, detector, config, state, queries, time.time(), key_id)).rowcount
+        return saved > 0
 
     def flag(self, key_id: int, detector: str, score: float | None, queries: int | None) -> None:
         """Mark a key as flagged by ``detector`` (the first flag is kept)."""
@@ -419,9 +455,13 @@ class KeyStore:
         return key
 
     def is_flagged(self, key_id: int) -> bool:
+        return self.flagged_at(key_id) is not None
+
+    def flagged_at(self, key_id: int) -> float | None:
+        """When the key was flagged (``time.time()``), or None."""
         with self._lock:
             row = self._db.execute("SELECT flagged FROM keys WHERE id = ?", (key_id,)).fetchone()
-        return row is not None and row[0] is not None
+        return None if row is None else row[0]
 
     # ------------------------------------------------------------------ reading the audit
 

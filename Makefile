@@ -37,7 +37,7 @@ test: install data
 	# The site, warnings as errors: a broken link, or a reference page that no longer matches the
 	# code it is generated from, fails here (into build/, git-ignored).
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
-	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff check src tests benchmarks docs scripts
 	$(BIN)/lint-imports
 	$(BIN)/pytest
 

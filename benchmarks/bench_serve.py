@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import signal
 import statistics
 import subprocess
@@ -49,6 +50,7 @@ from divqat.serve.server import load_service
 from divqat.serve.store import KeyStore
 
 MAX_REQUESTS = 200_000  # per measurement, on top of the time bound
+METRICS_TOKEN = secrets.token_urlsafe(16)  # this run's operator token for /metrics
 
 
 def start_service(victim: Path, defense: str, params: list[str], db: Path, threads: int,
@@ -58,7 +60,9 @@ def start_service(victim: Path, defense: str, params: list[str], db: Path, threa
            "--max-delay-ms", str(max_delay_ms)]
     for p in params:
         cmd += ["--param", p]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+    # /metrics answers only the operator's token (divqat.serve.server.METRICS_TOKEN_ENV).
+    env = {**os.environ, "DIVQAT_METRICS_TOKEN": METRICS_TOKEN}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -150,7 +154,8 @@ def batch_stats(port: int) -> tuple[float, float]:
     """(victim calls, images) so far, from the service's /metrics."""
     import httpx
 
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10,
+                     headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     count = float(re.search(r"^divqat_batch_images_count (\S+)$", text, re.M).group(1))
     total = float(re.search(r"^divqat_batch_images_sum (\S+)$", text, re.M).group(1))
     return count, total

@@ -11,7 +11,7 @@ import pytest
 import divqat.cli
 from divqat.cli import build_parser, main
 
-COMMANDS = ["train", "defend", "defenses", "attack", "attacks", "run", "report", "serve", "keys",
+COMMANDS = ["train", "import", "defend", "defenses", "attack", "attacks", "run", "report", "serve", "keys",
             "audit", "export", "detectors", "calibrate", "detect"]
 KEY_ACTIONS = ["create", "list", "usage", "revoke", "unflag"]
 

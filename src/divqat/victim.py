@@ -17,6 +17,7 @@ interface (``divqat.edge.EdgeVictim``).
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 import warnings
@@ -117,8 +118,12 @@ def provenance(*packages: str) -> dict[str, str | None]:
     return out
 
 
-def load_fp32_net(path: str | Path) -> tuple[VictimNet, dict]:
-    """The trainable fp32 model of an fp32 victim (QAT and DivQAT start from it; it is their teacher)."""
+def load_fp32_net(path: str | Path, arch: nn.Module | None = None) -> tuple[VictimNet, dict]:
+    """The trainable fp32 model of an fp32 victim (QAT and DivQAT start from it; it is their teacher).
+
+    arch: the architecture as a module (a copy is loaded), for a victim trained in Python from an
+    ``nn.Module``; None rebuilds it from the metadata's ``arch`` spec.
+    """
     meta = read_metadata(path)
     if meta.get("mode") != "fp32":
         raise ArtifactError(f"{path} holds a {meta.get('mode')} victim; a QAT teacher must be an fp32 "
@@ -126,7 +131,11 @@ def load_fp32_net(path: str | Path) -> tuple[VictimNet, dict]:
     weights = Path(path) / WEIGHTS
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
-        net = build_net(meta)
+        if arch is None:
+            net = build_net(meta)
+        else:
+            net = VictimNet(copy.deepcopy(arch), meta["input_shape"][0], len(meta["classes"]),
+                            tuple(meta["mean"]), tuple(meta["std"]))
         net.load_state_dict(state)
     except FileNotFoundError as e:
         raise ArtifactError(f"{weights} is missing; retrain the fp32 victim") from e

@@ -34,7 +34,7 @@ from divqat.boundary import QueryBoundary
 from divqat.checks import check_bool, check_choice, check_int, check_number
 from divqat.data import channel_stats, to_float
 from divqat.errors import ConfigError
-from divqat.models import VictimNet, model_names
+from divqat.models import VictimNet, check_arch
 from divqat.registry import Registry
 from divqat.train.trainer import PRECISIONS, FitConfig, fit
 
@@ -44,6 +44,17 @@ ATTACKS: Registry[type[Attack]] = Registry("attack")
 # assumes images spread over [0, 1] (BatchNorm after the first conv absorbs the rest).
 DEFAULT_STATS = ((0.5,), (0.25,))
 
+
+
+def _checked_arch(owner: str, spec: Any) -> str:
+    """A surrogate architecture spec (built-in, torchvision:, timm: or module:function), its
+    canonical spelling; ConfigError naming ``owner.arch`` otherwise."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"{owner}.arch: expected an architecture name, got {spec!r}")
+    try:
+        return check_arch(spec)
+    except ConfigError as e:
+        raise ConfigError(f"{owner}.arch: {e}") from None
 
 @dataclass(frozen=True)
 class SurrogateTraining:
@@ -95,7 +106,7 @@ class SurrogateTraining:
         """The recipe fields present in ``fields``, checked and converted; errors name
         ``owner.field``."""
         checks = {
-            "arch": lambda v: check_choice(owner, "arch", v, tuple(model_names())),
+            "arch": lambda v: _checked_arch(owner, v),
             "epochs": lambda v: check_int(owner, "epochs", v, low=1),
             "batch_size": lambda v: check_int(owner, "batch_size", v, low=1),
             "lr": lambda v: check_number(owner, "lr", v, low=0, low_open=True),

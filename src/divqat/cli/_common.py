@@ -95,6 +95,42 @@ def defended_victim(required: bool, remote: bool = False) -> argparse.ArgumentPa
     return parent
 
 
+ARCH_HELP = ("a built-in architecture ({names}), torchvision:NAME (any torchvision classification "
+             "model, e.g. torchvision:mobilenet_v3_small), timm:NAME, or package.module:function "
+             "(your own factory, called with num_classes= and in_channels=)")
+
+
+def arch_help(what: str, default: str = "resnet8") -> str:
+    """The --arch / --surrogate help: every form of architecture spec, and the default."""
+    from divqat.models import model_names
+
+    return f"{what}: {ARCH_HELP.format(names=', '.join(model_names()))} (default: {default})"
+
+
+def data_options() -> argparse.ArgumentParser:
+    """--dataset and --image-size: the data a victim is trained on or imported for."""
+    from divqat.data import dataset_names
+
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--dataset", required=True, metavar="NAME",
+                        help=f"dataset: {', '.join(dataset_names())}; NAME[a-b] or NAME[a,b,c] "
+                             "keeps those classes only, relabelled 0..k-1 (e.g. fashion-mnist[0-4])")
+    parent.add_argument("--image-size", metavar="H[xW]", default=None,
+                        help="image-folder: resize the shorter side and center-crop to this size, "
+                             "e.g. 96 or 96x128 (default: 32x32, aspect not kept)")
+    return parent
+
+
+def dataset_name(args: argparse.Namespace) -> str:
+    """--dataset with --image-size folded into its name (``image-folder@96``), the spelling the
+    victim records and every later command reloads its data by."""
+    if args.image_size is None:
+        return args.dataset
+    from divqat.data import parse_image_size, sized_name
+
+    return sized_name(args.dataset, parse_image_size(args.image_size))
+
+
 def described(sub, name: str, help: str, description: str, **kwargs) -> argparse.ArgumentParser:
     """A command whose long description keeps its own line breaks (examples, lists)."""
     return sub.add_parser(name, help=help, description=description,

@@ -37,7 +37,6 @@ example:
 
 
 def register(sub) -> None:
-    from divqat.models import model_names
     from divqat.train.trainer import PRECISIONS
 
     a = common.described(sub, "attack", "run an extraction attack against a (defended) victim", ATTACK_HELP,
@@ -52,8 +51,8 @@ def register(sub) -> None:
     a.add_argument("--budget", type=common.positive_int, nargs="+", metavar="N",
                    help="query budget(s); one surrogate per budget (required, except for --attack copy)")
     a.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
-    a.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
-                   help="surrogate architecture (default: resnet8)")
+    a.add_argument("--surrogate", default="resnet8", metavar="ARCH",
+                   help=common.arch_help("the thief's surrogate architecture"))
     a.add_argument("--epochs", type=common.positive_int, default=30,
                    help="surrogate training epochs over the stored queries (default: 30)")
     a.add_argument("--min-steps", type=int, default=0, metavar="N",

@@ -41,7 +41,6 @@ example:
 
 
 def register(sub) -> None:
-    from divqat.models import model_names
 
     dl = sub.add_parser("detectors", help="list the extraction detectors with their parameters and defaults")
     dl.set_defaults(func=cmd_detectors)
@@ -79,8 +78,8 @@ def register(sub) -> None:
     d.add_argument("--labels-only", action="store_true", help="the black box answers labels only")
     d.add_argument("--benign-streams", type=int, default=20, metavar="N",
                    help="honest clients for the false-alarm rate (default: 20; 0 skips it)")
-    d.add_argument("--surrogate", default="resnet8", choices=model_names(), metavar="ARCH",
-                   help="the thief's surrogate architecture (default: resnet8)")
+    d.add_argument("--surrogate", default="resnet8", metavar="ARCH",
+                   help=common.arch_help("the thief's surrogate architecture"))
     d.add_argument("--epochs", type=common.positive_int, default=5,
                    help="surrogate epochs (jbda's substitutes, the adaptive thief) (default: 5)")
     d.add_argument("--min-steps", type=int, default=150, metavar="N",

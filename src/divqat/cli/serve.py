@@ -11,11 +11,14 @@ from divqat.cli import _common as common
 SERVE_HELP = """\
 Serve a victim behind its defense as an HTTP prediction API (FastAPI + uvicorn): POST
 /v1/predict (a .npy batch or PNG/JPEG files -> defended posteriors, labels or top-k, as the API
-key allows; JSON or .npy), GET /v1/model, GET /healthz, GET /metrics (Prometheus). Every request
+key allows; JSON or .npy), GET /v1/model, GET /healthz, GET /metrics (Prometheus; only with the
+operator's token: `Authorization: Bearer $DIVQAT_METRICS_TOKEN`, set in the service's
+environment, else not served). Every request
 needs an API key (`divqat keys create`); every image counts against the key's budget, committed
 to --db before the answer leaves; rate limits answer 429 with Retry-After and RateLimit fields;
 every request is in the audit log (`divqat audit`). Concurrent requests are batched into one
-victim call (--max-delay-ms). Listens on 127.0.0.1 unless --host names another address.
+victim call (--max-delay-ms). Listens on 127.0.0.1 unless --host names another address, which
+needs --tls-cert/--tls-key (HTTPS) or --insecure.
 SIGTERM or Ctrl-C finishes the requests in flight, then stops.
 
 example:
@@ -46,6 +49,11 @@ def register(sub) -> None:
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1; another only when named here)")
     s.add_argument("--port", type=int, default=8000, help="TCP port; 0 takes a free one (default: 8000)")
+    s.add_argument("--tls-cert", metavar="PEM", help="certificate (chain) to serve HTTPS with (with --tls-key)")
+    s.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP on a non-loopback --host (behind a TLS proxy on this "
+                        "machine); without TLS or this, such a host is refused")
     s.add_argument("--max-images", type=common.positive_int, default=1024, metavar="N",
                    help="images per request (default: 1024)")
     s.add_argument("--max-body-mb", type=common.positive_int, default=64, metavar="MB",
@@ -119,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                seed=args.seed, misinformation_epochs=args.misinformation_epochs,
                                detector=args.detector,
                                detector_params=parse_params(args.detector_param),
-                               on_alarm=args.on_alarm, save_every=args.detector_save_every),
+                               on_alarm=args.on_alarm, save_every=args.detector_save_every,
+                               tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure),
                 RunContext(data_root=args.data_root, device=args.device))
     return 0
 

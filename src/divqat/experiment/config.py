@@ -9,7 +9,13 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
     victim:
       dataset: fashion-mnist     # a registered dataset (`divqat train --help` lists them), or
                                  # a class subset of one: fashion-mnist[0-4] (relabelled 0..4)
-      arch: resnet8              # a registered architecture
+      arch: resnet8              # a built-in architecture, torchvision:NAME, timm:NAME or
+                                 # package.module:function (your own factory)
+      image_size: null           # image-folder: H or HxW (resize + center crop; default 32x32)
+      weights: null              # your trained model's weights (.pt state dict or .safetensors):
+                                 # the fp32 teacher is imported from them instead of trained
+      mean: null                 # with weights: the normalization it was trained with (one
+      std: null                  # value per channel); null: the training images' statistics
       limit: null                # train on the first N training images only
       holdout: 0                 # keep the last N training images out of every victim: the
                                  # "holdout" transfer set (unseen, in-distribution)
@@ -69,7 +75,7 @@ from divqat.defenses import DEFENSES, NO_DEFENSE
 from divqat.detectors import DETECTORS, check_detector
 from divqat.errors import ConfigError, DivqatError
 from divqat.experiment.numerics import Numerics
-from divqat.models import model_names
+from divqat.models import check_arch
 from divqat.pipelines.attack import HOLDOUT, parse_transfer
 from divqat.pipelines.defense_models import check_defense
 from divqat.registry import params_text
@@ -96,7 +102,14 @@ SCHEMA: dict[str, dict[str, str]] = {
          "detectors": "extraction detectors watching every thief's stream",
          "numerics": "what every stage computes under, whichever executor runs it"},
     "victim": {"dataset": "a registered dataset, or a class subset of one: fashion-mnist[0-4]",
-               "arch": "a registered architecture",
+               "arch": "a built-in architecture, torchvision:NAME, timm:NAME or "
+                       "package.module:function (your own factory)",
+               "image_size": "image-folder: H or HxW, resize + center crop (default: 32x32)",
+               "weights": "your trained model's weights (.pt state dict or .safetensors): the fp32 "
+                          "teacher is imported from them instead of trained",
+               "mean": "with weights: the normalization mean it was trained with (default: the "
+                       "training images')",
+               "std": "with weights: the normalization std it was trained with",
                "limit": "train on the first N training images only",
                "holdout": "keep the last N training images out of every victim: the holdout "
                           "transfer set (unseen, in-distribution)",
@@ -171,6 +184,10 @@ class VictimSpec:
     holdout: int = 0
     batch_size: int = 128
     target: str = "x86"
+    # The user's own model (``divqat import``): the teacher comes from this file, not training.
+    weights: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -417,12 +434,37 @@ def _numerics(raw: Any) -> Numerics:
 
 def _victim(raw: Any) -> VictimSpec:
     m = _Mapping(raw, "victim", _keys("victim"))
-    return VictimSpec(dataset=_dataset(m.get("dataset", "fashion-mnist"), m.where("dataset"), dataset_names()),
-                      arch=m.choice("arch", "resnet8", model_names()),
+    dataset = _dataset(m.get("dataset", "fashion-mnist"), m.where("dataset"), dataset_names())
+    if m.get("image_size", None) is not None:
+        from divqat.data import parse_image_size, sized_name
+
+        dataset = _wrapped(m.where("image_size"),
+                           lambda: sized_name(dataset, parse_image_size(str(m.get("image_size", None)))))
+    arch = m.get("arch", "resnet8")
+    weights = m.get("weights", None)
+    if weights is not None:
+        if not isinstance(weights, str) or not Path(weights).expanduser().is_file():
+            raise ConfigError(f"{m.where('weights')}: no weights file at {weights!r}")
+        weights = str(Path(weights).expanduser().resolve())
+    mean, std = (_floats(m.get(k, None), m.where(k)) for k in ("mean", "std"))
+    if (mean is None) != (std is None) or (mean is not None and weights is None):
+        raise ConfigError(f"{m.where('mean')}: give mean and std together, and only with weights")
+    return VictimSpec(dataset=dataset,
+                      arch=_wrapped(m.where("arch"), lambda: check_arch(arch)),
+                      weights=weights, mean=mean, std=std,
                       limit=m.int("limit", None, 1, optional=True),
                       holdout=m.int("holdout", 0, 0),
                       batch_size=m.int("batch_size", 128, 1),
                       target=m.choice("target", "x86", ("x86", "edge")))
+
+
+def _floats(value: Any, where: str) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{where}: expected a number or a list of numbers, got {value!r}")
+    return tuple(float(v) for v in values)
 
 
 def _dataset(value: Any, where: str, names: Sequence[str]) -> str:
@@ -699,7 +741,9 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
     return {
         "name": config.name, "seeds": list(config.seeds),
         "victim": {"dataset": v.dataset, "arch": v.arch, "limit": v.limit, "holdout": v.holdout,
-                   "batch_size": v.batch_size, "target": v.target},
+                   "batch_size": v.batch_size, "target": v.target,
+                   **({"weights": v.weights} if v.weights else {}),
+                   **({"mean": list(v.mean), "std": list(v.std)} if v.mean else {})},
         "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed,
                  **({"precision": config.fp32.precision} if config.fp32.precision != "fp32" else {})},
         "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},

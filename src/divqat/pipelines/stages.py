@@ -45,6 +45,7 @@ from divqat.pipelines.detect import (
 )
 from divqat.pipelines.device_copy import copy_attack
 from divqat.pipelines.export import export_victim
+from divqat.pipelines.import_model import ImportRequest, import_victim
 from divqat.pipelines.train import TrainRequest, train_victim
 from divqat.victim import Victim, load_victim
 
@@ -139,6 +140,11 @@ class StageWork:
             self.log(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
                      f"{exported['seconds']:.0f} s)")
         return result
+
+    def import_model(self, req: ImportRequest) -> dict[str, Any]:
+        """Import the user's trained model as the fp32 teacher into ``req.out``
+        (``divqat.pipelines.import_model``), with this worker's data root and device."""
+        return import_victim(req, self.context)
 
     def defense(self, folder: str | Path, victim_dir: str | Path,
                 setting: DefenseSetting) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from divqat.checks import check_choice, check_int
 from divqat.data import (
@@ -26,7 +27,8 @@ from divqat.data import (
 )
 from divqat.errors import ConfigError, TrainingCollapsed
 from divqat.io import write_json
-from divqat.models import VictimNet
+from divqat.models import VictimNet, check_arch
+from divqat.models.weights import file_digest, load_weights, read_state_dict
 from divqat.quant import convert_to_int8, export_dynamic, prepare_qat
 from divqat.quant.edge import TARGETS, require_executorch
 from divqat.train.losses import CrossEntropy, DivQATSettings
@@ -55,7 +57,10 @@ class TrainRequest:
     """Everything ``divqat train`` can be told. Defaults match the CLI's."""
 
     dataset: str
-    arch: str = "resnet8"
+    # A spec (``resnet8``, ``torchvision:NAME``, ``timm:NAME``, ``package.module:function``), or in
+    # Python an ``nn.Module`` built for the dataset's channels and classes (recorded by its class
+    # path; a qat/divqat run from its teacher gets the same module again).
+    arch: str | nn.Module = "resnet8"
     mode: str = "fp32"
     out: str | Path = "runs/victim"
     epochs: int = 10
@@ -70,6 +75,9 @@ class TrainRequest:
     freeze_at: float = DEFAULT_FREEZE_AT
     precision: str = "fp32"  # "bf16": autocast where the CPU has it (fp32 training only)
     target: str = "x86"
+    # fp32 only: start from these weights (a backbone the user brings), loading every tensor whose
+    # name and shape fit; the rest (e.g. a head for another number of classes) start fresh.
+    init: str | Path | None = None
     data_root: str | Path | None = None
     device: str = "cpu"
     progress: bool = True
@@ -97,6 +105,9 @@ class TrainRequest:
             raise ConfigError(f"--precision {self.precision}: QAT fine-tuning runs in fp32 (its fake "
                               "quantization is calibrated on fp32 activations)")
         check_choice("", "--target", self.target, TARGETS)
+        if self.init is not None and self.mode != "fp32":
+            raise ConfigError(f"--init only applies to --mode fp32; --mode {self.mode} starts from "
+                              "its --teacher (import a finished model with `divqat import`)")
         if self.mode == "fp32" and self.target != "x86":
             raise ConfigError("--target only applies to --mode qat or divqat (it picks the int8 "
                               "scheme); an fp32 victim goes to the device as it is: `divqat export`")
@@ -140,6 +151,24 @@ def teacher_distances(teacher_logits: torch.Tensor, logits: torch.Tensor) -> dic
     return {"kl_to_teacher": float(kl), "l1_to_teacher": float(l1)}
 
 
+def arch_name(arch: str | nn.Module) -> str:
+    """What a victim records as its architecture: the canonical spec, or for a module handed in
+    from Python its class as ``package.module:Class`` (a factory spec, so the architecture can be
+    rebuilt wherever that class takes ``num_classes`` and ``in_channels``)."""
+    if isinstance(arch, nn.Module):
+        return f"{type(arch).__module__}:{type(arch).__qualname__}"
+    return check_arch(arch)
+
+
+def _init_from(net: VictimNet, path: str | Path, arch: str) -> dict:
+    """Load the tensors of ``path`` that fit ``net``'s architecture; what was loaded and skipped."""
+    report = load_weights(net.net, read_state_dict(path), strict=False,
+                          what=f"{Path(path).name} and {arch}")
+    skipped = [name for name, *_ in report.mismatched] + report.missing
+    return {"file": Path(path).name, "sha256": file_digest(path), "loaded": len(report.loaded),
+            "fresh": skipped, "ignored": report.unexpected}
+
+
 def train_victim(req: TrainRequest) -> dict:
     """Train, evaluate and save one victim; returns its metrics.
 
@@ -166,7 +195,8 @@ def train_victim(req: TrainRequest) -> dict:
                     desc=req.mode, precision=req.precision,
                     freeze_at=req.freeze_at if req.mode in INT8_MODES else None)
     torch.manual_seed(req.seed)
-    metrics: dict = {"dataset": spec.name, "arch": req.arch, "mode": req.mode, "seed": req.seed,
+    arch = arch_name(req.arch)
+    metrics: dict = {"dataset": spec.name, "arch": arch, "mode": req.mode, "seed": req.seed,
                      "train_images": len(train), "epochs": req.epochs}
     if req.mode in INT8_MODES:
         metrics["target"] = req.target
@@ -176,16 +206,20 @@ def train_victim(req: TrainRequest) -> dict:
     if req.mode == "fp32":
         # A lazy folder's statistics from a fixed sample: a full pass would decode every file.
         mean, std = channel_stats(train.images, sample=STATS_SAMPLE if is_lazy(train.images) else None)
-        net = VictimNet(req.arch, train.channels, train.num_classes, mean, std)
+        user_net = copy.deepcopy(req.arch) if isinstance(req.arch, nn.Module) else req.arch
+        net = VictimNet(user_net, train.channels, train.num_classes, mean, std)
+        if req.init is not None:
+            metrics["init"] = _init_from(net, req.init, arch)
         objective = CrossEntropy()
         model = net
     else:
-        teacher, teacher_meta = load_fp32_net(req.teacher)
+        teacher, teacher_meta = load_fp32_net(
+            req.teacher, arch=req.arch if isinstance(req.arch, nn.Module) else None)
         if dataset_spec(teacher_meta["dataset"]).name != spec.name:
             raise ConfigError(f"the teacher at {req.teacher} was trained on {teacher_meta['dataset']!r}, "
                               f"not {req.dataset!r}")
-        if teacher_meta["arch"] != req.arch:
-            raise ConfigError(f"the teacher at {req.teacher} is a {teacher_meta['arch']}, not a {req.arch}")
+        if teacher_meta["arch"] != arch:
+            raise ConfigError(f"the teacher at {req.teacher} is a {teacher_meta['arch']}, not a {arch}")
         mean, std = tuple(teacher_meta["mean"]), tuple(teacher_meta["std"])
         teacher = teacher.to(req.device, memory_format=torch.channels_last)
         model = prepare_qat(copy.deepcopy(teacher).cpu(), example, target=req.target)
@@ -239,7 +273,7 @@ def train_victim(req: TrainRequest) -> dict:
 
     metadata = {
         "dataset": spec.name,
-        "arch": req.arch,
+        "arch": arch,
         "mode": req.mode,
         "input_shape": list(train.images.shape[1:]),
         "classes": list(test.classes),
@@ -257,6 +291,7 @@ def train_victim(req: TrainRequest) -> dict:
         # The int8 scheme: "x86" (inductor, oneDNN) or "edge" (XNNPACK, `divqat export`).
         "target": req.target if req.mode in INT8_MODES else None,
         "teacher": str(req.teacher) if req.teacher is not None else None,
+        **({"init": metrics["init"]} if "init" in metrics else {}),
         "versions": provenance("torchao"),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
     }

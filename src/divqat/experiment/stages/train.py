@@ -11,6 +11,8 @@ from divqat.experiment.labels import victim_name
 from divqat.experiment.results import VictimRow, victim_info
 from divqat.experiment.sizes import ARCH_COST, Sizes
 from divqat.experiment.stages.base import StageKind, register_kind
+from divqat.models.weights import file_digest
+from divqat.pipelines.import_model import ImportRequest
 from divqat.pipelines.train import TrainRequest
 from divqat.train.losses import DivQATSettings
 
@@ -31,6 +33,11 @@ class _Training(StageKind):
 
     def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
         s = task.spec
+        if "weights" in s:  # the user's own trained model: imported, not trained
+            return work.import_model(ImportRequest(
+                arch=s["arch"], weights=s["weights"], dataset=s["dataset"], out=folder,
+                mean=tuple(s["mean"]) if s.get("mean") else None,
+                std=tuple(s["std"]) if s.get("std") else None, holdout=s["holdout"]))
         settings = DivQATSettings(**s["divqat"]) if s["mode"] == "divqat" else DivQATSettings()
         return work.train(TrainRequest(
             dataset=s["dataset"], arch=s["arch"], mode=s["mode"], out=folder, epochs=s["epochs"],
@@ -49,6 +56,8 @@ class _Training(StageKind):
                  "stage": stage.key[:16]}]
 
     def estimate(self, spec: dict[str, Any], sizes: Sizes) -> tuple[str, float]:
+        if "weights" in spec:  # an import evaluates the test split once: about one epoch's tenth
+            return self.category(spec), sizes.test * ARCH_COST.get(spec["arch"], 1.0) * sizes.pixels / 784 / 3
         n = sizes.train - int(spec.get("holdout") or 0)
         if spec.get("limit"):
             n = min(n, spec["limit"])
@@ -71,6 +80,14 @@ class Teacher(_Training):
 
     def plan(self, scope: PlanScope) -> list[Stage]:
         config = scope.config
+        v = config.victim
+        if v.weights is not None:
+            # One teacher for every seed: the user's model; the file's digest in the key, so
+            # other weights under the same name are a new teacher.
+            spec = {**_data(scope), "mode": "fp32", "weights": v.weights,
+                    "weights_sha256": file_digest(v.weights),
+                    "mean": list(v.mean) if v.mean else None, "std": list(v.std) if v.std else None}
+            return [self.stage(spec, "fp32 teacher (imported)", (), scope.seed)]
         seed = scope.seed if config.fp32.seed is None else config.fp32.seed
         spec = {**_data(scope), "mode": "fp32", "epochs": config.fp32.epochs, "lr": config.fp32.lr,
                 "seed": seed}
@@ -82,14 +99,15 @@ class Teacher(_Training):
                 context: dict[str, Any]) -> None:
         folders["teacher"] = folder
 
-    def summary(self, result: dict[str, Any]) -> str:
-        return f"test accuracy {result['test_accuracy']:.1%}"
-
     def category(self, spec: dict[str, Any]) -> str:
         return "fp32"
 
     def time_name(self, label: str, row: dict[str, Any]) -> str:
         return "fp32 teacher"
+
+    def summary(self, result: dict[str, Any]) -> str:
+        imported = " (imported)" if result.get("imported") else ""
+        return f"test accuracy {result['test_accuracy']:.1%}{imported}"
 
 
 @register_kind

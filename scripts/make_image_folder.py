@@ -1,12 +1,14 @@
 """Write an RGB image folder from the data shipped with divqat, for the "Protect your own model" walkthrough.
 
 The walkthrough needs what a user arrives with: a folder of colour photos at the size their model
-runs at, in ``DIR/train/<class>/*.png`` and ``DIR/test/<class>/*.png``, and no download. This
+runs at, in ``DIR/train/<class>/*.png``, ``DIR/test/<class>/*.png`` and ``DIR/val/<class>/*.png``
+(images the model never trained on: a thief's in-distribution transfer set), and no download. This
 writes one from the offline sets: five Fashion-MNIST classes and five animal silhouettes, upscaled
 (bicubic) from 28x28 to ``--size`` and colourized with a random foreground and background colour
 per image (drawn independently of the class, so colour carries no label), plus mild pixel noise.
 
-    python scripts/make_image_folder.py --out photos --size 64 --per-class 600 --test-per-class 100
+    python scripts/make_image_folder.py --out photos --size 64 --per-class 400 --test-per-class 100 \
+        --val-per-class 200
 """
 
 from __future__ import annotations
@@ -40,16 +42,24 @@ def colourize(gray: np.ndarray, size: int, rng: np.random.Generator) -> Image.Im
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
 
 
-def write_folder(out: Path, size: int, per_class: int, test_per_class: int, data_root: str | None,
-                 seed: int = 0) -> int:
+def write_folder(out: Path, size: int, per_class: int, test_per_class: int, val_per_class: int,
+                 data_root: str | None, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     written = 0
-    for split, count in (("train", per_class), ("test", test_per_class)):
-        sources = {name: load_dataset(name, split, data_root) for name in {c[0] for c in CLASSES}}
+    # val/ comes from the end of the training split, after the images train/ took.
+    for split, source, count in (("train", "train", per_class), ("val", "train", val_per_class),
+                                 ("test", "test", test_per_class)):
+        if count == 0:
+            continue
+        sources = {name: load_dataset(name, source, data_root) for name in {c[0] for c in CLASSES}}
         for name, index, folder in CLASSES:
             data = sources[name]
             label = folder or data.classes[index].lower().replace(" ", "-")
-            rows = np.flatnonzero(data.labels == index)[:count]
+            rows = np.flatnonzero(data.labels == index)
+            rows = rows[-count:] if split == "val" else rows[:count]
+            if split == "val" and len(rows) + per_class > np.sum(data.labels == index):
+                raise SystemExit(f"{name} has too few images of class {index} for {per_class} train "
+                                 f"+ {count} val")
             target = out / split / label
             target.mkdir(parents=True, exist_ok=True)
             for i, row in enumerate(rows):
@@ -62,12 +72,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="the folder to write (train/ and test/)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default: 64)")
-    parser.add_argument("--per-class", type=int, default=600, help="training images per class (default: 600)")
+    parser.add_argument("--per-class", type=int, default=400, help="training images per class (default: 400)")
     parser.add_argument("--test-per-class", type=int, default=100, help="test images per class (default: 100)")
+    parser.add_argument("--val-per-class", type=int, default=200,
+                        help="val/ images per class, never trained on (default: 200; 0: no val/)")
     parser.add_argument("--data-root", default="data", help="where fashion-mnist is (default: data)")
     args = parser.parse_args()
-    n = write_folder(Path(args.out), args.size, args.per_class, args.test_per_class, args.data_root)
-    print(f"wrote {n} RGB images of {args.size}x{args.size} px, 10 classes, to {args.out}/train and {args.out}/test")
+    n = write_folder(Path(args.out), args.size, args.per_class, args.test_per_class, args.val_per_class,
+                     args.data_root)
+    print(f"wrote {n} RGB images of {args.size}x{args.size} px, 10 classes, to {args.out}/"
+          f"{{train,val,test}}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 import yaml
 from conftest import TINY
 
@@ -756,3 +757,28 @@ def test_the_numerics_section_says_which_stages_used_bf16_and_which_fell_back():
     # a stage that did not ask for bf16 does not care.
     assert "native bf16" in mismatch(used, {**here, "bf16_native": False})
     assert mismatch(plain, {**here, "bf16_native": True}) is None
+
+
+def test_victim_weights_import_the_teacher_once_for_every_seed(tiny_run, tmp_path):
+    """``victim.weights``: the fp32 stage imports the user's model (one teacher for every seed,
+    the file's digest in its key) and the int8 victims fine-tune it; the other keys stay."""
+    from divqat.victim import load_fp32_net
+
+    teacher = next(s for s in plan_stages(parse_config(TINY_CONFIG)) if s.kind == "fp32")
+    net, _ = load_fp32_net(StageCache(tiny_run["out"]).folder("fp32", teacher.key))
+    torch.save(net.net.state_dict(), tmp_path / "mine.pt")
+    raw = tiny(seeds=[0, 1], victim__weights=str(tmp_path / "mine.pt"), defenses=["none"], attacks=[])
+    stages = plan_stages(parse_config(raw))
+    fp32 = [s for s in stages if s.kind == "fp32"]
+    assert len(fp32) == 1 and fp32[0].label == "fp32 teacher (imported)"
+    assert len(fp32[0].spec["weights_sha256"]) == 64
+    torch.save({k: v + 1 for k, v in net.net.state_dict().items()}, tmp_path / "mine.pt")
+    assert plan_stages(parse_config(raw))[0].key != fp32[0].key  # other weights, another teacher
+    torch.save(net.net.state_dict(), tmp_path / "mine.pt")
+    results = run_experiment(parse_config(raw), tmp_path / "run", progress=False, say=lambda line: None)
+    imported = next(r for r in results["victims"] if r["victim"] == "fp32 teacher")
+    trained = next(r for r in tiny_run["runs"][-1]["results"]["victims"] if r["victim"] == "fp32 teacher")
+    assert imported["test_accuracy"] == pytest.approx(trained["test_accuracy"])
+    assert {r["victim"] for r in results["victims"]} >= {"qat", "divqat a=2"}
+    with pytest.raises(ConfigError, match="no weights file"):
+        parse_config(tiny(victim__weights=str(tmp_path / "absent.pt")))

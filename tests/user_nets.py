@@ -46,3 +46,7 @@ class ItemBranch(TinyCNN):
         if x.mean().item() > 0.5:
             x = x * 2
         return self.head(x.mean((2, 3)))
+
+
+def item_branch(num_classes: int, in_channels: int) -> nn.Module:
+    return ItemBranch(in_channels, num_classes)

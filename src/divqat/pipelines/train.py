@@ -210,6 +210,11 @@ def train_victim(req: TrainRequest) -> dict:
         net = VictimNet(user_net, train.channels, train.num_classes, mean, std)
         if req.init is not None:
             metrics["init"] = _init_from(net, req.init, arch)
+        # A net torch.export cannot capture fails here, in one line, not after the training;
+        # the random state is left as it was, so the training is what it would have been.
+        with torch.random.fork_rng():
+            export_dynamic(net.eval(), example)
+        net.train()
         objective = CrossEntropy()
         model = net
     else:

@@ -70,11 +70,13 @@ def export_dynamic(model: nn.Module, example: torch.Tensor) -> torch.export.Expo
     except DivqatError:
         raise
     except Exception as exc:
+        # Name the user's architecture, not divqat's normalizing wrapper around it.
+        name = type(getattr(model, "net", model)).__name__
         raise UnsupportedModel(
-            f"cannot export {type(model).__name__} for quantization: {_first_line(exc)}"
+            f"cannot export {name} (every victim is a torch.export program): {_first_line(exc)}"
             f"{_where(exc, user_code=True)}; torch.export needs a forward without Python branches "
             "on tensor values, .item(), .numpy() or other data-dependent code (rewrite that line, "
-            "e.g. with torch.where, or train --mode fp32)") from None
+            "e.g. with torch.where)") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -67,10 +67,14 @@ def lower_to_pte(module: nn.Module, example: torch.Tensor, *, max_batch: int = E
     from executorch.exir import to_edge_transform_and_lower
 
     # Victims train in channels_last, and their int8 weights keep that layout; XNNPACK's layout
-    # pass refuses a constant it sees in two layouts, so every tensor goes in contiguous.
+    # pass refuses a constant it sees in two layouts, so every tensor goes in contiguous. Not
+    # only the non-contiguous ones: a channels_last tensor whose channels are its only dimension
+    # above 1 (the normalization's (1, C, 1, 1) mean and std) counts as contiguous, keeps its
+    # strides (C, 1, C, C), and ExecuTorch reads those as the NHWC dim order; the delegate that
+    # subtracts it from the NCHW input then fails at run time ("Propagating input shapes failed").
     for tensor in (*module.parameters(), *module.buffers()):
-        if not tensor.is_contiguous():
-            tensor.data = tensor.data.contiguous()
+        if tensor.stride() != _contiguous_strides(tensor.shape):
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
     batch = Dim("batch", min=1, max=max_batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,6 +84,14 @@ def lower_to_pte(module: nn.Module, example: torch.Tensor, *, max_batch: int = E
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
                                            constant_methods=constant_methods)
         return bytes(edge.to_executorch().buffer)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _round_decimals(x: torch.Tensor, decimals: int = 0) -> torch.Tensor:

@@ -223,12 +223,19 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, target: str = "x86") ->
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     quantizer = qat_quantizer(target)
-    was_training = model.training
-    model.train()
+    modes = {m: m.training for m in model.modules()}
+    # Traced in training mode for BatchNorm (folded into the convs, with batch statistics) and
+    # dropout (torchao's train/eval switch rewrites its pattern). Every other module traces in
+    # eval mode: torchao switches nothing else, so stochastic depth (torchvision's EfficientNet,
+    # ConvNeXt) traced in training mode stayed in the int8 program as a random ``bernoulli_``
+    # drawn on every query. QAT fine-tunes without it.
+    for m in model.modules():
+        m.train(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)))
     try:
         exported = _one_partition_per_call(export_dynamic(model, example).module())
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     with _quantizer_errors(f"quantize {type(model).__name__} for target {target!r}"), \
             _conv2d_only(exported):
         prepared = prepare_qat_pt2e(exported, quantizer)

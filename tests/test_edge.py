@@ -301,3 +301,24 @@ def test_mobilenet_v3_runs_at_any_batch_on_the_device():
         assert on_device.shape == (n, 4)
         assert torch.equal(on_device.argmax(1), in_torch.argmax(1))
         assert (on_device - in_torch).abs().max().item() < 0.5
+
+
+def test_an_edge_int8_max_pool_runs_compiled_as_the_victim_runs_it():
+    # Inductor lowered its dequantize -> max_pool2d -> quantize to quantized.max_pool2d, which
+    # has no kernel for int8 (only quint8) tensors: resnet18 and shufflenet failed every call.
+    from divqat.quant import compile_int8, convert_to_int8, prepare_qat
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1), torch.nn.Conv2d(8, 8, 3),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    example = torch.rand(2, 3, 16, 16)
+    qat = prepare_qat(net, example, target="edge")
+    qat(torch.rand(8, 3, 16, 16))
+    qat.freeze()
+    program = convert_to_int8(qat, example).module()
+    x = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        compiled, eager = compile_int8(program, freezing=False)(x), program(x)
+    # Inductor fuses the quantize arithmetic and may round a value to the next int8 step.
+    assert (compiled - eager).abs().max().item() < 0.1
+    assert (compiled.argmax(1) == eager.argmax(1)).float().mean().item() >= 0.9

@@ -8,6 +8,7 @@ line which code or quantizer pattern stopped export or quantization (``Unsupport
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import re
@@ -330,6 +331,42 @@ def convert_to_int8(qat: QATModel, example: torch.Tensor) -> torch.export.Export
     return export_dynamic(converted, example)
 
 
+def _without_requant_after_max_pool(module: nn.Module) -> nn.Module:
+    """``module`` (a copy, when there is something to change) with the quantize -> dequantize pair
+    after each max pool removed where it requantizes with the pool input's own parameters.
+
+    Inductor lowers dequantize -> max_pool2d -> quantize to ``quantized.max_pool2d``, which has
+    no CPU kernel for XNNPACK's int8 (only for quint8 tensors): an edge-target resnet18 or
+    shufflenet failed on its first call. The pair is an identity there: the pool's outputs are
+    some of its dequantized inputs, already on the same grid, so dropping it changes no value.
+    """
+    q_op = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    dq_op = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    pool_op = torch.ops.aten.max_pool2d.default
+
+    def pairs(gm: torch.fx.GraphModule):
+        for pool in gm.graph.find_nodes(op="call_function", target=pool_op):
+            source = pool.args[0]
+            if not (isinstance(source, torch.fx.Node) and source.target == dq_op):
+                continue
+            for q in pool.users:
+                if q.target == q_op and tuple(q.args[1:]) == tuple(source.args[1:]):
+                    yield pool, q
+
+    if not any(next(pairs(gm), None) for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)):
+        return module
+    module = copy.deepcopy(module)
+    for gm in module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for pool, q in list(pairs(gm)):
+            for dq in [u for u in q.users if u.target == dq_op and tuple(u.args[1:]) == tuple(q.args[1:])]:
+                dq.replace_all_uses_with(pool)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return module
+
+
 @contextlib.contextmanager
 def _inductor_freezing():
     import torch._inductor.config as inductor_config
@@ -356,6 +393,8 @@ def compile_int8(module: nn.Module, freezing: bool = True):
     Compiled statically (``dynamic=False``): with dynamic shapes this torch version's int8 conv
     lowering fails a stride assertion on recompilation, so callers feed a few fixed batch sizes.
     """
+    if not freezing:
+        module = _without_requant_after_max_pool(module)
     compiled = torch.compile(module, dynamic=False)
     frozen = _inductor_freezing if freezing else contextlib.nullcontext
     shapes: set[tuple[int, ...]] = set()

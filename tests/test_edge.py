@@ -262,3 +262,63 @@ def test_report_puts_the_copy_beside_the_query_attacks():
     assert "| qat | file copy | 0 | 88.0 | 100.0 |" in table
     assert "| qat | knockoff holdout (adaptive) | 500 | 82.0 | 86.0 |" in table
     assert "file copy" in main_table(results)
+
+
+# ---------------------------------------------------------------- users' architectures on the device
+
+def _edge_int8_program(arch: str, size: int = 32) -> torch.nn.Module:
+    """An untrained ``arch`` through the edge QAT flow as ``divqat train`` runs it (channels_last,
+    fake-quantized, one batch to set the ranges, converted); its torch int8 program."""
+    from divqat.models.normalized import VictimNet
+    from divqat.quant import convert_to_int8, prepare_qat
+
+    torch.manual_seed(0)
+    example = torch.rand(2, 3, size, size)
+    net = VictimNet(arch, 3, 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).to(memory_format=torch.channels_last)
+    qat = prepare_qat(net, example, target="edge")
+    qat(torch.rand(8, 3, size, size).contiguous(memory_format=torch.channels_last))
+    qat.freeze()
+    return convert_to_int8(qat, example).module()
+
+
+def test_mobilenet_v3_runs_at_any_batch_on_the_device():
+    # Its channels_last (1, C, 1, 1) normalization buffers once went in with NHWC strides, and
+    # every call failed in the runtime ("Propagating input shapes failed").
+    from divqat.models.external import import_torchvision
+
+    import_torchvision()
+    from divqat.edge import METADATA_METHOD
+    from divqat.pipelines.export import DeviceModel
+    from divqat.quant.edge import lower_to_pte, runtime
+
+    program = _edge_int8_program("torchvision:mobilenet_v3_small")
+    data = lower_to_pte(DeviceModel(program), torch.rand(8, 3, 32, 32), max_batch=8,
+                        constant_methods={METADATA_METHOD: "{}"})
+    forward = runtime().load_program(data).load_method("forward")
+    for n in (1, 5):
+        x = torch.rand(n, 3, 32, 32)
+        on_device, in_torch = forward.execute([x])[0], program(x)
+        assert on_device.shape == (n, 4)
+        assert torch.equal(on_device.argmax(1), in_torch.argmax(1))
+        assert (on_device - in_torch).abs().max().item() < 0.5
+
+
+def test_an_edge_int8_max_pool_runs_compiled_as_the_victim_runs_it():
+    # Inductor lowered its dequantize -> max_pool2d -> quantize to quantized.max_pool2d, which
+    # has no kernel for int8 (only quint8) tensors: resnet18 and shufflenet failed every call.
+    from divqat.quant import compile_int8, convert_to_int8, prepare_qat
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                              torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1), torch.nn.Conv2d(8, 8, 3),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    example = torch.rand(2, 3, 16, 16)
+    qat = prepare_qat(net, example, target="edge")
+    qat(torch.rand(8, 3, 16, 16))
+    qat.freeze()
+    program = convert_to_int8(qat, example).module()
+    x = torch.rand(16, 3, 16, 16)
+    with torch.no_grad():
+        compiled, eager = compile_int8(program, freezing=False)(x), program(x)
+    # Inductor fuses the quantize arithmetic and may round a value to the next int8 step.
+    assert (compiled - eager).abs().max().item() < 0.1
+    assert (compiled.argmax(1) == eager.argmax(1)).float().mean().item() >= 0.9

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from divqat.errors import MissingExtra
+from divqat.errors import MissingExtra, UnsupportedModel
 from divqat.quant import quiet_torchao  # the package, not flow: flow imports this module lazily
 
 TARGETS = ("x86", "edge")
@@ -65,21 +66,57 @@ def lower_to_pte(module: nn.Module, example: torch.Tensor, *, max_batch: int = E
     require_executorch()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
+    from torch._export.verifier import SpecViolationError
 
     # Victims train in channels_last, and their int8 weights keep that layout; XNNPACK's layout
-    # pass refuses a constant it sees in two layouts, so every tensor goes in contiguous.
+    # pass refuses a constant it sees in two layouts, so every tensor goes in contiguous. Not
+    # only the non-contiguous ones: a channels_last tensor whose channels are its only dimension
+    # above 1 (the normalization's (1, C, 1, 1) mean and std) counts as contiguous, keeps its
+    # strides (C, 1, C, C), and ExecuTorch reads those as the NHWC dim order; the delegate that
+    # subtracts it from the NCHW input then fails at run time ("Propagating input shapes failed").
     for tensor in (*module.parameters(), *module.buffers()):
-        if not tensor.is_contiguous():
-            tensor.data = tensor.data.contiguous()
+        if tensor.stride() != _contiguous_strides(tensor.shape):
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
     batch = Dim("batch", min=1, max=max_batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
         if any(n.target == torch.ops.aten.round.decimals for n in exported.graph.nodes):
             exported = exported.run_decompositions({torch.ops.aten.round.decimals: _round_decimals})
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
-                                           constant_methods=constant_methods)
+        _refuse_random_ops(exported)
+        try:
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                               constant_methods=constant_methods)
+        except SpecViolationError as e:
+            op = re.search(r"Operator (\S+) is not", str(e))
+            raise UnsupportedModel(f"cannot lower to ExecuTorch: operator {op.group(1) if op else '?'} "
+                                   "is not in its core ATen opset") from None
         return bytes(edge.to_executorch().buffer)
+
+
+# Ops that draw random numbers: an int8 program holding them answers differently each call.
+_RANDOM_OPS = ("bernoulli", "rand", "randn", "normal", "uniform", "multinomial", "native_dropout")
+
+
+def _refuse_random_ops(exported: torch.export.ExportedProgram) -> None:
+    """A program that draws random numbers is not a fixed function: refuse it in one line, naming
+    the operator. (Int8 victims whose QAT graph was traced with
+    stochastic depth on, e.g. torchvision's EfficientNet before ``prepare_qat`` traced it off,
+    hold ``bernoulli_``.)"""
+    for node in exported.graph.nodes:
+        name = getattr(node.target, "__name__", "").split(".")[0].rstrip("_")
+        if node.op == "call_function" and name in _RANDOM_OPS:
+            raise UnsupportedModel(f"cannot lower to ExecuTorch: operator {node.target} draws random "
+                                   "numbers on every query (stochastic depth traced in training mode?); "
+                                   "retrain the victim with this divqat")
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _round_decimals(x: torch.Tensor, decimals: int = 0) -> torch.Tensor:

@@ -8,6 +8,7 @@ line which code or quantizer pattern stopped export or quantization (``Unsupport
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import re
@@ -225,12 +226,19 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, target: str = "x86") ->
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     quantizer = qat_quantizer(target)
-    was_training = model.training
-    model.train()
+    modes = {m: m.training for m in model.modules()}
+    # Traced in training mode for BatchNorm (folded into the convs, with batch statistics) and
+    # dropout (torchao's train/eval switch rewrites its pattern). Every other module traces in
+    # eval mode: torchao switches nothing else, so stochastic depth (torchvision's EfficientNet,
+    # ConvNeXt) traced in training mode stayed in the int8 program as a random ``bernoulli_``
+    # drawn on every query. QAT fine-tunes without it.
+    for m in model.modules():
+        m.train(isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)))
     try:
         exported = _one_partition_per_call(export_dynamic(model, example).module())
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
     with _quantizer_errors(f"quantize {type(model).__name__} for target {target!r}"), \
             _conv2d_only(exported):
         prepared = prepare_qat_pt2e(exported, quantizer)
@@ -325,6 +333,42 @@ def convert_to_int8(qat: QATModel, example: torch.Tensor) -> torch.export.Export
     return export_dynamic(converted, example)
 
 
+def _without_requant_after_max_pool(module: nn.Module) -> nn.Module:
+    """``module`` (a copy, when there is something to change) with the quantize -> dequantize pair
+    after each max pool removed where it requantizes with the pool input's own parameters.
+
+    Inductor lowers dequantize -> max_pool2d -> quantize to ``quantized.max_pool2d``, which has
+    no CPU kernel for XNNPACK's int8 (only for quint8 tensors): an edge-target resnet18 or
+    shufflenet failed on its first call. The pair is an identity there: the pool's outputs are
+    some of its dequantized inputs, already on the same grid, so dropping it changes no value.
+    """
+    q_op = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    dq_op = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    pool_op = torch.ops.aten.max_pool2d.default
+
+    def pairs(gm: torch.fx.GraphModule):
+        for pool in gm.graph.find_nodes(op="call_function", target=pool_op):
+            source = pool.args[0]
+            if not (isinstance(source, torch.fx.Node) and source.target == dq_op):
+                continue
+            for q in pool.users:
+                if q.target == q_op and tuple(q.args[1:]) == tuple(source.args[1:]):
+                    yield pool, q
+
+    if not any(next(pairs(gm), None) for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)):
+        return module
+    module = copy.deepcopy(module)
+    for gm in module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for pool, q in list(pairs(gm)):
+            for dq in [u for u in q.users if u.target == dq_op and tuple(u.args[1:]) == tuple(q.args[1:])]:
+                dq.replace_all_uses_with(pool)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return module
+
+
 @contextlib.contextmanager
 def _inductor_freezing():
     import torch._inductor.config as inductor_config
@@ -351,6 +395,8 @@ def compile_int8(module: nn.Module, freezing: bool = True):
     Compiled statically (``dynamic=False``): with dynamic shapes this torch version's int8 conv
     lowering fails a stride assertion on recompilation, so callers feed a few fixed batch sizes.
     """
+    if not freezing:
+        module = _without_requant_after_max_pool(module)
     compiled = torch.compile(module, dynamic=False)
     frozen = _inductor_freezing if freezing else contextlib.nullcontext
     shapes: set[tuple[int, ...]] = set()

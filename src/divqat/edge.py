@@ -19,7 +19,8 @@ itself answers is ``victim.outputs``:
   the device answers. ``victim.program_outputs(images)`` gives the raw answer.
 
 The program's batch dimension is dynamic up to ``max_batch`` (256); larger queries run in chunks
-of it, so any N works. The runtime runs on the CPU only. Programs sealed with a key (``divqat
+of it, so any N works. A program lowered at a fixed batch (``metadata["program"]["fixed_batch"]``,
+for graphs whose dynamic batch does not run) gets short chunks zero-padded up to it. The runtime runs on the CPU only. Programs sealed with a key (``divqat
 export --encrypt-key-file``) are decrypted in memory, never on disk: pass ``key_file=`` or set
 ``DIVQAT_KEY_FILE``.
 """
@@ -143,6 +144,8 @@ class EdgeVictim:
         self.defense: str | None = section.get("defense")
         # The rows the runtime planned its input for (the export's max_batch).
         self.max_batch = int(program.metadata("forward").input_tensor_meta(0).sizes()[0])
+        # A program lowered at a fixed batch (divqat.pipelines.export) takes exactly that many rows.
+        self.fixed_batch = bool(section.get("fixed_batch", False))
         self.mode: str = metadata["mode"]
         self.int8 = section.get("precision") == "int8"
         self.input_shape: tuple[int, int, int] = tuple(metadata["input_shape"])
@@ -174,7 +177,10 @@ class EdgeVictim:
         with self._lock:
             for start in range(0, images.shape[0], self.max_batch):
                 chunk = images[start:start + self.max_batch].contiguous()
-                out.append(self._forward.execute([chunk])[0].float())
+                rows = chunk.shape[0]
+                if self.fixed_batch and rows < self.max_batch:
+                    chunk = torch.cat([chunk, chunk.new_zeros((self.max_batch - rows, *chunk.shape[1:]))])
+                out.append(self._forward.execute([chunk])[0][:rows].float())
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

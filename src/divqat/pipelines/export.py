@@ -33,10 +33,16 @@ from torch import Tensor, nn
 
 from divqat.defenses.base import DEFENSES, Defense, create_defense
 from divqat.edge import METADATA_METHOD, PROGRAM_FORMAT, PROGRAM_FORMAT_VERSION, is_program_path
-from divqat.errors import ArtifactError, ConfigError
+from divqat.errors import ArtifactError, ConfigError, UnsupportedModel
 from divqat.io import atomic_write
 from divqat.quant import quiet_torchao
-from divqat.quant.edge import EDGE_MAX_BATCH, lower_to_pte, require_executorch
+from divqat.quant.edge import (
+    EDGE_FIXED_BATCH,
+    EDGE_MAX_BATCH,
+    lower_to_pte,
+    require_executorch,
+    run_failure,
+)
 from divqat.sealed import new_key, read_key, seal
 from divqat.victim import INT8_MODES, PROGRAM, provenance, victim_metadata
 
@@ -100,7 +106,10 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
             (Default: None, logits.)
         encrypt_key_file: seal the file with this key (64 hex characters); a missing key file is
             created with a fresh random key (owner-only permissions). (Default: None, plain.)
-        max_batch: the largest batch the program takes in one call. (Default: 256.)
+        max_batch: the largest batch the program takes in one call. (Default: 256.) A program
+            that lowers but does not run with a dynamic batch is lowered again at a fixed batch
+            of 32 (``fixed_batch`` in the result and the metadata); one that does not run at all
+            is an ``UnsupportedModel``, here rather than at its first query.
 
     Returns a dict: ``out``, ``bytes``, ``sha256`` (of the file as written), ``seconds``,
     ``mode``, ``precision``, ``outputs``, ``defense``, ``defense_params``, ``encrypted``,
@@ -142,12 +151,28 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
         "source": str(victim_dir),
         "versions": provenance("executorch"),
     }
-    metadata = {**meta, "program": section}
     # An example at the upper bound: with a small one (2) this ExecuTorch planned the input for
     # 15 rows instead of max_batch.
-    example = torch.rand(max_batch, *meta["input_shape"])
-    data = lower_to_pte(model, example, max_batch=max_batch,
-                        constant_methods={METADATA_METHOD: json.dumps(metadata)})
+    shape = tuple(meta["input_shape"])
+    data = lower_to_pte(model, torch.rand(max_batch, *shape), max_batch=max_batch,
+                        constant_methods={METADATA_METHOD: json.dumps({**meta, "program": section})})
+    failure = run_failure(data, shape, (1, 2, max_batch))
+    if failure is not None:
+        # Some graphs lower with a dynamic batch and then fail every call: int8 torchvision
+        # shufflenet, whose channel shuffle (view, split) stays outside the delegates, whose
+        # outputs this ExecuTorch plans at the upper bound as static tensors ("Attempted to
+        # resize a static tensor"). Such a program is lowered again at a fixed batch, and the
+        # runtime pads short queries up to it (divqat.edge.EdgeVictim).
+        fixed = min(EDGE_FIXED_BATCH, max_batch)
+        say(f"the program does not run with a dynamic batch ({failure}); lowering it at a fixed "
+            f"batch of {fixed}")
+        section.update(max_batch=fixed, fixed_batch=True)
+        data = lower_to_pte(model, torch.rand(fixed, *shape), max_batch=fixed, dynamic=False,
+                            constant_methods={METADATA_METHOD: json.dumps({**meta, "program": section})})
+        failure = run_failure(data, shape, (fixed,))
+        if failure is not None:
+            raise UnsupportedModel(f"{victim_dir}: the lowered program fails in the ExecuTorch runtime "
+                                   f"({failure.splitlines()[0]})")
     if key is not None:
         data = seal(data, key)
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
@@ -155,7 +180,8 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
             "seconds": time.perf_counter() - start, "victim": str(victim_dir), "mode": mode,
             "arch": meta.get("arch"), "precision": section["precision"], "outputs": section["outputs"],
             "defense": section["defense"], "defense_params": section["defense_params"],
-            "encrypted": key is not None, "new_key": new, "max_batch": max_batch}
+            "encrypted": key is not None, "new_key": new, "max_batch": section["max_batch"],
+            "fixed_batch": section.get("fixed_batch", False)}
 
 
 __all__ = ["DeviceModel", "device_defense", "export_victim"]

@@ -29,6 +29,9 @@ TARGETS = ("x86", "edge")
 # The batch dimension of a lowered program is dynamic up to this size; larger queries are run in
 # chunks of it (XNNPACK plans its buffers for the upper bound).
 EDGE_MAX_BATCH = 256
+# The batch of a program whose dynamic batch does not run (see divqat.pipelines.export): queries
+# go in chunks of it, a short one zero-padded.
+EDGE_FIXED_BATCH = 32
 INSTALL_HINT = "pip install 'divqat[edge]'"
 
 
@@ -55,9 +58,10 @@ def edge_quantizer(is_qat: bool = True):
 
 
 def lower_to_pte(module: nn.Module, example: torch.Tensor, *, max_batch: int = EDGE_MAX_BATCH,
-                 constant_methods: dict[str, Any] | None = None) -> bytes:
+                 constant_methods: dict[str, Any] | None = None, dynamic: bool = True) -> bytes:
     """``module`` (a converted int8 program, or an fp32 model) exported with a dynamic batch up to
-    ``max_batch``, lowered to XNNPACK and serialized: the bytes of a ``.pte`` file.
+    ``max_batch`` (``dynamic=False``: the batch of ``example``, fixed), lowered to XNNPACK and
+    serialized: the bytes of a ``.pte`` file.
 
     ``constant_methods`` become methods of the program that return a constant (divqat stores the
     victim's metadata as one, so the file describes itself). What XNNPACK does not take (a fused
@@ -80,7 +84,8 @@ def lower_to_pte(module: nn.Module, example: torch.Tensor, *, max_batch: int = E
     batch = Dim("batch", min=1, max=max_batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        exported = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+        exported = torch.export.export(module, (example,),
+                                       dynamic_shapes=({0: batch},) if dynamic else None)
         if any(n.target == torch.ops.aten.round.decimals for n in exported.graph.nodes):
             exported = exported.run_decompositions({torch.ops.aten.round.decimals: _round_decimals})
         _refuse_random_ops(exported)
@@ -117,6 +122,19 @@ def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
         strides.append(step)
         step *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def run_failure(data: bytes, shape: tuple[int, ...], batches: tuple[int, ...]) -> str | None:
+    """Why the program ``data`` fails on inputs of ``shape`` at these batch sizes (the runtime's
+    error), or None when it runs them all: a program that lowered can still fail every call."""
+    with quiet_stderr():
+        forward = runtime().load_program(data).load_method("forward")
+        for n in batches:
+            try:
+                forward.execute([torch.rand(n, *shape)])
+            except RuntimeError as e:
+                return f"batch {n}: {e}"
+    return None
 
 
 def _round_decimals(x: torch.Tensor, decimals: int = 0) -> torch.Tensor:

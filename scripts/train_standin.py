@@ -6,7 +6,7 @@ is divqat's except one import that makes torchvision importable beside a CPU-onl
 ``divqat.models.external``; with matching torch and torchvision builds it is not needed).
 
     python scripts/train_standin.py --folder photos --arch mobilenet_v3_small --size 64 \
-        --epochs 4 --out mine.pt
+        --epochs 10 --out mine.pt
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--folder", required=True, help="DIR with train/<class>/ and test/<class>/")
     parser.add_argument("--arch", default="mobilenet_v3_small", help="a torchvision model name")
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4)
+    # MobileNetV3's BatchNorm layers update their running statistics slowly (momentum 0.01): with
+    # a handful of epochs from scratch the eval-mode model still answers one class everywhere.
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", required=True, help="where to save the state dict (.pt)")
     args = parser.parse_args()
@@ -43,7 +45,9 @@ def main() -> None:
                                   transforms.ToTensor(), normalize])
     train = datasets.ImageFolder(f"{args.folder}/train", train_tf)
     test = datasets.ImageFolder(f"{args.folder}/test", test_tf)
-    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, num_workers=2)
+    # Decoding in the training process: a small folder of small images decodes faster than
+    # worker processes would start, and on two cores they would fight the training for them.
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
     model = torchvision.models.get_model(args.arch, weights=None, num_classes=len(train.classes))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -60,7 +64,7 @@ def main() -> None:
             for x, y in torch.utils.data.DataLoader(test, batch_size=256):
                 correct += int((model(x).argmax(1) == y).sum())
         print(f"epoch {epoch + 1}/{args.epochs}: test accuracy {correct / len(test):.2%} "
-              f"({time.perf_counter() - start:.0f} s)")
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
     torch.save(model.state_dict(), args.out)
     print(f"saved {args.arch}'s state dict to {args.out}")
 

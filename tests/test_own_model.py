@@ -92,7 +92,9 @@ def test_a_torchvision_model_goes_import_divqat_defend_attack_serve_export(photo
         png = io.BytesIO()
         _photo(1, np.random.default_rng(5), (50, 70)).save(png, format="PNG")
         answer = httpx.post(f"{server.url}/v1/predict", files={"image": ("a.png", png.getvalue(), "image/png")},
-                            headers={"Authorization": f"Bearer {key}"}, timeout=TIMEOUT)
+                            # The first query compiles the int8 program with the defense fused:
+                            # a MobileNet takes tens of seconds on two cores.
+                            headers={"Authorization": f"Bearer {key}"}, timeout=10 * TIMEOUT)
         assert answer.status_code == 200, answer.text
         assert np.array(answer.json()["posteriors"]).shape == (1, len(CLASSES))
     finally:

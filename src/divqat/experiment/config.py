@@ -184,6 +184,8 @@ class VictimSpec:
     holdout: int = 0
     batch_size: int = 128
     target: str = "x86"
+    # image-folder's (H, W), already folded into ``dataset`` (``image-folder@96``), kept for the record.
+    image_size: tuple[int, int] | None = None
     # The user's own model (``divqat import``): the teacher comes from this file, not training.
     weights: str | None = None
     mean: tuple[float, ...] | None = None
@@ -435,11 +437,12 @@ def _numerics(raw: Any) -> Numerics:
 def _victim(raw: Any) -> VictimSpec:
     m = _Mapping(raw, "victim", _keys("victim"))
     dataset = _dataset(m.get("dataset", "fashion-mnist"), m.where("dataset"), dataset_names())
+    image_size = None
     if m.get("image_size", None) is not None:
         from divqat.data import parse_image_size, sized_name
 
-        dataset = _wrapped(m.where("image_size"),
-                           lambda: sized_name(dataset, parse_image_size(str(m.get("image_size", None)))))
+        image_size = _wrapped(m.where("image_size"), lambda: parse_image_size(str(m.get("image_size", None))))
+        dataset = _wrapped(m.where("image_size"), lambda: sized_name(dataset, image_size))
     arch = m.get("arch", "resnet8")
     weights = m.get("weights", None)
     if weights is not None:
@@ -451,7 +454,7 @@ def _victim(raw: Any) -> VictimSpec:
         raise ConfigError(f"{m.where('mean')}: give mean and std together, and only with weights")
     return VictimSpec(dataset=dataset,
                       arch=_wrapped(m.where("arch"), lambda: check_arch(arch)),
-                      weights=weights, mean=mean, std=std,
+                      image_size=image_size, weights=weights, mean=mean, std=std,
                       limit=m.int("limit", None, 1, optional=True),
                       holdout=m.int("holdout", 0, 0),
                       batch_size=m.int("batch_size", 128, 1),

@@ -38,7 +38,6 @@ from torch import Tensor
 from divqat.blackbox import DefendedBatch, DefendedVictim
 from divqat.checks import check_int
 from divqat.data import ImageDataset, dataset_spec, load_dataset, to_float, to_victim_input
-from divqat.data.base import SPLITS
 from divqat.defenses.base import Defense
 from divqat.errors import ConfigError
 from divqat.io import write_json
@@ -289,9 +288,10 @@ def parse_query_set(text: str) -> tuple[str, str]:
     if not name or (sep and not split) or ":" in split:
         raise ConfigError(f"bad query set {text!r}: expected NAME or NAME:SPLIT, e.g. mnist:test")
     split = split or "test"
-    if split not in SPLITS:
-        raise ConfigError(f"bad query set {text!r}: split must be one of {', '.join(SPLITS)}")
-    return dataset_spec(name).name, split
+    spec = dataset_spec(name)
+    if split not in spec.splits:  # val only where the set has one (an image folder with val/)
+        raise ConfigError(f"bad query set {text!r}: split must be one of {', '.join(spec.splits)}")
+    return spec.name, split
 
 
 def load_queries(query_set: str, input_shape: tuple[int, int, int], *, limit: int | None = None,

@@ -171,9 +171,10 @@ def parse_outliers(text: str) -> str:
                               f"by '+', each one of: {', '.join(KINDS)}")
         return f"{SYNTH}:{'+'.join(kinds)}"
     split = tail.strip() or "train"
-    if not head.strip() or (sep and not tail.strip()) or split not in SPLITS:
+    splits = dataset_spec(head).splits if head.strip() else SPLITS
+    if not head.strip() or (sep and not tail.strip()) or split not in splits:
         raise ConfigError(f"bad outlier source {text!r}: expected {SYNTH}, {SYNTH}:KIND[+KIND] (kinds: "
-                          f"{', '.join(KINDS)}) or a dataset NAME[:SPLIT] (split: {', '.join(SPLITS)})")
+                          f"{', '.join(KINDS)}) or a dataset NAME[:SPLIT] (split: {', '.join(splits)})")
     return f"{dataset_spec(head).name}:{split}"
 
 

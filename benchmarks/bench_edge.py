@@ -42,7 +42,7 @@ from divqat.blackbox import DefendedVictim
 from divqat.data import load_dataset, to_float
 from divqat.defenses import create_defense
 from divqat.pipelines.export import export_victim
-from divqat.pipelines.train import posterior_distances
+from divqat.pipelines.train import teacher_distances
 from divqat.quant import compile_int8
 from divqat.sealed import seal
 from divqat.victim import load_victim
@@ -147,7 +147,7 @@ def main() -> None:
         out["accuracy"][name] = {
             "torch_int8_accuracy": trained["int8_test_accuracy"], "torch_kl_to_teacher": trained["kl_to_teacher"],
             "pte_accuracy": float((pp.argmax(1) == labels).float().mean()),
-            "pte_kl_to_teacher": posterior_distances(teacher, pte_logits)["kl_to_teacher"]}
+            "pte_kl_to_teacher": teacher_distances(teacher, pte_logits)["kl_to_teacher"]}
         if name == "qat":
             qat_torch_post, qat_pte_post = tp, pp
     fused = load_victim(dcp_pte).program_outputs(x)

@@ -101,14 +101,33 @@ def test_each_key_is_marked_with_its_own_secret_and_the_marks_survive_a_restart(
     assert np.all(np.isfinite(kept.mark_times)) and kept.mark_times.min() > 1e9
 
 
+def store_key(db, name: str):
+    store = KeyStore(db)
+    try:
+        return store.create_key(name, 10_000)
+    finally:
+        store.close()
+
+
 def test_verify_reads_the_marks_from_the_service_folder(tmp_path, capsys):
     db = tmp_path / "state" / "keys.db"
     store = KeyStore(db)
     _, thief = store.create_key("thief", 10_000)
     store.close()
+    _, auditor = store_key(db, "auditor")
+    (tmp_path / "auditor.key").write_text(auditor + "\n")
     server = start(db)
     try:
         soft(server.url, thief, make_bars(64, seed=5)[0])
+        # A suspect behind an HTTP API: asked through RemoteBlackBox, every image counted there.
+        assert main(["verify", "--suspect", server.url, "--api-key-file", str(tmp_path / "auditor.key"),
+                     "--marks", str(db)]) == 0
+        out = capsys.readouterr().out
+        asked = int(out.split("; ")[1].split()[0])
+        assert f"the prediction API at {server.url}" in out and asked > 0
+        keys = KeyStore(db)
+        assert keys.key("auditor").used == asked
+        keys.close()
     finally:
         server.stop()
     rgb = save_model(tmp_path / "rgb.pt", VictimNet("resnet8", 3, 4, (0.5,) * 3, (0.25,) * 3), (3, 16, 16), 4)

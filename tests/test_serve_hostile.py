@@ -297,8 +297,8 @@ def test_the_flag_is_written_even_when_the_state_save_fails(tmp_path):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    store.save_detector_state = broken
     watch.open(store)
+    watch._writer.save_detector_state = broken  # the saver's own connection
 
     async def scenario():
         queries = chains(200)
@@ -309,8 +309,9 @@ def test_the_flag_is_written_even_when_the_state_save_fails(tmp_path):
         raise AssertionError("not flagged")
 
     verdict = asyncio.run(scenario())
-    watch._executor.shutdown(wait=True)
+    watch.close()
     assert store.flags()["thief"]["queries"] == verdict.first_alarm
+    assert watch.writes >= 1 and store.detector_state(key.id, "prada", watch.config) is None  # all failed
     store.close()
 
 

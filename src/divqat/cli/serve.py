@@ -12,12 +12,12 @@ Serve a victim behind its defense as an HTTP prediction API (FastAPI + uvicorn):
 /v1/predict (a .npy batch or PNG/JPEG files -> defended posteriors, labels or top-k, as the API
 key allows; JSON or .npy), GET /v1/model, GET /healthz, GET /metrics (Prometheus; only with the
 operator's token: `Authorization: Bearer $DIVQAT_METRICS_TOKEN`, set in the service's
-environment, else not served). Every request
-needs an API key (`divqat keys create`); every image counts against the key's budget, committed
-to --db before the answer leaves; rate limits answer 429 with Retry-After and RateLimit fields;
-every request is in the audit log (`divqat audit`). Concurrent requests are batched into one
-victim call (--max-delay-ms). Listens on 127.0.0.1 unless --host names another address, which
-needs --tls-cert/--tls-key (HTTPS) or --insecure.
+environment, else not served). Every request needs an API key (`divqat keys create`); every
+image counts against the key's budget, committed to --db before the answer leaves; rate limits
+answer 429 with Retry-After and RateLimit fields; every request of a known key is in the audit
+log (`divqat audit`), but those refused unread after too many refusals. Concurrent requests are
+batched into one victim call (--max-delay-ms). Listens on 127.0.0.1 unless --host names another
+address, which needs --tls-cert/--tls-key (HTTPS) or --insecure.
 SIGTERM or Ctrl-C finishes the requests in flight, then stops.
 
 Against hostile clients: a request head must arrive within --head-timeout, a body within

@@ -27,7 +27,10 @@ on requests at once); 408 ``read_timeout`` (the body did not arrive within ``rea
 ``unsupported_media_type``; 400 ``bad_npy`` / ``bad_dtype`` / ``bad_shape`` / ``not_finite`` /
 ``out_of_range`` / ``empty_batch`` / ``bad_image`` / ``bad_form``; 403 ``key_blocked`` (the key
 was flagged, ``--on-alarm block``); 500 ``victim_error`` (refunded). None of them counts an
-image (see ``divqat.serve.store`` for the accounting).
+image (see ``divqat.serve.store`` for the accounting). Before a request reaches the app, the HTTP
+protocol ``divqat.serve.server`` gives uvicorn answers 408 ``head_timeout`` (the request head did
+not arrive within ``head_timeout``) and 431 ``head_too_large`` (past ``max_head_bytes``), and
+closes the connection.
 
 What a request costs before it is counted, in order: the service's concurrency cap (503, nothing
 read), the refusal limits (429, nothing read or written), the key (401), its flag (403), its

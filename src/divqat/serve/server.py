@@ -49,7 +49,9 @@ def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol
     with a deadline and a size cap on each request head.
 
     A connection has ``timeout`` seconds from its opening, and from each answer it was sent, to
-    deliver a complete head; then it gets 408 ``head_timeout`` and is closed. A head passing
+    deliver a complete head; then it gets 408 ``head_timeout`` and is closed (closed without an
+    answer when it sent nothing at all: an idle connection, as uvicorn's keep-alive timeout
+    closes them). A head passing
     ``max_bytes`` (counted in the chunks read, of at most 256 KiB each) gets 431
     ``head_too_large`` and the connection is closed. Bodies are the app's (``read_timeout``,
     ``max_body_bytes``). A head is complete when uvicorn starts its request (a new
@@ -83,9 +85,13 @@ def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol
 
         def _head_late(self) -> None:
             self._head_timer = None
-            if self.cycle is self._waiting:
-                self._refuse("408 Request Timeout", "head_timeout",
-                             f"the request head did not arrive within {timeout:g} s")
+            if self.cycle is not self._waiting or self.transport.is_closing():
+                return
+            if self._head_bytes == 0:  # idle, as a keep-alive connection: closed without a word
+                self.transport.close()
+                return
+            self._refuse("408 Request Timeout", "head_timeout",
+                         f"the request head did not arrive within {timeout:g} s")
 
         def data_received(self, data: bytes) -> None:
             if self._head_timer is None:

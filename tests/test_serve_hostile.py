@@ -554,6 +554,31 @@ def test_healthz_reports_a_stuck_victim_call_then_recovers(tmp_path):
         store.close()
 
 
+def test_a_key_holds_at_most_max_per_key_requests_in_flight(tmp_path):
+    victim = StuckVictim()
+    server, store, _ = serving(tmp_path, victim=victim, max_per_key=2)
+    try:
+        _, key = store.create_key("k", 100)
+        body = npy(np.zeros((1, 16, 16), np.uint8))
+        with ThreadPoolExecutor(2) as pool:
+            held = [pool.submit(post, server.url, key, body) for _ in range(2)]
+            deadline = time.monotonic() + TIMEOUT
+            while store.usage("k")[0]["in_flight"] < 2:  # both counted, one in the victim
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            r = post(server.url, key, body)
+            assert (r.status_code, r.json()["error"]) == (429, "too_many_in_flight") and r.headers["retry-after"]
+            victim.release.set()
+            assert [f.result(TIMEOUT).status_code for f in held] == [200, 200]
+        assert post(server.url, key, body).status_code == 200  # its places are free again
+        usage = store.usage("k")[0]
+        assert (usage["used"], usage["refused_requests"]) == (3, 1)
+    finally:
+        victim.release.set()
+        server.stop()
+        store.close()
+
+
 def test_a_dead_batcher_worker_is_reported_then_restarted():
     async def scenario():
         batcher = DynamicBatcher(lambda x: x * 2, max_batch=8, max_delay=0.0)

@@ -49,13 +49,12 @@ def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol
     with a deadline and a size cap on each request head.
 
     A connection has ``timeout`` seconds from its opening, and from each answer it was sent, to
-    deliver a complete head; then it gets 408 ``head_timeout`` and is closed (closed without an
-    answer when it sent nothing at all: an idle connection, as uvicorn's keep-alive timeout
-    closes them). A head passing
-    ``max_bytes`` (counted in the chunks read, of at most 256 KiB each) gets 431
-    ``head_too_large`` and the connection is closed. Bodies are the app's (``read_timeout``,
-    ``max_body_bytes``). A head is complete when uvicorn starts its request (a new
-    ``cycle``), in both of its HTTP implementations."""
+    deliver a complete head; then it gets 408 ``head_timeout`` and is closed (without an answer
+    when it sent nothing at all: an idle connection, closed as uvicorn's keep-alive timeout
+    closes them). A head passing ``max_bytes`` (counted in the chunks read, of at most 256 KiB
+    each) gets 431 ``head_too_large`` and the connection is closed. Bodies are the app's
+    (``read_timeout``, ``max_body_bytes``). A head is complete when uvicorn starts its request
+    (a new ``cycle``), in both of its HTTP implementations (httptools and h11, both checked)."""
     if protocol is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol
 

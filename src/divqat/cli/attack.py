@@ -89,13 +89,16 @@ def _add_remote_attack_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--eval-key-file", metavar="FILE",
                    help="with --victim URL: a separate key for measuring the victim's answers on its "
                         "test split (agreement, defender accuracy); without it they are left out")
+    a.add_argument("--insecure", action="store_true",
+                   help="with --victim http://HOST: send the API keys over plain HTTP to a host that is "
+                        "not loopback (refused without it: use https://)")
 
 
 def _refuse_remote_options(args: argparse.Namespace) -> None:
     from divqat.errors import ConfigError
 
-    if args.api_key_file or args.eval_key_file:
-        raise ConfigError("--api-key-file and --eval-key-file go with --victim http://HOST:PORT")
+    if args.api_key_file or args.eval_key_file or args.insecure:
+        raise ConfigError("--api-key-file, --eval-key-file and --insecure go with --victim http://HOST:PORT")
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -172,7 +175,8 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
                                     training=training, labels_only=args.labels_only, out=args.out,
                                     watermark=args.watermark, save_surrogate=args.save_surrogate),
                       ServiceAccess(read_key_file(args.api_key_file),
-                                    read_key_file(args.eval_key_file) if args.eval_key_file else None),
+                                    read_key_file(args.eval_key_file) if args.eval_key_file else None,
+                                    insecure=args.insecure),
                       common.run_context(args))
     kind = "label-only" if m["labels_only"] else f"{m['remote']['output']} answers"
     for r in m["results"]:

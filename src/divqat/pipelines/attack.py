@@ -447,12 +447,15 @@ class ServiceAccess:
             (Default: None, those are left out.)
         dataset: the registered dataset whose test split measures the surrogates.
             (Default: None, the one the service publishes at ``/v1/model``.)
+        insecure: send the keys over plain ``http://`` to a host that is not loopback (see
+            ``RemoteBlackBox``). (Default: False: such a URL is refused.)
     """
 
     # The keys are secrets: never in a repr, hence never in a log or a traceback.
     api_key: str = field(repr=False)
     eval_key: str | None = field(default=None, repr=False)
     dataset: str | None = None
+    insecure: bool = False
 
 
 def attack_remote(request: AttackRequest, access: ServiceAccess,
@@ -501,7 +504,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
                               f"--transfer {HOLDOUT}:N (e.g. {HOLDOUT}:10000)")
         holdout, transfer = int(count), HOLDOUT
 
-    box = RemoteBlackBox(url, api_key, label_only=True if labels_only else None)
+    box = RemoteBlackBox(url, api_key, label_only=True if labels_only else None, insecure=access.insecure)
     evaluator = None
     try:
         if thief.soft_only and box.label_only:
@@ -532,7 +535,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
         defended_pred = None
         if eval_key is not None:
             # Before the thief, as attack_victim measures the victim before it steals.
-            evaluator = RemoteBlackBox(url, eval_key)
+            evaluator = RemoteBlackBox(url, eval_key, insecure=access.insecure)
             if evaluator.queries_left is not None and evaluator.queries_left < len(test_images):
                 raise ConfigError(f"the evaluation key has {evaluator.queries_left} images left; the "
                                   f"test split has {len(test_images)}")

@@ -43,8 +43,8 @@ def soft(url: str, secret: str, images: np.ndarray) -> np.ndarray:
 def test_each_key_is_marked_with_its_own_secret_and_the_marks_survive_a_restart(tmp_path):
     db = tmp_path / "state" / "keys.db"
     store = KeyStore(db)
-    _, thief = store.create_key("thief", 10_000)
-    _, honest = store.create_key("honest", 10_000, output="labels")
+    thief_key, thief = store.create_key("thief", 10_000)
+    honest_key, honest = store.create_key("honest", 10_000, output="labels")
     store.close()
     images, _ = make_bars(64, seed=3)  # uint8 (64, 1, 16, 16)
     floats = torch.from_numpy(images).float() / 255
@@ -69,8 +69,8 @@ def test_each_key_is_marked_with_its_own_secret_and_the_marks_survive_a_restart(
     # The thief's answers are the rounding defense's with the marks swapped in: its secret is in
     # the key database, and its marks are those a Watermark with that secret chooses.
     marks = MarkStore(db, create=False)
-    secret, honest_secret = (marks.secret(name, rate=RATE, input_shape=SHAPE, num_classes=4)
-                             for name in ("thief", "honest"))
+    secret, honest_secret = (marks.secret(key.id, key.name, rate=RATE, input_shape=SHAPE, num_classes=4)
+                             for key in (thief_key, honest_key))
     marks.close()
     assert secret != honest_secret
     choice = Watermark(4, secret, RATE).choose(floats, clean.argmax(dim=1))
@@ -137,3 +137,29 @@ def test_verify_reads_the_marks_from_the_service_folder(tmp_path, capsys):
     assert main(["verify", "--suspect", str(gray), "--marks", str(db), "--json"]) == 0
     out = capsys.readouterr().out
     assert '"key": "thief"' in out and '"verified_key": null' in out
+
+
+def test_a_rotated_key_keeps_its_marks_and_a_reused_name_gets_its_own(tmp_path):
+    db = tmp_path / "keys.db"
+    store = KeyStore(db)
+    _, first = store.create_key("client", 10_000)
+    store.close()
+    images = make_bars(64, seed=7)[0]
+    server = start(db)
+    try:
+        answers = soft(server.url, first, images)
+        store = KeyStore(db)
+        _, rotated = store.rotate_key("client")
+        store.close()
+        assert np.array_equal(soft(server.url, rotated, images), answers)  # the same key, new secret
+        store = KeyStore(db)
+        old = store.revoke("client")
+        _, reused = store.create_key("client", 10_000)
+        store.close()
+        other = soft(server.url, reused, images)
+    finally:
+        server.stop()
+    assert not np.array_equal(other, answers)  # another client: another watermark secret
+    by_key = {m.key: m for m in load_marks(db)}
+    assert set(by_key) == {"client", f"client.revoked-{old.id}"}
+    assert by_key[f"client.revoked-{old.id}"].answered == 128 and by_key["client"].answered == 64

@@ -3,16 +3,19 @@
 Two tables beside the keys (same SQLite file, readable by its owner only; this module creates
 them and reads them, the key tables stay the service's):
 
-- ``watermark_keys``: per API key (by name), its watermark secret (32 random bytes, drawn on the
-  key's first marked-service query and kept, so a restarted service marks the same images the same
-  way), the rate it was created at, the victim's input shape and classes, and how many answers
-  were given and marked under the watermark;
+- ``watermark_keys``: per API key (by its row id in the key database: a rotated key keeps its
+  marks, a new key reusing a revoked key's name gets its own), its name, its watermark secret
+  (32 random bytes, drawn on the key's first query to a watermarking service and kept, so a
+  restarted service marks the same images the same way), the rate it was created at, the victim's
+  input shape and classes, and how many answers were given and marked under the watermark;
 - ``watermark_marks``: per key, at most ``max_marks`` distinct marked inputs and as many controls
   (the first ones), each the uint8 image as the victim saw it, its (would-be) mark label and its
   query time. Never shown to a client; ``load_marks`` / ``divqat verify --marks`` read them.
 
 The secret is stored as it is, unlike the API keys' secrets (only their hashes): the service
-needs it to mark, and ``divqat verify`` does not (the labels are stored).
+needs it to mark, and ``divqat verify`` does not (the labels are stored). Keys are shown by
+their name in the key database's ``keys`` table where it has one (a revoked key whose name went to
+a new key shows under its retired name), else by the name recorded here.
 
 ``KeyedWatermarks`` is what the service holds: one ``Watermark`` per key, over this store.
 """
@@ -37,7 +40,8 @@ from divqat.ownership.watermark import DEFAULT_MAX_MARKS, SECRET_BYTES, Watermar
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS watermark_keys (
-    key TEXT PRIMARY KEY,
+    key INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
     secret BLOB NOT NULL,
     rate REAL NOT NULL,
     input_shape TEXT NOT NULL,
@@ -47,7 +51,7 @@ CREATE TABLE IF NOT EXISTS watermark_keys (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS watermark_marks (
-    key TEXT NOT NULL REFERENCES watermark_keys(key),
+    key INTEGER NOT NULL REFERENCES watermark_keys(key),
     kind TEXT NOT NULL,
     digest BLOB NOT NULL,
     label INTEGER NOT NULL,
@@ -98,8 +102,10 @@ class MarkStore:
     def close(self) -> None:
         self._db.close()
 
-    def secret(self, key: str, *, rate: float, input_shape: Sequence[int], num_classes: int) -> bytes:
-        """The key's secret; drawn and stored on its first use."""
+    def secret(self, key: int, name: str, *, rate: float, input_shape: Sequence[int],
+               num_classes: int) -> bytes:
+        """The secret of the key with row id ``key`` (called ``name``); drawn and stored on its
+        first use."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -107,9 +113,9 @@ class MarkStore:
                 if row is None:
                     secret = secrets.token_bytes(SECRET_BYTES)
                     self._db.execute(
-                        "INSERT INTO watermark_keys (key, secret, rate, input_shape, num_classes, created) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        (key, secret, float(rate), json.dumps([int(s) for s in input_shape]),
+                        "INSERT INTO watermark_keys (key, name, secret, rate, input_shape, num_classes, "
+                        "created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (int(key), name, secret, float(rate), json.dumps([int(s) for s in input_shape]),
                          int(num_classes), time.time()))
                 else:
                     secret = bytes(row[0])
@@ -119,7 +125,7 @@ class MarkStore:
                 raise
         return secret
 
-    def add(self, key: str, kind: str, digests: Sequence[bytes], pixels: np.ndarray,
+    def add(self, key: int, kind: str, digests: Sequence[bytes], pixels: np.ndarray,
             labels: np.ndarray, when: float, answered: int = 0, marked: int = 0) -> None:
         """Record inputs of ``kind`` (mark or control) for ``key``, up to ``max_marks`` per kind
         (an input recorded before is not recorded again), and add to the key's counters."""
@@ -144,20 +150,26 @@ class MarkStore:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def read(self, key: str | None = None) -> list[KeyMarks]:
-        """Every key's marks (or one key's), in the order they were recorded."""
-        where, args = ("WHERE key = ?", (key,)) if key is not None else ("", ())
+    def read(self, key: int | None = None) -> list[KeyMarks]:
+        """Every key's marks (or one key's, by row id), in the order they were recorded."""
+        where, args = ("WHERE w.key = ?", (key,)) if key is not None else ("", ())
         with self._lock:
-            keys = self._db.execute(f"SELECT key, rate, input_shape, num_classes, answered, marked "
-                                    f"FROM watermark_keys {where} ORDER BY created", args).fetchall()
+            # The key database's own names where it has them (a retired key's new name).
+            has_keys = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'keys'"
+                                        ).fetchone() is not None
+            name = "COALESCE(k.name, w.name)" if has_keys else "w.name"
+            join = "LEFT JOIN keys k ON k.id = w.key" if has_keys else ""
+            keys = self._db.execute(f"SELECT w.key, {name}, w.rate, w.input_shape, w.num_classes, "
+                                    f"w.answered, w.marked FROM watermark_keys w {join} {where} "
+                                    "ORDER BY w.key", args).fetchall()
         out = []
-        for name, rate, shape_text, num_classes, answered, marked in keys:
+        for row_id, name, rate, shape_text, num_classes, answered, marked in keys:
             shape = tuple(json.loads(shape_text))
             parts = {}
             for kind in (MARK, CONTROL):
                 with self._lock:
                     rows = self._db.execute("SELECT label, time, image FROM watermark_marks WHERE key = ? "
-                                            "AND kind = ? ORDER BY rowid", (name, kind)).fetchall()
+                                            "AND kind = ? ORDER BY rowid", (row_id, kind)).fetchall()
                 images = (np.stack([np.frombuffer(r[2], dtype=np.uint8).reshape(shape) for r in rows])
                           if rows else np.zeros((0, *shape), np.uint8))
                 parts[f"{kind}_images"] = images
@@ -172,7 +184,7 @@ class _KeySink:
     """A ``MarkSink`` writing one key's marks to the store. The counters ride along with the next
     write of a mark or control (and ``flush``), so an unmarked request costs no write."""
 
-    def __init__(self, store: MarkStore, key: str) -> None:
+    def __init__(self, store: MarkStore, key: int) -> None:
         self.store, self.key = store, key
         self.answered = self.marked = 0
 
@@ -202,8 +214,9 @@ class KeyedWatermarks:
         num_classes (int), input_shape (C, H, W): the victim's.
         max_marks (int): marks (and, apart, controls) kept per key. (Default: 10,000.)
 
-    ``apply(key, answers, images, reference)`` marks one request's defended answers (N, K) for
-    ``key`` (``reference``: the clean victim's labels (N,)) and records its marks and controls.
+    ``apply(key, name, answers, images, reference)`` marks one request's defended answers (N, K)
+    for the key with row id ``key`` in the key database, called ``name`` (``reference``: the clean
+    victim's labels (N,)), and records its marks and controls.
     """
 
     def __init__(self, db: str | Path, rate: float, num_classes: int, input_shape: Sequence[int], *,
@@ -213,7 +226,7 @@ class KeyedWatermarks:
         self.input_shape = tuple(int(s) for s in input_shape)
         self.max_marks = max_marks
         self._store: MarkStore | None = None
-        self._keys: dict[str, Watermark] = {}
+        self._keys: dict[int, Watermark] = {}
 
     def open(self) -> None:
         if self._store is None:
@@ -228,21 +241,22 @@ class KeyedWatermarks:
             self._store = None
             self._keys.clear()
 
-    def watermark(self, key: str) -> Watermark:
+    def watermark(self, key: int, name: str) -> Watermark:
+        """The watermark of the key with row id ``key`` (its secret drawn on first use)."""
         if self._store is None:
             self.open()
         if key not in self._keys:
-            secret = self._store.secret(key, rate=self.rate, input_shape=self.input_shape,
+            secret = self._store.secret(key, name, rate=self.rate, input_shape=self.input_shape,
                                         num_classes=self.num_classes)
-            self._keys[key] = Watermark(self.num_classes, secret, self.rate, key=key,
+            self._keys[key] = Watermark(self.num_classes, secret, self.rate, key=name,
                                         log=_KeySink(self._store, key))
         return self._keys[key]
 
-    def apply(self, key: str, answers: Tensor, images: Tensor, reference: Tensor | None = None,
+    def apply(self, key: int, name: str, answers: Tensor, images: Tensor, reference: Tensor | None = None,
               now: float | None = None) -> Tensor:
-        return self.watermark(key).apply(answers, images, reference, now)
+        return self.watermark(key, name).apply(answers, images, reference, now)
 
-    def read(self, key: str | None = None) -> list[KeyMarks]:
+    def read(self, key: int | None = None) -> list[KeyMarks]:
         """The marks kept so far (every key's, or one key's)."""
         if self._store is None:
             self.open()

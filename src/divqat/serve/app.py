@@ -811,7 +811,7 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             labels_only = True
         if watermark is not None:
             try:  # after the defense and the detector; a failure to record costs no answer
-                defended = watermark.apply(key.name, defended, images, clean.argmax(dim=1), now)
+                defended = watermark.apply(key.id, key.name, defended, images, clean.argmax(dim=1), now)
             except Exception:
                 log.exception("watermarking the answers of key %r failed; they leave unmarked", key.name)
         try:

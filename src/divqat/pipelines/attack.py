@@ -10,6 +10,11 @@ surrogate on the victim's test split:
 - ``queries_used``, ``seconds``; and the defense's own metrics (``defender_accuracy``,
   ``l1_distance``, ... over the thief's queries, see ``divqat.pipelines.defend``).
 
+With ``watermark`` (DAWN's rate, ``divqat.ownership``) the thief's answers are watermarked after
+the defense: the record's ``watermark`` says how many were marked and what an honest user of the
+test split would lose, and ``OUT/marks.npz`` keeps the marks for ``divqat verify``. With
+``save_surrogate`` each stolen surrogate is written as a model file ``divqat verify`` loads.
+
 A label-only thief behind a defense that leaves every label of its transfer set as it was (DCP
 keeps the argmax of confident answers, and usually of all) is shown exactly what it is shown
 behind no defense, so it sends the same queries and trains the same surrogates: given the same

@@ -12,7 +12,7 @@ import divqat.cli
 from divqat.cli import build_parser, main
 
 COMMANDS = ["train", "import", "defend", "defenses", "attack", "attacks", "run", "report", "serve", "keys",
-            "audit", "export", "detectors", "calibrate", "detect"]
+            "audit", "export", "detectors", "calibrate", "detect", "verify"]
 KEY_ACTIONS = ["create", "rotate", "list", "usage", "revoke", "unflag"]
 
 

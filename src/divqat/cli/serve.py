@@ -96,6 +96,10 @@ def register(sub) -> None:
                    help="seconds between saves of a key's detector state to --db, off the answers' "
                         "path and paced to at most ~5%% of the time (also at its first alarm and on "
                         "shutdown; 0: after every request) (default: 1)")
+    s.add_argument("--watermark", type=float, default=None, metavar="RATE",
+                   help="watermark this fraction of each key's answers (DAWN, e.g. 0.005): a wrong "
+                        "label chosen by a keyed hash of the image, after the defense; each key's "
+                        "secret and marks kept in --db for `divqat verify --marks` (default: none)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -119,7 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                detector=args.detector,
                                detector_params=parse_params(args.detector_param),
                                on_alarm=args.on_alarm, save_every=args.detector_save_every,
-                               tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure),
+                               tls_cert=args.tls_cert, tls_key=args.tls_key, insecure=args.insecure,
+                               watermark=args.watermark),
                 RunContext(data_root=args.data_root, device=args.device))
     return 0
 

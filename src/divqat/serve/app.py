@@ -52,6 +52,13 @@ watched it (in the order the answers were computed), and a request whose verdict
 (the one that raised it, and every later one) gets what ``--on-alarm`` says: with ``block`` a
 403, its images refunded (the victim saw them, the client gets nothing of them). So no soft
 answer leaves after the alarm; at most the requests whose observation finished before it.
+
+With a watermark (``create_app(..., watermark=KeyedWatermarks(...))``, ``divqat serve
+--watermark RATE``; DAWN, ``divqat.ownership.watermark``) each key's answers are marked after
+the defense and after the detector has watched them: a keyed fraction of its images is answered
+with a deterministic wrong label (the defended posteriors rearranged so it is their argmax; top-k
+and labels follow), the key's secret and its marked inputs kept in the key database, never sent
+to a client. ``divqat verify --marks DB`` reads them.
 """
 
 from __future__ import annotations
@@ -86,9 +93,10 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
-from divqat.blackbox import DefendedVictim
+from divqat.blackbox import DefendedBatch, DefendedVictim
 from divqat.checks import check_int, check_number
 from divqat.data import adapt, to_float
+from divqat.ownership import KeyedWatermarks
 from divqat.remote import npy_bytes, read_npy
 from divqat.serve.batcher import DynamicBatcher
 from divqat.serve.store import KeyInfo, KeyStore, Refused
@@ -554,7 +562,7 @@ def _bearer(request: Request) -> str | None:
 def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str],
                dataset: str | None = None, limits: ServiceLimits | None = None,
                fsync: bool = False, watch: KeyWatch | None = None,
-               metrics_token: str | None = None) -> FastAPI:
+               metrics_token: str | None = None, watermark: KeyedWatermarks | None = None) -> FastAPI:
     """The prediction API for ``served`` (the victim behind its defense), keys and audit in
     the SQLite file ``db`` (``divqat keys`` writes the keys).
 
@@ -571,6 +579,8 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             (not started; the app opens and closes it with the key database). (Default: None.)
         metrics_token (str, optional): the operator's token for ``/metrics`` (``Authorization:
             Bearer TOKEN``); None: ``/metrics`` is not served. (Default: None.)
+        watermark (KeyedWatermarks, optional): DAWN's watermark per key, its state in the key
+            database (opened and closed with it). (Default: None.)
 
     ``app.state`` holds the ``batcher``, the ``metrics`` and the ``watch`` (for tests and
     operators' probes).
@@ -586,7 +596,14 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
     # for a time slice twice per request. Only another process's write (`divqat keys`) can
     # make it wait, for as long as that write takes.
     store = KeyStore(db, fsync=fsync)
-    batcher = DynamicBatcher(lambda images: served(images).defended, max_batch=limits.max_batch,
+
+    def run(images: Tensor) -> Tensor:
+        """The defended posteriors (N, K); with a watermark (N, 2, K), the clean ones beside
+        them, whose argmax the mark labels are chosen against."""
+        batch: DefendedBatch = served(images)
+        return batch.defended if watermark is None else torch.stack((batch.defended, batch.clean), dim=1)
+
+    batcher = DynamicBatcher(run, max_batch=limits.max_batch,
                              max_delay=limits.max_delay, observe=metrics.observe_batch,
                              stuck_after=limits.stuck_after)
     decoders = ThreadPoolExecutor(max_workers=limits.decode_threads, thread_name_prefix="divqat-decode")
@@ -595,6 +612,8 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
 
     if watch is not None:
         watch.open(store)
+    if watermark is not None:
+        watermark.open()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -606,6 +625,8 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             decoders.shutdown(wait=True)
             if watch is not None:
                 watch.close()  # every key's detector state saved
+            if watermark is not None:
+                watermark.close()  # every key's answer counters written
             store.close()
 
     app = FastAPI(title="divqat prediction API", docs_url=None, redoc_url=None, openapi_url=None,
@@ -759,7 +780,9 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             return _error(r.status, r.code, r.message, headers)
         # Counted and committed: from here on the images count whatever happens to the answer.
         try:
-            defended = await batcher.submit(images)
+            defended = clean = await batcher.submit(images)
+            if watermark is not None:
+                defended, clean = defended[:, 0], defended[:, 1]
         except Exception:
             log.exception("the victim failed on a batch; the request's images are refunded")
             seconds = time.perf_counter() - start
@@ -786,6 +809,11 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
                 refunded = dataclasses.replace(reservation.key, used=reservation.key.used - n)
                 return _error(403, "key_blocked", blocked_message.format(key.name), usage_headers(refunded))
             labels_only = True
+        if watermark is not None:
+            try:  # after the defense and the detector; a failure to record costs no answer
+                defended = watermark.apply(key.id, key.name, defended, images, clean.argmax(dim=1), now)
+            except Exception:
+                log.exception("watermarking the answers of key %r failed; they leave unmarked", key.name)
         try:
             shown = dataclasses.replace(reservation.key, output="labels") if labels_only else reservation.key
             body, media = encode_answer(defended, shown, NPY in request.headers.get("accept", ""))

@@ -196,6 +196,8 @@ class ServiceRequest:
         tls_cert, tls_key: PEM certificate (chain) and private key: serve HTTPS. (Default: None.)
         insecure: listen on a non-loopback address without TLS (the keys cross the network in
             clear). (Default: False.)
+        watermark: DAWN's rate of watermarked answers per key (``divqat.ownership``), its
+            secrets and marks kept in ``db``. (Default: None, no watermark.)
         metrics_token: the operator's token for ``/metrics``; None: read from the environment
             variable DIVQAT_METRICS_TOKEN, and without it ``/metrics`` is not served.
     """
@@ -218,6 +220,7 @@ class ServiceRequest:
     tls_key: str | Path | None = None
     insecure: bool = False
     metrics_token: str | None = None
+    watermark: float | None = None
 
 
 def check_transport(request: ServiceRequest) -> dict[str, str]:
@@ -267,12 +270,21 @@ def run_service(request: ServiceRequest, context: RunContext | None = None) -> N
             say(f"divqat serve: every key watched by {detector} ({shown}; "
                 f"{'calibrated' if settings['calibrated'] else 'not calibrated'}), "
                 f"on alarm: {request.on_alarm}")
+        marks = None
+        if request.watermark is not None:
+            from divqat.ownership import KeyedWatermarks
+            from divqat.victim import victim_metadata
+
+            meta = victim_metadata(victim_dir)  # the rate checked before minutes of loading
+            marks = KeyedWatermarks(db, request.watermark, len(meta["classes"]), meta["input_shape"])
+            say(f"divqat serve: each key's answers watermarked at rate {request.watermark:g}, "
+                f"its marks kept in {db}")
         served, meta = load_service(victim_dir, defense, request.params, seed=request.seed,
                                     data_root=context.data_root, device=context.device,
                                     misinformation_epochs=request.misinformation_epochs, log=say)
         app = create_app(served, db, classes=meta["classes"], dataset=meta.get("dataset"),
                          limits=request.limits, fsync=request.fsync, watch=watch,
-                         metrics_token=metrics_token)
+                         metrics_token=metrics_token, watermark=marks)
         config = uvicorn_config(app, lifespan="on", timeout_graceful_shutdown=60, server_header=False, **tls)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host

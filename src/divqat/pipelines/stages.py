@@ -78,8 +78,10 @@ class AttackStageRequest:
     ``detectors``: name -> (calibration folder, params) of the extraction detectors that watch
     the thief's stream (they only record: no answer changes). ``twin``: the folder of the same
     label-only attack behind no defense, whose surrogates this one measures when the defense
-    leaves every transfer label as it was. (Defaults: the attack's parameters, no transfer set,
-    posteriors, the default recipe, seed 0, no detector, no twin.)
+    leaves every transfer label as it was. ``save_surrogates``: write each budget's surrogate
+    into the stage's folder as a model file (``surrogate.pt``, ``surrogate-BUDGET.pt`` for
+    several budgets; ``divqat verify --suspect`` loads them). (Defaults: the attack's parameters,
+    no transfer set, posteriors, the default recipe, seed 0, no detector, no twin, none saved.)
     """
 
     name: str
@@ -91,6 +93,7 @@ class AttackStageRequest:
     seed: int = 0
     detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None
     twin: str | Path | None = None
+    save_surrogates: bool = False
 
 
 class StageWork:
@@ -176,7 +179,8 @@ class StageWork:
                                          for n, (store, p) in detectors.items()})
         request = AttackRequest(victim_dir, stage.name, budgets, stage.params, defense=setting.name,
                                 defense_params=setting.params, transfer=transfer, training=training,
-                                labels_only=stage.labels_only, twin=stage.twin, out=folder)
+                                labels_only=stage.labels_only, twin=stage.twin, out=folder,
+                                save_surrogate=Path(folder) / "surrogate.pt" if stage.save_surrogates else None)
         record = attack_loaded(request, served, self.context, test_set=self.test_set(victim_dir),
                                transfer_set=transfer_set, monitor=monitor)
         if watched:

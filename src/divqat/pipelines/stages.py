@@ -124,8 +124,9 @@ class StageWork:
         """Train the fp32 teacher (``req.teacher`` None) or an int8 victim from it into
         ``req.out``, with this worker's data root, device and progress; returns its metrics
         without the per-epoch history. An ``edge`` victim is also exported to
-        ``req.out/victim.pte``. A collapsed DivQAT victim is a finding (the cliff), not a
-        failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
+        ``req.out/victim.pte`` (its fingerprint beside it). A collapsed DivQAT victim is a
+        finding (the cliff), not a failure: it returns ``{"collapsed": True, "message": ...}``
+        and saves nothing."""
         req = dataclasses.replace(req, data_root=self.data_root, device=self.device,
                                   progress=self.progress, log_epochs=self.progress)
         teacher, target, folder = req.teacher, req.target, req.out
@@ -138,8 +139,9 @@ class StageWork:
             return {"collapsed": True, "message": str(e)}
         result = {k: v for k, v in metrics.items() if k != "history"}
         if target == "edge":
-            exported = export_victim(folder, Path(folder) / EDGE_PROGRAM)
-            result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"])
+            exported = export_victim(folder, Path(folder) / EDGE_PROGRAM, data_root=self.data_root)
+            result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"],
+                          fingerprint_seconds=exported["fingerprint_seconds"])
             self.log(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
                      f"{exported['seconds']:.0f} s)")
         return result

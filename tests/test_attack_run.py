@@ -214,7 +214,8 @@ def test_every_registered_attack_knows_its_name_and_lists_its_defaults():
     from divqat.attacks import ATTACKS, describe_attacks
 
     rows = {name: defaults for name, _, defaults in describe_attacks()}
-    assert set(rows) == {"knockoff", "knockoff-adaptive", "jbda", "dfme", "maze"}
+    assert set(rows) == {"knockoff", "knockoff-adaptive", "jbda", "dfme", "maze", "recovery", "fixmatch",
+                         "averaging", "sybil"}
     for name in ATTACKS.names():
         assert ATTACKS.get(name).name == name  # error messages name the attack
         assert create_attack(name).params() == rows[name]

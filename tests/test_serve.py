@@ -441,6 +441,10 @@ SMALL = {
     "jbda": ({"seed_size": 24, "batch_size": 32}, 72),
     "dfme": ({"batch_size": 8, "generator_width": 8, "nz": 16}, 60),
     "maze": ({"batch_size": 8, "directions": 3, "replay_steps": 2, "generator_width": 8, "nz": 16}, 60),
+    "recovery": ({"steps": 20, "batch_size": 32}, 64),
+    "fixmatch": ({"mu": 1, "batch_size": 32}, 64),
+    "averaging": ({"views": 2, "batch_size": 32}, 64),
+    "sybil": ({"keys": 2, "attack_params": "batch_size=32"}, 64),  # two keys of 32
 }
 
 
@@ -456,15 +460,28 @@ def test_every_attack_steals_through_http_as_through_the_black_box(name, service
     transfer = TransferSet("bars", torch.from_numpy(images), torch.from_numpy(labels))
     training = SurrogateTraining(epochs=1, batch_size=32, progress=False, seed=0)
 
-    def steal(box):
-        torch.manual_seed(0)
-        return create_attack(name, **params).steal(box, [budget], training, transfer=transfer)[0]
+    from divqat.attacks import KnownDefense
+    from divqat.defenses import create_defense
 
-    local = steal(BlackBox(BarsVictim(), budget=budget))
-    _, key = store.create_key(name, budget)
-    with RemoteBlackBox(url, key) as box:
-        remote = steal(box)
-        assert box.queries_used == store.key(name).used == local.queries_used <= budget
+    # The recovery thief assumes reverse sigmoid (served or not, the same on both sides).
+    known = {"known": KnownDefense("reverse-sigmoid", {}, lambda images, labels: (
+        lambda y, x: create_defense("reverse-sigmoid")(y)))} if name == "recovery" else {}
+    keys = create_attack(name, **params).streams
+
+    def steal(boxes):
+        torch.manual_seed(0)
+        return create_attack(name, **params).steal(boxes if keys > 1 else boxes[0], [budget], training,
+                                                   transfer=transfer, **known)[0]
+
+    local = steal([BlackBox(BarsVictim(), budget=budget // keys) for _ in range(keys)])
+    boxes = [RemoteBlackBox(url, store.create_key(f"{name}{i}", budget // keys)[1]) for i in range(keys)]
+    try:
+        remote = steal(boxes)
+        used = sum(store.key(f"{name}{i}").used for i in range(keys))
+        assert sum(b.queries_used for b in boxes) == used == local.queries_used <= budget
+    finally:
+        for b in boxes:
+            b.close()
     mine, theirs = remote.surrogate.state_dict(), local.surrogate.state_dict()
     assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
 

@@ -35,7 +35,7 @@ from divqat.checks import check_bool, check_choice, check_int, check_number
 from divqat.data import channel_stats, to_float
 from divqat.errors import ConfigError
 from divqat.models import VictimNet, check_arch
-from divqat.registry import Registry
+from divqat.registry import Registry, parse_params
 from divqat.train.trainer import PRECISIONS, FitConfig, fit
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
@@ -247,15 +247,18 @@ def build_surrogate(arch: str, input_shape: tuple[int, int, int], num_classes: i
 def train_surrogate(images: Tensor, targets: Tensor, training: SurrogateTraining,
                     input_shape: tuple[int, int, int], num_classes: int,
                     stats: tuple[Sequence[float], Sequence[float]] | None = None,
-                    desc: str = "surrogate") -> tuple[nn.Module, list[dict]]:
+                    desc: str = "surrogate", objective: Any = None) -> tuple[nn.Module, list[dict]]:
     """Train a fresh surrogate on stored queries; returns it in eval mode with its history.
 
     images: uint8 or float32 in [0, 1], (N, C, H, W) at the victim's input shape. targets: the
-    victim's answers, posteriors (N, K) float or labels (N,) int64.
+    victim's answers, posteriors (N, K) float or labels (N,) int64. objective: a ``fit``
+    objective (default: ``SoftCrossEntropy`` at the recipe's temperature; the semi-supervised
+    thief passes its own).
     """
     model = build_surrogate(training.arch, input_shape, num_classes, stats, training.seed)
-    history = fit(model, images, targets, SoftCrossEntropy(training.temperature),
-                  training.fit_config(desc, len(images)))
+    if objective is None:
+        objective = SoftCrossEntropy(training.temperature)
+    history = fit(model, images, targets, objective, training.fit_config(desc, len(images)))
     model.eval()
     return model, history.epochs
 
@@ -282,6 +285,13 @@ class QueryCache:
         self._images.append((images if stored is None else stored).detach().cpu())
         self._answers.append(answers.detach().cpu())
         return answers
+
+    def add(self, stored: Tensor, answers: Tensor, seconds: float = 0.0) -> None:
+        """Store images with answers obtained otherwise (e.g. the averaged answers of several
+        queries per image, each counted by the box when it was sent)."""
+        self._images.append(stored.detach().cpu())
+        self._answers.append(answers.detach().cpu())
+        self.seconds += seconds
 
     def __len__(self) -> int:
         return sum(len(a) for a in self._answers)
@@ -345,6 +355,19 @@ class Attack(abc.ABC):
         were shows a label-only thief exactly what no defense does."""
         return False
 
+    @property
+    def training_cost(self) -> float:
+        """Images through a surrogate in training per query, relative to KnockoffNets' one
+        (for time estimates): the recovery thief's shadows, FixMatch's unlabeled views, the
+        averaging thief's several queries per trained image."""
+        return 1.0
+
+    @property
+    def streams(self) -> int:
+        """How many query boundaries (API keys, monitored streams) the thief holds: 1, except
+        for the Sybil thief, whose ``steal`` takes a list of that many boxes from the driver."""
+        return 1
+
     @abc.abstractmethod
     def steal(self, box: QueryBoundary, budgets: Sequence[int], training: SurrogateTraining,
               **kwargs: Any) -> list[Stolen]:
@@ -370,6 +393,24 @@ class Attack(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+
+def param_mapping(owner: str, name: str, value: Any) -> dict[str, Any]:
+    """A mapping parameter (another attack's or a defense's parameters) from a config's mapping
+    or from the command line's ``"k=v,k=v"`` text (``--attack-param defense_params=beta=0.5``);
+    None is empty. ConfigError naming ``owner.name`` otherwise."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{owner}.{name}: keys must be parameter names, got {value!r}")
+        return dict(value)
+    if isinstance(value, str):
+        try:
+            return parse_params([item for item in value.split(",") if item.strip()])
+        except ConfigError as e:
+            raise ConfigError(f"{owner}.{name}: {e}") from None
+    raise ConfigError(f"{owner}.{name}: expected a mapping or 'key=value,key=value', got {value!r}")
 
 
 def create_attack(name: str, **params: Any) -> Attack:

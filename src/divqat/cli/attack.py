@@ -83,9 +83,9 @@ def _is_url(victim: str) -> bool:
 
 
 def _add_remote_attack_options(a: argparse.ArgumentParser) -> None:
-    a.add_argument("--api-key-file", metavar="FILE",
+    a.add_argument("--api-key-file", metavar="FILE", nargs="+",
                    help="with --victim URL: the thief's API key (a file holding the key `divqat keys "
-                        "create` printed)")
+                        "create` printed); a Sybil thief (--attack sybil) gives one file per key")
     a.add_argument("--eval-key-file", metavar="FILE",
                    help="with --victim URL: a separate key for measuring the victim's answers on its "
                         "test split (agreement, defender accuracy); without it they are left out")
@@ -126,6 +126,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
                       common.run_context(args))
     params = params_text(m["defense_params"], ", ")
     kind = "label-only" if m["labels_only"] else "soft-label"
+    for i, key in enumerate(m.get("streams") or []):
+        print(f"key {i + 1}: {key['queries_used']} of {key['budget']} queries")
     for r in m["results"]:
         print(f"{m['attack']} ({kind}, {m['transfer_set'] or 'data-free'}) vs {m['victim_mode']} victim "
               f"+ {m['defense']}({params}): budget {r['budget']}: adversary accuracy "
@@ -170,13 +172,14 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
                           "drop --defense and --param")
     common.set_threads(args.threads)
     training = common.surrogate_training(args)
+    keys = [read_key_file(f) for f in args.api_key_file]
     m = attack_remote(AttackRequest(args.victim, args.attack, args.budget,
                                     parse_params(args.attack_param), transfer=args.transfer,
                                     training=training, labels_only=args.labels_only, out=args.out,
                                     watermark=args.watermark, save_surrogate=args.save_surrogate),
-                      ServiceAccess(read_key_file(args.api_key_file),
+                      ServiceAccess(keys[0],
                                     read_key_file(args.eval_key_file) if args.eval_key_file else None,
-                                    insecure=args.insecure),
+                                    insecure=args.insecure, more_keys=tuple(keys[1:])),
                       common.run_context(args))
     kind = "label-only" if m["labels_only"] else f"{m['remote']['output']} answers"
     for r in m["results"]:
@@ -186,7 +189,10 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
               f"{r['adversary_error']:.2%}){agreement}, {r['queries_used']} queries, {r['seconds']:.0f} s")
     if m["defender_accuracy"] is not None:
         print(f"defender accuracy {m['defender_accuracy']:.2%} (with the evaluation key)")
-    print(f"thief's key: {m['queries_used']} images counted by the service, {m['remote']['key_left']} left; "
+    for i, key in enumerate(m.get("streams") or []):
+        print(f"key {i + 1}: {key['queries_used']} images counted by the service, {key['left']} left")
+    print(f"thief's key{'s' if m.get('streams') else ''}: {m['queries_used']} images counted by the "
+          f"service, {m['remote']['key_left']} left{' on the first' if m.get('streams') else ''}; "
           f"left out: {', '.join(m['left_out'])} -> {os.path.join(args.out, 'metrics.json')}")
     _print_ownership(m)
     return 0

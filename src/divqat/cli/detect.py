@@ -145,6 +145,19 @@ def cmd_detect(args: argparse.Namespace) -> int:
                  else f"not raised within {m['queries_used']} queries")
         line = (f"{name} vs {thief} ({source}) on the {m['victim_mode']} victim + {m['defense']}: "
                 f"{found} (most suspicious score {r['worst_score']}, {r['tests']} tests)")
+        if "service_wide" in r:  # a Sybil thief: each key alone, then the keys' union
+            union = r["service_wide"]
+            line = (f"{name} vs {thief} over {r['keys']} keys ({source}) on the {m['victim_mode']} "
+                    f"victim + {m['defense']}: {r['keys_flagged_alone']} of {r['keys']} keys raised "
+                    "it alone" + (f" (earliest after {r['first_alarm']} of a key's queries)"
+                                  if r["detected"] else "")
+                    + "; service-wide view: " + (f"alarm after {union['first_alarm']} queries of all keys"
+                                                if union["detected"] else
+                                                f"not raised within {union['queries']} queries"))
+            if "per_key_false_alarms" in r:
+                k = r["per_key_false_alarms"]
+                line += (f"; false alarms per key {k['false_alarms']}/{k['benign_streams']} of "
+                         f"{k['benign_length']}")
         if "false_alarm_rate" in r:
             line += (f"; false alarms {r['false_alarms']}/{r['benign_streams']} benign streams of "
                      f"{r['benign_length']} ({r['false_alarm_rate']:.1%})")

@@ -7,7 +7,9 @@ each registered by its CLI name.
     >>> state = prada.state_dict(); prada.reset(); prada.load_state_dict(state)
 
 A ``Monitor`` (a detector plus what to do on alarm: flag, block, labels-only) goes into the black
-box (``BlackBox(..., monitor=...)``) and the service (``divqat serve --detector``). Detectors
+box (``BlackBox(..., monitor=...)``) and the service (``divqat serve --detector``). ``ServiceWide``
+is the defender's view over several keys: each key's stream alone and their union, side by side
+(the counter to a Sybil thief). Detectors
 built from a victim (the mmd detector's features and reference, calibrated thresholds) are
 built by the driver ``divqat.pipelines.detect``. This package is methods only: it imports no
 black box, attack or command line (checked by ``lint-imports``).
@@ -30,6 +32,7 @@ from divqat.detectors.base import (
 from divqat.detectors.mmd import MMD
 from divqat.detectors.monitor import ON_ALARM, Monitor
 from divqat.detectors.prada import PRADA
+from divqat.detectors.service_wide import ServiceWide, groups_by_creation
 
 __all__ = [
     "DETECTORS",
@@ -37,6 +40,7 @@ __all__ = [
     "ON_ALARM",
     "PENDING_MODEL",
     "PRADA",
+    "ServiceWide",
     "Detector",
     "Monitor",
     "Verdict",
@@ -44,6 +48,7 @@ __all__ = [
     "check_detector",
     "create_detector",
     "describe_detectors",
+    "groups_by_creation",
     "state_from_bytes",
     "state_nbytes",
     "state_to_bytes",

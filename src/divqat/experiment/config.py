@@ -621,9 +621,9 @@ def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[At
     out = []
     for where, m, name, params in _named_entries(raw, "attacks", _keys("attacks[]"), ATTACKS.names(),
                                                  shorthand=False):
-        cls = ATTACKS.get(name)
-        _wrapped(f"{where}.params", lambda n=name, p=params: create_attack(n, **p))
-        if cls.uses_transfer_set:
+        # The built attack answers for itself (a Sybil thief's needs are its inner attack's).
+        thief = _wrapped(f"{where}.params", lambda n=name, p=params: create_attack(n, **p))
+        if thief.uses_transfer_set:
             transfer = m.list("transfer", _REQUIRED, lambda v, w: _transfer(v, w, victim))
             if len(set(transfer)) != len(transfer):
                 raise ConfigError(f"{where}.transfer: each transfer set once; got {list(transfer)}")
@@ -635,7 +635,7 @@ def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[At
         labels_only = m.list("labels_only", [False], _bool)
         if len(set(labels_only)) != len(labels_only):
             raise ConfigError(f"{where}.labels_only: each of true/false once; got {list(labels_only)}")
-        if cls.soft_only and True in labels_only:
+        if thief.soft_only and True in labels_only:
             raise ConfigError(f"{where}.labels_only: attack {name!r} needs posteriors; allowed: [false]")
         budgets = m.list("budgets", _REQUIRED, lambda v, w: _int(v, w, 1))
         if len(set(budgets)) != len(budgets):

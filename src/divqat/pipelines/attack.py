@@ -60,6 +60,7 @@ from divqat.ownership import Watermark, save_marks
 from divqat.pipelines.context import RunContext
 from divqat.pipelines.defend import evaluate_served, parse_query_set
 from divqat.pipelines.defense_models import build_defense
+from divqat.pipelines.thieves import key_budget, known_defense, stream_monitors
 from divqat.stopwatch import phase, timed
 from divqat.victim import load_victim, victim_metadata
 
@@ -275,21 +276,25 @@ def attack_victim(request: AttackRequest, context: RunContext | None = None) -> 
 
 def attack_loaded(request: AttackRequest, served: DefendedVictim, context: RunContext | None = None,
                   *, test_set: ImageDataset | None = None, transfer_set: TransferSet | None = None,
-                  monitor: Monitor | None = None) -> dict[str, Any]:
+                  monitor: Monitor | None = None,
+                  monitors: Sequence[Monitor | None] | None = None) -> dict[str, Any]:
     """``attack_victim`` on objects the caller already holds (an experiment's stage worker keeps
     them between stages): ``served`` is the victim behind the request's defense
     (``DefendedVictim``, whose compiled program is kept), ``test_set`` the victim's test split
     and ``transfer_set`` the thief's, each loaded from the request when None. ``monitor``:
     extraction detectors watching the thief's stream (``BlackBox(monitor=...)``; with
-    ``on_alarm`` other than flag, the alarm also changes what the thief gets). The request's
+    ``on_alarm`` other than flag, the alarm also changes what the thief gets); ``monitors``: one
+    per key of a Sybil thief instead (``divqat.pipelines.detect.watching_keys``). The request's
     ``defense`` names ``served.defense`` in the record. Returns what ``attack_victim`` returns.
     """
-    return _attack(request, context or RunContext(), served, test_set, transfer_set, monitor)
+    return _attack(request, context or RunContext(), served, test_set, transfer_set,
+                   stream_monitors(create_attack(request.attack, **dict(request.params or {})),
+                                   monitor, monitors))
 
 
 def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim | None,
             test_set: ImageDataset | None, transfer_set: TransferSet | None,
-            monitor: Monitor | None) -> dict[str, Any]:
+            monitors: list[Monitor | None] | None) -> dict[str, Any]:
     attack, labels_only, defense, twin = request.attack, request.labels_only, request.defense, request.twin
     data_root, device, say = context.data_root, context.device, context.say
     victim_dir = Path(request.victim)
@@ -305,6 +310,8 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
     budgets = _budgets(request.budgets)
     if request.watermark is not None:
         Watermark(2, rate=request.watermark)  # the rate checked before minutes of work
+    monitors = monitors if monitors is not None else [None] * thief.streams
+    watched = any(m is not None for m in monitors)
 
     # The data first: a missing dataset must not be found after minutes of work.
     test = test_set if test_set is not None else load_dataset(meta["dataset"], "test", data_root)
@@ -337,7 +344,7 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
     if request.watermark is not None:
         watermark = Watermark.from_seed(served.num_classes, training.seed, request.watermark, key=THIEF_KEY)
     shared = None
-    if (twin is not None and labels_only and built_defense.fusable and monitor is None
+    if (twin is not None and labels_only and built_defense.fusable and not watched
             and watermark is None and request.save_surrogate is None
             and thief.queries_transfer_set_only):
         if not (Path(twin) / PREDICTIONS).is_file():  # a twin run by an older divqat
@@ -358,15 +365,24 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
                              "those behind no defense"}
             queries_used, seconds = twin_record["queries_used"], twin_record["attack_seconds"]
             say(f"  {shared['why']}: measuring the surrogates of {Path(twin).name}")
+    streams = None
     if shared is None:
-        box = BlackBox(served, budget=budgets[-1], label_only=labels_only, monitor=monitor,
-                       watermark=watermark)
+        # The thief's knowledge of the defense (the recovery thief), and its keys (the Sybil
+        # thief: one box per key, each with its own share of the budget and its own monitor).
+        known = known_defense(thief, defense, request.defense_params, training, transfer_set,
+                              served.input_shape, served.num_classes)
+        per_key = key_budget(thief, budgets[-1])
+        boxes = [BlackBox(served, budget=per_key, label_only=labels_only, monitor=m, watermark=watermark)
+                 for m in monitors]
         start = time.perf_counter()
         torch.manual_seed(training.seed)
         with phase("attack"):  # the thief's own work: querying, and training outside ``fit``
-            stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
+            stolen: list[Stolen] = thief.steal(boxes if thief.streams > 1 else boxes[0], budgets,
+                                               training, transfer=transfer_set, **known)
         seconds = time.perf_counter() - start
-        queries_used = box.queries_used
+        queries_used = sum(b.queries_used for b in boxes)
+        if thief.streams > 1:
+            streams = [{"budget": b.budget, "queries_used": b.queries_used} for b in boxes]
         results, predictions = [], {}
         for s in stolen:
             pred = surrogate_predictions(s.surrogate, test_images, device)
@@ -400,6 +416,7 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
         "agreement": top["agreement"], "agreement_clean": top["agreement_clean"],
         "budget": top["budget"], "queries_used": queries_used, "attack_seconds": seconds,
         "results": results, **({"surrogates_from": shared} if shared else {}),
+        **({"streams": streams} if streams else {}),
     }
     if watermark is not None:
         record["watermark"] = _watermark_record(watermark, request, meta, test_images, labels,
@@ -454,6 +471,8 @@ class ServiceAccess:
             (Default: None, the one the service publishes at ``/v1/model``.)
         insecure: send the keys over plain ``http://`` to a host that is not loopback (see
             ``RemoteBlackBox``). (Default: False: such a URL is refused.)
+        more_keys: the Sybil thief's other keys (``api_key`` is its first); their budgets
+            together are the attack's. (Default: none.)
     """
 
     # The keys are secrets: never in a repr, hence never in a log or a traceback.
@@ -461,6 +480,7 @@ class ServiceAccess:
     eval_key: str | None = field(default=None, repr=False)
     dataset: str | None = None
     insecure: bool = False
+    more_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
 def attack_remote(request: AttackRequest, access: ServiceAccess,
@@ -509,14 +529,23 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
                               f"--transfer {HOLDOUT}:N (e.g. {HOLDOUT}:10000)")
         holdout, transfer = int(count), HOLDOUT
 
-    box = RemoteBlackBox(url, api_key, label_only=True if labels_only else None, insecure=access.insecure)
+    keys = (api_key, *access.more_keys)
+    if len(keys) != thief.streams:
+        raise ConfigError(f"attack {attack!r} holds {thief.streams} key(s); {len(keys)} were given "
+                          "(--api-key-file FILE ..., one file per key)")
+    boxes: list[RemoteBlackBox] = []
     evaluator = None
     try:
+        for key in keys:
+            boxes.append(RemoteBlackBox(url, key, label_only=True if labels_only else None,
+                                        insecure=access.insecure))
+        box = boxes[0]
         if thief.soft_only and box.label_only:
             raise ConfigError(f"attack {attack!r} needs posteriors; this key answers labels only")
-        if box.queries_left is not None and box.queries_left < budgets[-1]:
-            raise ConfigError(f"the thief's key has {box.queries_left} of {box.budget} images left; "
-                              f"the largest budget is {budgets[-1]}")
+        lefts = [b.queries_left for b in boxes]
+        if None not in lefts and sum(lefts) < budgets[-1]:
+            raise ConfigError(f"the thief's key{'s have' if len(boxes) > 1 else ' has'} {sum(lefts)} "
+                              f"images left; the largest budget is {budgets[-1]}")
         dataset = dataset or box.dataset
         if not dataset:
             raise ConfigError("the service does not publish its dataset; name the test split's dataset")
@@ -552,11 +581,14 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
         mode = "label-only" if box.label_only else f"{box.output} answers"
         say(f"{attack} ({mode}) against {url}, budgets {', '.join(map(str, budgets))}"
             + (f", transfer set {transfer_set.name}" if transfer_set is not None else ""))
-        used_before = box.queries_used
+        known = known_defense(thief, None, None, training, transfer_set, shape, box.num_classes)
+        used_before = [b.queries_used for b in boxes]
         start = time.perf_counter()
         torch.manual_seed(training.seed)
-        stolen: list[Stolen] = thief.steal(box, budgets, training, transfer=transfer_set)
+        stolen: list[Stolen] = thief.steal(boxes if thief.streams > 1 else box, budgets, training,
+                                           transfer=transfer_set, **known)
         seconds = time.perf_counter() - start
+        queries_used = sum(b.queries_used for b in boxes) - sum(used_before)
 
         results = []
         for s in stolen:
@@ -588,7 +620,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
             "l1_distance": None, "kl_divergence": None, "argmax_changed": None,
             "adversary_accuracy": top["adversary_accuracy"], "adversary_error": top["adversary_error"],
             "agreement": top["agreement"], "agreement_clean": None,
-            "budget": top["budget"], "queries_used": box.queries_used - used_before,
+            "budget": top["budget"], "queries_used": queries_used,
             "attack_seconds": seconds, "results": results,
             "remote": {"url": url, "output": box.output, "key_budget": box.budget,
                        "key_used": box.queries_used, "key_left": box.queries_left,
@@ -596,8 +628,13 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
             "left_out": left_out,
             **({"surrogate_files": saved_surrogates} if saved_surrogates else {}),
         }
+        if len(boxes) > 1:  # the Sybil thief's keys, each as the service counted it
+            record["streams"] = [{"budget": b.budget, "queries_used": b.queries_used - before,
+                                  "left": b.queries_left}
+                                 for b, before in zip(boxes, used_before, strict=True)]
     finally:
-        box.close()
+        for b in boxes:
+            b.close()
         if evaluator is not None:
             evaluator.close()
     if request.out is not None:

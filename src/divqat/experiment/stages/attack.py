@@ -141,6 +141,8 @@ class Attack(StageKind):
             steps_per_epoch = max(1, math.ceil(b / s.get("batch_size", 128)))
             epochs = max(s["epochs"], math.ceil(s.get("min_steps", 0) / steps_per_epoch))
             passes += epochs * b
+        # The thieves that train more than one surrogate pass per stored query say how much more.
+        passes *= create_attack(spec["name"], **spec["params"]).training_cost
         category = f"attack {spec['name']}" + (" bf16" if s.get("precision") == "bf16" else "")
         return category, (passes + sizes.test * len(budgets)) * cost
 

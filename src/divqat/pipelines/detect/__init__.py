@@ -25,7 +25,8 @@ The package, one module per concern:
 - ``factory``: a detector built from what is kept with the victim, and ``divqat detectors``;
 - ``honest``: benign streams, and the false-alarm rate over them;
 - ``calibration``: ``calibrate_detector`` (``divqat calibrate``);
-- ``watch``: several detectors on one thief's stream;
+- ``watch``: several detectors on one thief's stream (or on each key of a Sybil thief, with the
+  service-wide view over their union);
 - ``run``: ``detect_attack`` (``divqat detect``).
 """
 
@@ -51,10 +52,10 @@ from divqat.pipelines.detect.features import (
 )
 from divqat.pipelines.detect.honest import false_alarm_rate
 from divqat.pipelines.detect.run import DetectRequest, detect_attack
-from divqat.pipelines.detect.watch import alarm_record, watching
+from divqat.pipelines.detect.watch import alarm_record, watching, watching_keys
 
 __all__ = ["DETECTORS_DIR", "FEATURES", "CalibrateRequest", "DetectRequest", "FeatureExtractor",
            "alarm_record", "build_detector", "calibrate_detector", "calibrate_loaded",
            "calibration_path", "detect_attack", "detector_factory", "detectors_dir",
            "false_alarm_rate", "list_detectors", "load_calibration", "load_features", "save_features",
-           "watching"]
+           "watching", "watching_keys"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from divqat.attacks import SurrogateTraining, create_attack
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.boundary import QueryBoundary
 from divqat.checks import check_int
-from divqat.detectors import DETECTORS
+from divqat.detectors import DETECTORS, ServiceWide
+from divqat.detectors.service_wide import ALL
 from divqat.errors import ConfigError
 from divqat.io import write_json
 from divqat.pipelines.attack import load_transfer_set
@@ -25,7 +27,8 @@ from divqat.pipelines.defense_models import build_defense
 from divqat.pipelines.detect.factory import detector_factory
 from divqat.pipelines.detect.features import load_features
 from divqat.pipelines.detect.honest import false_alarm_rate
-from divqat.pipelines.detect.watch import alarm_record, watching
+from divqat.pipelines.detect.watch import alarm_record, watching, watching_keys
+from divqat.pipelines.thieves import key_budget, known_defense
 from divqat.victim import load_victim, victim_metadata
 
 
@@ -35,15 +38,17 @@ class _StreamDone(Exception):
 
 
 class _UntilBudget(QueryBoundary):
-    """The thief's box, which ends the attack once the budget is spent."""
+    """The thief's box, which ends the attack once ``spent()`` says the budget is (by default,
+    once this box has nothing left; a Sybil thief's keys end when they have spent it together)."""
 
-    __slots__ = ("_box",)
+    __slots__ = ("_box", "_spent")
 
-    def __init__(self, box: BlackBox) -> None:
+    def __init__(self, box: BlackBox, spent: Callable[[], bool] | None = None) -> None:
         self._box = box
+        self._spent = spent or (lambda: box.queries_left == 0)
 
     def _after(self, answer: Tensor) -> Tensor:
-        if self._box.queries_left == 0:
+        if self._spent():
             raise _StreamDone
         return answer
 
@@ -135,42 +140,64 @@ def detect_attack(request: DetectRequest, context: RunContext | None = None) -> 
         if request.transfer is None:
             raise ConfigError(f"attack {attack!r} needs a transfer set: --transfer holdout or NAME[:SPLIT]")
         transfer_set = load_transfer_set(request.transfer, meta, data_root)
-    if getattr(thief, "mix", 0) > 0:
+    if getattr(getattr(thief, "inner", thief), "mix", 0) > 0:
         benign_set = load_transfer_set(request.benign, meta, data_root)
     built_defense = build_defense(defense, request.defense_params, victim_dir, seed=training.seed,
                                   data_root=data_root, device=device, progress=progress,
                                   log=context.log)
     served = DefendedVictim(load_victim(victim_dir, device=device), built_defense)
-    monitor, watched = watching({name: make for name, (make, _) in built.items()})
-    box = BlackBox(served, budget=budget, label_only=labels_only, monitor=monitor)
+    factories = {name: make for name, (make, _) in built.items()}
+    keys = [f"key{i + 1}" for i in range(thief.streams)]
+    views = None
+    if thief.streams == 1:
+        monitor, watched = watching(factories)
+        boxes = [BlackBox(served, budget=budget, label_only=labels_only, monitor=monitor)]
+        thief_boxes: Any = _UntilBudget(boxes[0])
+    else:  # a Sybil thief: each key watched alone, and the keys' union by the service-wide view
+        monitors, views = watching_keys(factories, keys)
+        watched = views
+        boxes = [BlackBox(served, budget=key_budget(thief, budget), label_only=labels_only, monitor=m)
+                 for m in monitors]
+
+        def spent() -> bool:
+            return sum(b.queries_used for b in boxes) >= budget
+
+        thief_boxes = [_UntilBudget(b, spent) for b in boxes]
     say(f"{attack} against the {meta.get('mode')} victim behind {defense}, watched by "
         f"{', '.join(watched)}, budget {budget}"
+        + (f" over {len(boxes)} keys" if len(boxes) > 1 else "")
         + (f", transfer set {transfer_set.name}" if transfer_set else ""))
+    known = known_defense(thief, defense, request.defense_params, training, transfer_set,
+                          served.input_shape, served.num_classes)
     start = time.perf_counter()
     torch.manual_seed(training.seed)
     try:
-        thief.steal(_UntilBudget(box), [budget], training, transfer=transfer_set,
+        thief.steal(thief_boxes, [budget], training, transfer=transfer_set, **known,
                     **({"benign": benign_set} if benign_set is not None else {}))
     except _StreamDone:
         pass
     seconds = time.perf_counter() - start
-    mix = getattr(thief, "mix", 0.0)
+    mix = getattr(getattr(thief, "inner", thief), "mix", 0.0)
     record: dict[str, Any] = {
         "attack": attack, "attack_params": thief.params(), "labels_only": labels_only,
         "transfer_set": None if transfer_set is None else transfer_set.name,
         "benign_set": None if benign_set is None else benign_set.name,
         "defense": defense, "defense_params": built_defense.params(),
         "victim": str(victim_dir), "victim_mode": meta.get("mode"), "victim_dataset": meta.get("dataset"),
-        "seed": training.seed, "budget": budget, "queries_used": box.queries_used,
+        "seed": training.seed, "budget": budget, "queries_used": sum(b.queries_used for b in boxes),
         "attack_seconds": seconds, "detectors": {},
     }
     if mix:
         record["mix"] = mix
-    for name, detector in watched.items():
+    if views is not None:
+        record["keys"] = [{"key": k, "budget": b.budget, "queries_used": b.queries_used}
+                          for k, b in zip(keys, boxes, strict=True)]
+    for name in watched:
         make, settings = built[name]
         row: dict[str, Any] = {
             "settings": settings["params"], "calibrated": settings["calibrated"],
-            "calibration": settings["calibration"], **alarm_record(detector),
+            "calibration": settings["calibration"],
+            **(alarm_record(watched[name]) if views is None else _sybil_alarms(views[name])),
         }
         if mix:  # what the evasive thief got from its own transfer set before the alarm
             row["transfer_queries_before_alarm"] = (None if row["first_alarm"] is None
@@ -182,11 +209,43 @@ def detect_attack(request: DetectRequest, context: RunContext | None = None) -> 
             row.update(false_alarm_rate(victim_dir, make, cls, served, meta, streams=benign_streams,
                                         length=budget, seed=seed, data_root=data_root,
                                         features=features))
+            if views is not None:
+                # The union of honest keys is itself an honest stream (independent clients of
+                # in-distribution images): the rate above is the service-wide view's; one
+                # honest key's stream is as long as one of the thief's keys.
+                per_key = key_budget(thief, budget)
+                say(f"{name}: false alarms over {benign_streams} benign streams of {per_key} queries "
+                    "(one key's share)")
+                row["per_key_false_alarms"] = false_alarm_rate(
+                    victim_dir, make, cls, served, meta, streams=benign_streams, length=per_key,
+                    seed=seed, data_root=data_root, features=features)
         record["detectors"][name] = row
     if request.out is not None:
         write_json(Path(request.out) / "metrics.json", record)
     return record
 
+
+
+def _sybil_alarms(view: ServiceWide) -> dict[str, Any]:
+    """A Sybil thief's streams under one detector: per key alone (``detected``: some key raised
+    the alarm on its own stream; ``first_alarm``: the earliest such alarm, in that key's own
+    queries) and over the keys' union (``service_wide``: ``first_alarm`` in the thief's queries
+    of all keys together), with every key's record (``per_key``)."""
+    record = view.record()
+    keys = record["keys"]
+    alarms = [k["first_alarm"] for k in keys.values() if k["first_alarm"] is not None]
+    union = record["groups"].get(ALL) or {"first_alarm": None, "worst_score": None, "tests": 0,
+                                          "queries": 0}
+    scores = [k["worst_score"] for k in keys.values() if k["worst_score"] is not None]
+    most = max if view.alarm_when == "above" else min
+    return {"detected": bool(alarms), "first_alarm": min(alarms) if alarms else None,
+            "final_score": None, "worst_score": most(scores) if scores else None,
+            "tests": sum(k["tests"] for k in keys.values()),
+            "keys_flagged_alone": record["keys_flagged_alone"], "keys": len(keys),
+            "per_key": keys,
+            "service_wide": {"detected": union["first_alarm"] is not None,
+                             "first_alarm": union["first_alarm"], "worst_score": union["worst_score"],
+                             "tests": union["tests"], "queries": union["queries"]}}
 
 
 __all__ = ["DetectRequest", "detect_attack"]

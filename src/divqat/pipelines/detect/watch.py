@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-from divqat.detectors import Detector, Monitor
+from divqat.detectors import Detector, Monitor, ServiceWide
 
 
 class _Tee(Detector):
@@ -49,6 +49,18 @@ def watching(factories: dict[str, Callable[[], Detector]]) -> tuple[Monitor, dic
     return Monitor(_Tee(list(detectors.values())), on_alarm="flag"), detectors
 
 
+def watching_keys(factories: dict[str, Callable[[], Detector]], keys: Sequence[str],
+                  groups: dict[str, str] | None = None
+                  ) -> tuple[list[Monitor], dict[str, ServiceWide]]:
+    """Per key, a monitor that only records (``flag``); per detector, the service-wide view
+    that watches every key alone and the keys' union (``ServiceWide``): a Sybil thief's streams
+    watched the way a service with several keys would watch them."""
+    views = {name: ServiceWide(make, groups) for name, make in factories.items()}
+    monitors = [Monitor(_Tee([view.stream(key) for view in views.values()]), on_alarm="flag")
+                for key in keys]
+    return monitors, views
+
+
 def alarm_record(detector: Detector) -> dict[str, Any]:
     """What a watched stream ended with: ``detected``, ``first_alarm`` (queries until the alarm,
     None if not raised), the last and most suspicious scores, and how many tests ran."""
@@ -57,4 +69,4 @@ def alarm_record(detector: Detector) -> dict[str, Any]:
             "final_score": v.score, "worst_score": v.worst, "tests": v.tests}
 
 
-__all__ = ["alarm_record", "watching"]
+__all__ = ["alarm_record", "watching", "watching_keys"]

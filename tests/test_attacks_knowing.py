@@ -22,7 +22,7 @@ from divqat.attacks import (
     create_attack,
 )
 from divqat.attacks.fixmatch import strong_augment
-from divqat.attacks.recovery import fit_recovery, l1, recover
+from divqat.attacks.recovery import fit_recovery, keep_labels, l1, recover
 from divqat.blackbox import BlackBox
 from divqat.boundary import Blocked, BudgetExceeded
 from divqat.defenses import create_defense
@@ -82,6 +82,13 @@ def test_recovery_network_is_deterministic_and_refuses_mismatched_pairs():
         fit_recovery(y, y[:, :3])
 
 
+def test_keep_labels_swaps_back_only_the_rows_that_moved():
+    y = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    kept = keep_labels(y, torch.tensor([0, 2]))
+    assert torch.equal(kept, torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.3, 0.6]]))
+    assert torch.equal(y[1], torch.tensor([0.1, 0.6, 0.3]))  # the input is left as it was
+
+
 # ---------------------------------------------------------------------- each thief steals
 
 def _known(thief, defense: str, params: dict, train: SurrogateTraining, transfer) -> dict:
@@ -121,11 +128,12 @@ def test_recovery_thief_undoes_reverse_sigmoid_it_knows(bars_test, transfer):
     thief = create_attack("recovery", steps=300)
     train = training()
     box = BlackBox(BarsVictim(), create_defense("reverse-sigmoid", beta=0.5), budget=192)
-    stolen = thief.steal(box, [96, 192], train, transfer=transfer,
+    stolen = thief.steal(box, [192], train, transfer=transfer,
                          **_known(thief, "reverse-sigmoid", {"beta": 0.5}, train, transfer))
     for s in stolen:
         r = s.info["recovery"]
         assert r["applied"] and r["pairs"] == 4 * (s.queries_used - s.queries_used // 10)
+        assert r["labels_kept"] and r["labels_changed"] == 0  # reverse sigmoid keeps labels
         assert r["l1_recovered"] < 0.5 * r["l1_perturbed"]  # measured 0.009-0.022 vs 0.076-0.127
         assert r["answers_moved_l1"] > 0.1
         assert s.info["defense_known"] == {"name": "reverse-sigmoid", "params": {"beta": 0.5}}
@@ -389,6 +397,20 @@ def test_detect_compares_per_key_and_service_wide_alarms(tiny_victims):
     assert all(k["queries"] == 24 for k in row["per_key"].values())
     assert row["service_wide"]["queries"] == 96
     assert row["keys_flagged_alone"] == sum(k["first_alarm"] is not None for k in row["per_key"].values())
+
+
+def test_an_experiment_stage_watches_a_sybil_thief_per_key_and_service_wide(tiny_victims, tmp_path):
+    from divqat.pipelines.stages import AttackStageRequest, DefenseSetting, StageWork
+
+    stage = AttackStageRequest(name="sybil", budgets=[60], params={"keys": 2}, transfer="tiny-bars:train",
+                               surrogate={"epochs": 1, "batch_size": 32},
+                               detectors={"prada": (tmp_path / "calibration",
+                                                    {"min_distances": 10, "check_every": 10})})
+    record = StageWork().attack(tmp_path / "stage", tiny_victims["qat"], DefenseSetting("none"), stage)
+    row = record["detectors"]["prada"]
+    assert row["keys"] == 2 and row["service_wide"]["queries"] == 60
+    assert [k["queries"] for k in row["per_key"].values()] == [30, 30]
+    assert json.loads((tmp_path / "stage" / "metrics.json").read_text())["detectors"] == record["detectors"]
 
 
 class _Server:

@@ -23,6 +23,11 @@ Transfer sets (--transfer): "holdout" = the training images the victim was train
 default: train), adapted to the victim's input. dfme and maze are data-free and take none.
 `divqat attacks` lists the attacks and their parameters.
 
+Thieves that know (see the attacks guide): recovery (the defense it is served with, or
+--attack-param defense=NAME defense_params=k=v,...; over HTTP it must be named), fixmatch (its
+unqueried transfer images unlabeled), averaging (views=M queries per image, all counted), sybil
+(attack=NAME keys=K: one box per key in process, --api-key-file K1 ... KK over HTTP).
+
 --victim also takes a device program (`divqat export`, run by ExecuTorch). --attack copy is the
 other threat on a device: whoever holds it copies the .pte file, no queries (--budget not needed;
 --attack-param thief_has_key=false for a sealed file whose key the thief lacks; the defender's key
@@ -133,6 +138,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
               f"+ {m['defense']}({params}): budget {r['budget']}: adversary accuracy "
               f"{r['adversary_accuracy']:.2%} (error {r['adversary_error']:.2%}), agreement "
               f"{r['agreement']:.2%}, {r['queries_used']} queries, {r['seconds']:.0f} s")
+        for line in _thief_notes(r):
+            print(line)
     print(f"defender accuracy {m['defender_accuracy']:.2%} (undefended {m['victim_accuracy']:.2%}), "
           f"L1 {m['l1_distance']:.4f} -> {os.path.join(args.out, 'metrics.json')}")
     _print_ownership(m)
@@ -149,6 +156,22 @@ def _print_ownership(m: dict) -> None:
               f"{w['test_answers_marked']} answers marked, accuracy {w['defender_accuracy_watermarked']:.2%}")
     for budget, path in (m.get("surrogate_files") or {}).items():
         print(f"surrogate of budget {budget} -> {path}")
+
+
+def _thief_notes(row: dict) -> list[str]:
+    """What a thief that knows did with its answers, from a result's ``info``."""
+    info = row.get("info") or {}
+    recovery = info.get("recovery")
+    if not recovery:
+        return []
+    known = info["defense_known"]
+    if not recovery["applied"]:
+        return [f"  recovery ({known['name']}): not applied, {recovery['why']}"]
+    line = f"  recovery ({known['name']} {params_text(known['params'])}".rstrip() + "): "
+    if "l1_recovered" in recovery:
+        line += (f"L1 to the shadow's clean posteriors {recovery['l1_perturbed']:.4f} perturbed, "
+                 f"{recovery['l1_recovered']:.4f} recovered; ")
+    return [line + f"the victim's answers moved by L1 {recovery['answers_moved_l1']:.4f}"]
 
 
 def cmd_attacks(args: argparse.Namespace) -> int:
@@ -187,6 +210,8 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
         print(f"{m['attack']} ({kind}, {m['transfer_set'] or 'data-free'}) vs {m['victim']}: budget "
               f"{r['budget']}: adversary accuracy {r['adversary_accuracy']:.2%} (error "
               f"{r['adversary_error']:.2%}){agreement}, {r['queries_used']} queries, {r['seconds']:.0f} s")
+        for line in _thief_notes(r):
+            print(line)
     if m["defender_accuracy"] is not None:
         print(f"defender accuracy {m['defender_accuracy']:.2%} (with the evaluation key)")
     for i, key in enumerate(m.get("streams") or []):

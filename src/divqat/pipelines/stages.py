@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from divqat.attacks import SurrogateTraining
+from divqat.attacks import SurrogateTraining, create_attack
 from divqat.blackbox import DefendedVictim
 from divqat.data import ImageDataset, load_dataset, to_victim_input
 from divqat.defenses.base import Defense
@@ -40,8 +40,10 @@ from divqat.pipelines.detect import (
     calibrate_loaded,
     detector_factory,
     false_alarm_rate,
+    keys_alarm_record,
     load_features,
     watching,
+    watching_keys,
 )
 from divqat.pipelines.device_copy import copy_attack
 from divqat.pipelines.export import export_victim
@@ -173,18 +175,27 @@ class StageWork:
         transfer_set = None if transfer is None else self.transfer_set(transfer, victim.metadata)
         training = SurrogateTraining(**stage.surrogate, seed=stage.seed, device=self.device,
                                      progress=self.progress)
-        monitor = watched = None
+        monitor = watched = monitors = views = None
         if detectors:
-            monitor, watched = watching({n: detector_factory(n, p, victim_dir, store=store, log=self.log)[0]
-                                         for n, (store, p) in detectors.items()})
+            factories = {n: detector_factory(n, p, victim_dir, store=store, log=self.log)[0]
+                         for n, (store, p) in detectors.items()}
+            streams = create_attack(stage.name, **stage.params).streams
+            if streams == 1:
+                monitor, watched = watching(factories)
+            else:  # a Sybil thief: each key watched alone, and the service-wide view of them all
+                monitors, views = watching_keys(factories, [f"key{i + 1}" for i in range(streams)])
         request = AttackRequest(victim_dir, stage.name, budgets, stage.params, defense=setting.name,
                                 defense_params=setting.params, transfer=transfer, training=training,
                                 labels_only=stage.labels_only, twin=stage.twin, out=folder,
                                 save_surrogate=Path(folder) / "surrogate.pt" if stage.save_surrogates else None)
         record = attack_loaded(request, served, self.context, test_set=self.test_set(victim_dir),
-                               transfer_set=transfer_set, monitor=monitor)
-        if watched:
+                               transfer_set=transfer_set, monitor=monitor, monitors=monitors)
+        if views:
+            watched = views
+            record["detectors"] = {n: keys_alarm_record(v) for n, v in views.items()}
+        elif watched:
             record["detectors"] = {n: alarm_record(d) for n, d in watched.items()}
+        if watched:
             for n, d in record["detectors"].items():
                 self.log(f"{n}: " + (f"alarm after {d['first_alarm']} queries" if d["detected"]
                                      else f"not raised within {max(budgets)}"))

@@ -52,10 +52,10 @@ from divqat.pipelines.detect.features import (
 )
 from divqat.pipelines.detect.honest import false_alarm_rate
 from divqat.pipelines.detect.run import DetectRequest, detect_attack
-from divqat.pipelines.detect.watch import alarm_record, watching, watching_keys
+from divqat.pipelines.detect.watch import alarm_record, keys_alarm_record, watching, watching_keys
 
 __all__ = ["DETECTORS_DIR", "FEATURES", "CalibrateRequest", "DetectRequest", "FeatureExtractor",
-           "alarm_record", "build_detector", "calibrate_detector", "calibrate_loaded",
+           "alarm_record", "keys_alarm_record", "build_detector", "calibrate_detector", "calibrate_loaded",
            "calibration_path", "detect_attack", "detector_factory", "detectors_dir",
            "false_alarm_rate", "list_detectors", "load_calibration", "load_features", "save_features",
            "watching", "watching_keys"]

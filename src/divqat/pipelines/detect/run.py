@@ -17,8 +17,7 @@ from divqat.attacks import SurrogateTraining, create_attack
 from divqat.blackbox import BlackBox, DefendedVictim
 from divqat.boundary import QueryBoundary
 from divqat.checks import check_int
-from divqat.detectors import DETECTORS, ServiceWide
-from divqat.detectors.service_wide import ALL
+from divqat.detectors import DETECTORS
 from divqat.errors import ConfigError
 from divqat.io import write_json
 from divqat.pipelines.attack import load_transfer_set
@@ -27,7 +26,7 @@ from divqat.pipelines.defense_models import build_defense
 from divqat.pipelines.detect.factory import detector_factory
 from divqat.pipelines.detect.features import load_features
 from divqat.pipelines.detect.honest import false_alarm_rate
-from divqat.pipelines.detect.watch import alarm_record, watching, watching_keys
+from divqat.pipelines.detect.watch import alarm_record, keys_alarm_record, watching, watching_keys
 from divqat.pipelines.thieves import key_budget, known_defense
 from divqat.victim import load_victim, victim_metadata
 
@@ -197,7 +196,7 @@ def detect_attack(request: DetectRequest, context: RunContext | None = None) -> 
         row: dict[str, Any] = {
             "settings": settings["params"], "calibrated": settings["calibrated"],
             "calibration": settings["calibration"],
-            **(alarm_record(watched[name]) if views is None else _sybil_alarms(views[name])),
+            **(alarm_record(watched[name]) if views is None else keys_alarm_record(views[name])),
         }
         if mix:  # what the evasive thief got from its own transfer set before the alarm
             row["transfer_queries_before_alarm"] = (None if row["first_alarm"] is None
@@ -224,28 +223,6 @@ def detect_attack(request: DetectRequest, context: RunContext | None = None) -> 
         write_json(Path(request.out) / "metrics.json", record)
     return record
 
-
-
-def _sybil_alarms(view: ServiceWide) -> dict[str, Any]:
-    """A Sybil thief's streams under one detector: per key alone (``detected``: some key raised
-    the alarm on its own stream; ``first_alarm``: the earliest such alarm, in that key's own
-    queries) and over the keys' union (``service_wide``: ``first_alarm`` in the thief's queries
-    of all keys together), with every key's record (``per_key``)."""
-    record = view.record()
-    keys = record["keys"]
-    alarms = [k["first_alarm"] for k in keys.values() if k["first_alarm"] is not None]
-    union = record["groups"].get(ALL) or {"first_alarm": None, "worst_score": None, "tests": 0,
-                                          "queries": 0}
-    scores = [k["worst_score"] for k in keys.values() if k["worst_score"] is not None]
-    most = max if view.alarm_when == "above" else min
-    return {"detected": bool(alarms), "first_alarm": min(alarms) if alarms else None,
-            "final_score": None, "worst_score": most(scores) if scores else None,
-            "tests": sum(k["tests"] for k in keys.values()),
-            "keys_flagged_alone": record["keys_flagged_alone"], "keys": len(keys),
-            "per_key": keys,
-            "service_wide": {"detected": union["first_alarm"] is not None,
-                             "first_alarm": union["first_alarm"], "worst_score": union["worst_score"],
-                             "tests": union["tests"], "queries": union["queries"]}}
 
 
 __all__ = ["DetectRequest", "detect_attack"]

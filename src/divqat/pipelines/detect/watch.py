@@ -9,6 +9,7 @@ from typing import Any
 from torch import Tensor
 
 from divqat.detectors import Detector, Monitor, ServiceWide
+from divqat.detectors.service_wide import ALL
 
 
 class _Tee(Detector):
@@ -69,4 +70,26 @@ def alarm_record(detector: Detector) -> dict[str, Any]:
             "final_score": v.score, "worst_score": v.worst, "tests": v.tests}
 
 
-__all__ = ["alarm_record", "watching", "watching_keys"]
+def keys_alarm_record(view: ServiceWide) -> dict[str, Any]:
+    """A Sybil thief's streams under one detector: per key alone (``detected``: some key raised
+    the alarm on its own stream; ``first_alarm``: the earliest such alarm, in that key's own
+    queries) and over the keys' union (``service_wide``: ``first_alarm`` in the thief's queries
+    of all keys together), with every key's record (``per_key``)."""
+    record = view.record()
+    keys = record["keys"]
+    alarms = [k["first_alarm"] for k in keys.values() if k["first_alarm"] is not None]
+    union = record["groups"].get(ALL) or {"first_alarm": None, "worst_score": None, "tests": 0,
+                                          "queries": 0}
+    scores = [k["worst_score"] for k in keys.values() if k["worst_score"] is not None]
+    most = max if view.alarm_when == "above" else min
+    return {"detected": bool(alarms), "first_alarm": min(alarms) if alarms else None,
+            "final_score": None, "worst_score": most(scores) if scores else None,
+            "tests": sum(k["tests"] for k in keys.values()),
+            "keys_flagged_alone": record["keys_flagged_alone"], "keys": len(keys),
+            "per_key": keys,
+            "service_wide": {"detected": union["first_alarm"] is not None,
+                             "first_alarm": union["first_alarm"], "worst_score": union["worst_score"],
+                             "tests": union["tests"], "queries": union["queries"]}}
+
+
+__all__ = ["alarm_record", "keys_alarm_record", "watching", "watching_keys"]

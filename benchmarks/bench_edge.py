@@ -54,7 +54,9 @@ def _program(victim_dir: Path, out: Path, defense: str | None = None) -> tuple[P
     """Export unless a program newer than the victim is already there; (path, export seconds)."""
     if out.exists() and out.stat().st_mtime > (victim_dir / "victim.json").stat().st_mtime:
         return out, None
-    info = export_victim(victim_dir, out, defense=defense, defense_params=DCP if defense else None)
+    # No fingerprint: export_seconds stays the lowering's, comparable with earlier runs.
+    info = export_victim(victim_dir, out, defense=defense, defense_params=DCP if defense else None,
+                         fingerprint=False)
     return out, info["seconds"]
 
 

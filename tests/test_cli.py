@@ -12,8 +12,8 @@ import divqat.cli
 from divqat.cli import build_parser, main
 
 COMMANDS = ["train", "import", "defend", "defenses", "attack", "attacks", "run", "report", "serve", "keys",
-            "audit", "export", "detectors", "calibrate", "detect"]
-KEY_ACTIONS = ["create", "list", "usage", "revoke", "unflag"]
+            "audit", "export", "detectors", "calibrate", "detect", "verify"]
+KEY_ACTIONS = ["create", "rotate", "list", "usage", "revoke", "unflag"]
 
 
 def _choices(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

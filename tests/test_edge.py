@@ -22,6 +22,13 @@ from divqat.edge import KEY_ENV, EdgeVictim  # noqa: E402
 from divqat.errors import ArtifactError, ConfigError, MissingExtra  # noqa: E402
 from divqat.experiment import parse_config, plan_stages  # noqa: E402
 from divqat.experiment.report import copy_table, main_table  # noqa: E402
+from divqat.ownership.fingerprint import (  # noqa: E402
+    file_sha256,
+    fingerprint_path,
+    load_fingerprint,
+    match,
+    match_file,
+)
 from divqat.pipelines.context import RunContext  # noqa: E402
 from divqat.pipelines.defend import DefendRequest, defend_victim  # noqa: E402
 from divqat.pipelines.device_copy import copy_attack  # noqa: E402
@@ -135,6 +142,34 @@ def test_missing_executorch_is_one_line_with_the_install_command(tiny_victims, t
     monkeypatch.setitem(sys.modules, "executorch.exir", None)  # import fails
     with pytest.raises(MissingExtra, match=r"pip install 'divqat\[edge\]'"):
         export_victim(tiny_victims["qat"], tmp_path / "x.pte")
+
+
+# ---------------------------------------------------------------- the ownership fingerprint
+
+def test_export_writes_the_fingerprint_beside_the_program(edge, tiny_victims, tmp_path, capsys):
+    plain, info = edge["plain"], edge["info"]
+    assert info["fingerprint"] == str(fingerprint_path(plain))
+    assert fingerprint_path(plain) == plain.with_name("qat.fingerprint.safetensors")
+    assert info["fingerprint_points"] == 100 and 0 < info["fingerprint_seconds"] < info["seconds"]
+    fp = load_fingerprint(fingerprint_path(plain))
+    assert fp.program_sha256 == (info["sha256"],) and fp.params["dataset"] == TINY
+    assert fp.input_shape == (1, 16, 16) and fp.num_classes == 4
+    assert match_file(fp, plain).verified  # the exact copy, by its hash
+    # Labelled by the program itself: the program agrees on every point.
+    v = match(fp, load_victim(plain))
+    assert v.verified and v.agreed == len(fp)
+    # A sealed program records the sealed file and the plain program inside it.
+    sealed = load_fingerprint(fingerprint_path(edge["sealed"]))
+    inner = unseal(edge["sealed"].read_bytes(), read_key(edge["key"]))
+    assert sealed.program_sha256 == (file_sha256(edge["sealed"]), file_sha256(inner))
+    # Through the CLI: fewer points, an independent reference recorded as a floor of chance.
+    out = tmp_path / "small.pte"
+    assert main(["export", "--victim", str(edge["victim"]), "--out", str(out), "--fingerprint-points",
+                 "20", "--fingerprint-reference", str(tiny_victims["fp32"])]) == 0
+    assert "fingerprint: 20 points -> " in capsys.readouterr().out
+    small = load_fingerprint(fingerprint_path(out))
+    assert len(small) == 20 and len(small.reference_agreement) == 1
+    assert "1 reference model" in match(small, load_victim(out)).evidence
 
 
 # ---------------------------------------------------------------- protection at rest

@@ -102,7 +102,9 @@ def test_a_torchvision_model_goes_import_divqat_defend_attack_serve_export(photo
         store.close()
 
     # To the device: the .pte answers as the torch int8 program does.
-    assert main(["export", "--victim", str(victim_dir), "--out", str(tmp_path / "v.pte")]) == 0
+    assert main(["export", "--victim", str(victim_dir), "--data-root", str(photos),
+                 "--out", str(tmp_path / "v.pte")]) == 0
+    assert (tmp_path / "v.fingerprint.safetensors").is_file()  # from the folder's test images
     x = torch.rand(5, 3, 24, 24)
     assert torch.equal(load_victim(tmp_path / "v.pte")(x).argmax(1), victim(x).argmax(1))
 

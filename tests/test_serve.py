@@ -37,7 +37,7 @@ from divqat.data import adapt
 from divqat.remote import RemoteBlackBox, RemoteError
 from divqat.serve.app import ServiceLimits, create_app
 from divqat.serve.batcher import DynamicBatcher
-from divqat.serve.server import bind
+from divqat.serve.server import bind, uvicorn_config
 from divqat.serve.store import KeyStore, Refused
 
 TIMEOUT = 30.0  # seconds, every HTTP call of these tests
@@ -48,12 +48,13 @@ METRICS_TOKEN = "operator-token"
 # ---------------------------------------------------------------------- helpers
 
 class ThreadServer:
-    """uvicorn serving ``app`` in a thread of this process, on a free loopback port."""
+    """uvicorn serving ``app`` in a thread of this process, on a free loopback port, configured
+    as ``divqat serve`` configures it (``uvicorn_config``: the request-head limits)."""
 
     def __init__(self, app) -> None:
         sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.server = uvicorn.Server(uvicorn_config(app))
         self.thread = threading.Thread(target=self.server.run, args=([sock],), daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

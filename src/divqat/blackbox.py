@@ -30,6 +30,7 @@ from divqat.defenses.base import Defense
 from divqat.defenses.none import NoDefense
 from divqat.detectors.monitor import Monitor
 from divqat.errors import ConfigError
+from divqat.ownership.watermark import Watermark
 
 
 @dataclass(frozen=True)
@@ -215,9 +216,10 @@ class DefendedVictim:
         return DefendedBatch(logits, clean, defended, done - start, 0.0, fused=True)
 
 
-def _make_oracle(served: DefendedVictim, budget: int | None, monitor: Monitor | None = None
+def _make_oracle(served: DefendedVictim, budget: int | None, monitor: Monitor | None = None,
+                 watermark: Watermark | None = None
                  ) -> tuple[Callable[[Any], Tensor], Callable[[], tuple[int, list]]]:
-    """The counter, the victim and the monitor live only in these two closures."""
+    """The counter, the victim, the monitor and the watermark live only in these two closures."""
     used = 0
     timings: list[tuple[int, float]] = []
 
@@ -236,13 +238,19 @@ def _make_oracle(served: DefendedVictim, budget: int | None, monitor: Monitor | 
         batch = served._serve(images)
         # Counted once the answer exists: a query the victim failed on returned nothing.
         used += n
+        answers = batch.defended
         if n:
-            timings.append((n, batch.seconds))
-            if monitor is not None:
-                monitor.observe(images, batch.defended)
+            seconds = batch.seconds
+            if monitor is not None:  # the detectors watch the defended answers, marks or not
+                monitor.observe(images, answers)
+            if watermark is not None:  # after the defense; the victim's own argmax picks the label
+                start = time.perf_counter()
+                answers = watermark.apply(answers, images, reference=batch.clean.argmax(dim=1))
+                seconds += time.perf_counter() - start
+            timings.append((n, seconds))
         if labels_only:  # the labels as one-hot rows: what a label-only answer tells
-            return torch.zeros_like(batch.defended).scatter_(1, batch.defended.argmax(1, keepdim=True), 1.0)
-        return batch.defended
+            return torch.zeros_like(answers).scatter_(1, answers.argmax(1, keepdim=True), 1.0)
+        return answers
 
     def usage() -> tuple[int, list[tuple[int, float]]]:
         return used, list(timings)
@@ -268,13 +276,19 @@ class BlackBox(QueryBoundary):
             every query (``Blocked``, nothing counted) and ``"labels-only"`` answers one-hot
             rows of the labels. Held in the closure: the attack cannot reach it.
             (Default: None.)
+        watermark (Watermark, optional): DAWN's watermark (``divqat.ownership.watermark``),
+            applied to the defended answers after the defense (and after the monitor has seen
+            them): a keyed fraction of the images is answered with a deterministic wrong label,
+            soft answers rearranged so that label is their argmax, ``query_labels`` returning it.
+            Its log (``watermark.log``) keeps the marked inputs for ``divqat verify``; the attack
+            cannot reach it. (Default: None.)
 
     Attacks use ``query`` / ``query_labels`` and the read-only ``queries_used``, ``budget``,
     ``queries_left``, ``input_shape``, ``num_classes``, ``label_only`` and ``timings``
     (a copy: (batch size, seconds) per answered batch). A query that would exceed the budget raises
     ``BudgetExceeded`` before the victim sees it; bad images raise ``QueryError``; neither is
-    counted. Labels are the argmax of the *defended* posteriors (lowest index on ties), i.e. what a
-    label-only API over the defense would say. The object cannot be assigned to, copied or pickled.
+    counted. Labels are the argmax of the *defended* (and watermarked) posteriors (lowest index on
+    ties), i.e. what a label-only API over the defense would say. The object cannot be assigned to, copied or pickled.
 
     Example::
         >>> box = BlackBox(victim, create_defense("dcp", beta=0.5), budget=50_000)
@@ -288,7 +302,7 @@ class BlackBox(QueryBoundary):
                  defense: Defense | None = None, budget: int | None = None,
                  label_only: bool = False, *, input_shape: tuple[int, int, int] | None = None,
                  num_classes: int | None = None, device: str | torch.device | None = None,
-                 monitor: Monitor | None = None) -> None:
+                 monitor: Monitor | None = None, watermark: Watermark | None = None) -> None:
         if isinstance(victim, DefendedVictim):
             if defense is not None or input_shape is not None or num_classes is not None or device is not None:
                 raise ConfigError("a DefendedVictim already has its defense, shapes and device")
@@ -300,7 +314,13 @@ class BlackBox(QueryBoundary):
         check_bool("", "label_only", label_only)
         if monitor is not None and not isinstance(monitor, Monitor):
             raise ConfigError(f"monitor must be a divqat.detectors.Monitor, got {type(monitor).__name__}")
-        answer, usage = _make_oracle(served, budget, monitor)
+        if watermark is not None:
+            if not isinstance(watermark, Watermark):
+                raise ConfigError(f"watermark must be a divqat.ownership.Watermark, got {type(watermark).__name__}")
+            if watermark.num_classes != served.num_classes:
+                raise ConfigError(f"the watermark is for {watermark.num_classes} classes, the victim "
+                                  f"has {served.num_classes}")
+        answer, usage = _make_oracle(served, budget, monitor, watermark)
         # Written around the read-only __setattr__ below; slot names are mangled by hand here.
         for slot, value in (("answer", answer), ("usage", usage), ("budget", budget),
                             ("label_only", label_only), ("input_shape", served.input_shape),

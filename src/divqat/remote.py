@@ -14,11 +14,13 @@ bit for bit those an in-process ``BlackBox`` would return for the same batches.
 from __future__ import annotations
 
 import io
+import ipaddress
 import math
 import re
 import socket
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -85,6 +87,28 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1") + array.tobytes()
 
 
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1): traffic to them never
+    leaves the machine."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: str, insecure: bool = False) -> None:
+    """``ConfigError`` for a plain ``http://`` URL whose host is not loopback, unless
+    ``insecure``: every request carries the API key, which would cross the network in clear."""
+    parts = urlsplit(url)
+    if parts.scheme == "http" and not insecure and not is_loopback(parts.hostname or ""):
+        raise ConfigError(f"{url} is plain HTTP to another machine: the API key would cross the network "
+                          "in clear; use https://, or pass insecure=True (--insecure) if the path is "
+                          "trusted (a tunnel, a private network)")
+
+
 class RemoteError(DivqatError):
     """The prediction service cannot be reached, refused the API key, failed, or answered
     something that is not a divqat answer."""
@@ -114,6 +138,8 @@ class RemoteBlackBox(QueryBoundary):
         timeout (float): seconds per HTTP request. (Default: 120.)
         max_wait (float): most seconds spent in all waits a rate limit asks for (``Retry-After``)
             before giving up with ``RemoteError``. (Default: 600.)
+        insecure (bool): send the key over plain ``http://`` to a host that is not loopback;
+            without it such a URL is a ``ConfigError`` before anything is sent. (Default: False.)
         transport (httpx transport, optional): for tests.
 
     ``query`` / ``query_labels`` as ``BlackBox``: float32 (N, C, H, W) in [0, 1] of
@@ -128,11 +154,13 @@ class RemoteBlackBox(QueryBoundary):
     __slots__ = ("__client", "__url", "__info", "__state", "__label_only", "__max_wait")
 
     def __init__(self, url: str, api_key: str, *, label_only: bool | None = None,
-                 timeout: float = 120.0, max_wait: float = 600.0, transport: Any = None) -> None:
+                 timeout: float = 120.0, max_wait: float = 600.0, insecure: bool = False,
+                 transport: Any = None) -> None:
         import httpx
 
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigError(f"the service URL must start with http:// or https://, got {url!r}")
+        check_transport(url, insecure)
         if not isinstance(api_key, str) or not api_key.strip():
             raise ConfigError("the API key is empty")
         check_number("remote", "timeout", timeout, low=0, low_open=True)

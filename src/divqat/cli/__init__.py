@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from divqat.cli import attack, defend, detect, device, experiment, serve, train
+from divqat.cli import attack, defend, detect, device, experiment, keys, serve, train, verify
 from divqat.errors import DivqatError
 
 DESCRIPTION = ("Protect quantized image classifiers against model stealing (DivQAT, output-perturbation "
                "defenses) and measure it with real extraction attacks.")
 
 # In the order `divqat --help` lists their commands.
-GROUPS = (train, defend, attack, experiment, serve, device, detect)
+GROUPS = (train, defend, attack, experiment, serve, keys, device, detect, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,14 +26,21 @@ def runtime_options(device_help: str = "torch device (default: cpu)", progress: 
                     threads_help: str | None = None) -> argparse.ArgumentParser:
     """The options of every command that loads data and runs models (a parent parser);
     ``threads_help`` where a command's --threads says more than "torch CPU threads"."""
-    parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--data-root", metavar="DIR",
-                        help="folder holding the datasets that need one (cifar10, cifar100, svhn, "
-                             "gtsrb, image-folder)")
+    parent = data_root_option()
     parent.add_argument("--device", default="cpu", help=device_help)
     _add_threads(parent, *([threads_help] if threads_help else []))
     if progress:
         parent.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parent
+
+
+def data_root_option() -> argparse.ArgumentParser:
+    """--data-root alone, for a command that reads a dataset but trains nothing (export: the
+    fingerprint's start images)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--data-root", metavar="DIR",
+                        help="folder holding the datasets that need one (cifar10, cifar100, svhn, "
+                             "gtsrb, image-folder)")
     return parent
 
 

@@ -69,6 +69,13 @@ def register(sub) -> None:
                    help="temperature of the soft cross-entropy (default: 1)")
     a.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="surrogate training: bf16 autocast where the CPU has it (default: fp32)")
+    a.add_argument("--watermark", type=float, default=None, metavar="RATE",
+                   help="watermark this fraction of the thief's answers (DAWN; after the defense, "
+                        "e.g. 0.005): says how many were marked and keeps the marks in OUT/marks.npz "
+                        "for `divqat verify` (default: none)")
+    a.add_argument("--save-surrogate", metavar="PATH",
+                   help="write the stolen surrogate as a model file `divqat verify --suspect` loads "
+                        "(several budgets: PATH's stem-BUDGET, e.g. stolen-1000.pt) (default: not written)")
     _add_remote_attack_options(a)
     a.set_defaults(func=cmd_attack)
 
@@ -87,13 +94,16 @@ def _add_remote_attack_options(a: argparse.ArgumentParser) -> None:
     a.add_argument("--eval-key-file", metavar="FILE",
                    help="with --victim URL: a separate key for measuring the victim's answers on its "
                         "test split (agreement, defender accuracy); without it they are left out")
+    a.add_argument("--insecure", action="store_true",
+                   help="with --victim http://HOST: send the API keys over plain HTTP to a host that is "
+                        "not loopback (refused without it: use https://)")
 
 
 def _refuse_remote_options(args: argparse.Namespace) -> None:
     from divqat.errors import ConfigError
 
-    if args.api_key_file or args.eval_key_file:
-        raise ConfigError("--api-key-file and --eval-key-file go with --victim http://HOST:PORT")
+    if args.api_key_file or args.eval_key_file or args.insecure:
+        raise ConfigError("--api-key-file, --eval-key-file and --insecure go with --victim http://HOST:PORT")
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -106,6 +116,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     _refuse_remote_options(args)
     common.set_threads(args.threads)
     if args.attack == "copy":
+        if args.watermark is not None or args.save_surrogate:
+            raise ConfigError("--attack copy sends no queries and trains no surrogate: drop --watermark "
+                              "and --save-surrogate")
         return cmd_copy(args)
     if not args.budget:
         raise ConfigError("--budget N [N ...] is required (one surrogate per budget)")
@@ -113,7 +126,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     m = attack_victim(AttackRequest(args.victim, args.attack, args.budget,
                                     parse_params(args.attack_param), defense=args.defense,
                                     defense_params=parse_params(args.param), transfer=args.transfer,
-                                    training=training, labels_only=args.labels_only, out=args.out),
+                                    training=training, labels_only=args.labels_only, out=args.out,
+                                    watermark=args.watermark, save_surrogate=args.save_surrogate),
                       common.run_context(args))
     params = params_text(m["defense_params"], ", ")
     kind = "label-only" if m["labels_only"] else "soft-label"
@@ -128,7 +142,20 @@ def cmd_attack(args: argparse.Namespace) -> int:
             print(line)
     print(f"defender accuracy {m['defender_accuracy']:.2%} (undefended {m['victim_accuracy']:.2%}), "
           f"L1 {m['l1_distance']:.4f} -> {os.path.join(args.out, 'metrics.json')}")
+    _print_ownership(m)
     return 0
+
+
+def _print_ownership(m: dict) -> None:
+    """The watermark's and the saved surrogates' lines, where the attack had them."""
+    w = m.get("watermark")
+    if w:
+        print(f"watermark (rate {w['rate']:g}): {w['marked']} of {w['answered']} answers marked "
+              f"({w['marked_fraction']:.2%}); {w['distinct_marks']} marked inputs and {w['controls']} "
+              f"controls kept -> {w['marks_file']}; an honest user asking the test split: "
+              f"{w['test_answers_marked']} answers marked, accuracy {w['defender_accuracy_watermarked']:.2%}")
+    for budget, path in (m.get("surrogate_files") or {}).items():
+        print(f"surrogate of budget {budget} -> {path}")
 
 
 def _thief_notes(row: dict) -> list[str]:
@@ -171,10 +198,11 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
     keys = [read_key_file(f) for f in args.api_key_file]
     m = attack_remote(AttackRequest(args.victim, args.attack, args.budget,
                                     parse_params(args.attack_param), transfer=args.transfer,
-                                    training=training, labels_only=args.labels_only, out=args.out),
+                                    training=training, labels_only=args.labels_only, out=args.out,
+                                    watermark=args.watermark, save_surrogate=args.save_surrogate),
                       ServiceAccess(keys[0],
                                     read_key_file(args.eval_key_file) if args.eval_key_file else None,
-                                    more_keys=tuple(keys[1:])),
+                                    insecure=args.insecure, more_keys=tuple(keys[1:])),
                       common.run_context(args))
     kind = "label-only" if m["labels_only"] else f"{m['remote']['output']} answers"
     for r in m["results"]:
@@ -191,4 +219,5 @@ def cmd_attack_remote(args: argparse.Namespace) -> int:
     print(f"thief's key{'s' if m.get('streams') else ''}: {m['queries_used']} images counted by the "
           f"service, {m['remote']['key_left']} left{' on the first' if m.get('streams') else ''}; "
           f"left out: {', '.join(m['left_out'])} -> {os.path.join(args.out, 'metrics.json')}")
+    _print_ownership(m)
     return 0

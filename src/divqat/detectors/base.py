@@ -69,6 +69,9 @@ class Detector(abc.ABC):
         model_param, model_help: a model-backed detector names the constructor argument that
             takes its model and how divqat builds it for a saved victim (``divqat detectors``).
         calibrated: the detector needs ``divqat calibrate`` before it can raise an alarm.
+        service_params: what a long-running service (``divqat serve``: one detector per API key,
+            for as long as the key lives) uses for parameters that neither the operator nor the
+            calibration set, so that one client's state stays bounded (PRADA: ``max_set``).
     """
 
     name: ClassVar[str] = ""
@@ -79,6 +82,7 @@ class Detector(abc.ABC):
     calibrated: ClassVar[bool] = False
     # Parameters that are data built by divqat (reference features), not settings to record.
     data_params: ClassVar[tuple[str, ...]] = ()
+    service_params: ClassVar[dict[str, Any]] = {}
 
     def __init__(self) -> None:  # noqa: B027  (not abstract: subclasses call it)
         self._queries = 0

@@ -10,6 +10,11 @@ surrogate on the victim's test split:
 - ``queries_used``, ``seconds``; and the defense's own metrics (``defender_accuracy``,
   ``l1_distance``, ... over the thief's queries, see ``divqat.pipelines.defend``).
 
+With ``watermark`` (DAWN's rate, ``divqat.ownership``) the thief's answers are watermarked after
+the defense: the record's ``watermark`` says how many were marked and what an honest user of the
+test split would lose, and ``OUT/marks.npz`` keeps the marks for ``divqat verify``. With
+``save_surrogate`` each stolen surrogate is written as a model file ``divqat verify`` loads.
+
 A label-only thief behind a defense that leaves every label of its transfer set as it was (DCP
 keeps the argmax of confident answers, and usually of all) is shown exactly what it is shown
 behind no defense, so it sends the same queries and trains the same surrogates: given the same
@@ -50,6 +55,8 @@ from divqat.data import (
 from divqat.detectors import Monitor
 from divqat.errors import ConfigError
 from divqat.io import atomic_write, write_json
+from divqat.models.saved import save_model
+from divqat.ownership import Watermark, save_marks
 from divqat.pipelines.context import RunContext
 from divqat.pipelines.defend import evaluate_served, parse_query_set
 from divqat.pipelines.defense_models import build_defense
@@ -61,6 +68,10 @@ from divqat.victim import load_victim, victim_metadata
 HOLDOUT = "holdout"
 # The surrogates' labels on the test split, per budget, in an attack's folder (``twin``).
 PREDICTIONS = "predictions.pt"
+# The watermark's marks of the thief's queries, in an attack's folder (``divqat verify --marks``).
+MARKS = "marks.npz"
+# The name of the thief's session in its watermark (one key: the thief's).
+THIEF_KEY = "thief"
 
 
 def parse_transfer(spec: str) -> str:
@@ -197,6 +208,14 @@ class AttackRequest:
             the attack runs as without ``twin``. (Default: None.)
         out: the folder of ``metrics.json`` and ``predictions.pt``. (Default: None, nothing
             written.)
+        watermark: the rate of DAWN's watermark on the thief's answers (``BlackBox(watermark=
+            ...)``, after the defense; secret derived from the seed, key "thief"): the record
+            says how many answers were marked, and ``out/marks.npz`` keeps the marks for ``divqat
+            verify``. Turns ``twin`` off (the answers differ). (Default: None, no watermark.)
+        save_surrogate: write the stolen surrogate here as a model file (``divqat.models.saved``:
+            state dict, arch, input shape, normalization), which ``divqat verify --suspect``
+            loads; with several budgets one file per budget, ``STEM-BUDGET.SUFFIX``. Turns
+            ``twin`` off. (Default: None, not written.)
     """
 
     victim: str | Path
@@ -210,6 +229,32 @@ class AttackRequest:
     labels_only: bool = False
     twin: str | Path | None = None
     out: str | Path | None = None
+    watermark: float | None = None
+    save_surrogate: str | Path | None = None
+
+
+def surrogate_paths(path: str | Path, budgets: Sequence[int]) -> dict[int, Path]:
+    """Where ``save_surrogate`` writes each budget's surrogate: ``path`` for one budget, else
+    ``STEM-BUDGET.SUFFIX`` beside it (``stolen.pt`` -> ``stolen-1000.pt``, ``stolen-5000.pt``)."""
+    path = Path(path)
+    if len(budgets) == 1:
+        return {budgets[0]: path}
+    return {b: path.with_name(f"{path.stem}-{b}{path.suffix or '.pt'}") for b in budgets}
+
+
+def _save_surrogates(stolen: list[Stolen], request: AttackRequest, input_shape: Sequence[int],
+                     classes: Sequence[str], budgets: list[int], say: Callable[[str], None]) -> dict[str, str]:
+    """Each budget's surrogate as a model file (``surrogate_paths``); budget -> path."""
+    paths = surrogate_paths(request.save_surrogate, budgets)
+    saved = {}
+    for s in stolen:
+        info = {"attack": request.attack, "budget": s.budget, "queries_used": s.queries_used,
+                "victim": str(request.victim), "labels_only": request.labels_only,
+                "defense": request.defense, "watermark": request.watermark}
+        saved[str(s.budget)] = str(save_model(paths[s.budget], s.surrogate, tuple(input_shape),
+                                              len(classes), classes=list(classes), info=info))
+        say(f"  surrogate of budget {s.budget} -> {saved[str(s.budget)]}")
+    return saved
 
 
 def attack_victim(request: AttackRequest, context: RunContext | None = None) -> dict[str, Any]:
@@ -263,6 +308,8 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
     if thief.soft_only and labels_only:
         raise ConfigError(f"attack {attack!r} needs posteriors: it cannot run label-only")
     budgets = _budgets(request.budgets)
+    if request.watermark is not None:
+        Watermark(2, rate=request.watermark)  # the rate checked before minutes of work
     monitors = monitors if monitors is not None else [None] * thief.streams
     watched = any(m is not None for m in monitors)
 
@@ -293,8 +340,12 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
     say(f"{attack} ({mode}) against the {meta.get('mode')} victim behind {defense}, "
         f"budgets {', '.join(map(str, budgets))}"
         + (f", transfer set {transfer_set.name}" if transfer_set is not None else ""))
+    watermark = None
+    if request.watermark is not None:
+        watermark = Watermark.from_seed(served.num_classes, training.seed, request.watermark, key=THIEF_KEY)
     shared = None
     if (twin is not None and labels_only and built_defense.fusable and not watched
+            and watermark is None and request.save_surrogate is None
             and thief.queries_transfer_set_only):
         if not (Path(twin) / PREDICTIONS).is_file():  # a twin run by an older divqat
             say(f"  {Path(twin).name} kept no {PREDICTIONS}: the thief's own surrogates are trained")
@@ -321,7 +372,8 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
         known = known_defense(thief, defense, request.defense_params, training, transfer_set,
                               served.input_shape, served.num_classes)
         per_key = key_budget(thief, budgets[-1])
-        boxes = [BlackBox(served, budget=per_key, label_only=labels_only, monitor=m) for m in monitors]
+        boxes = [BlackBox(served, budget=per_key, label_only=labels_only, monitor=m, watermark=watermark)
+                 for m in monitors]
         start = time.perf_counter()
         torch.manual_seed(training.seed)
         with phase("attack"):  # the thief's own work: querying, and training outside ``fit``
@@ -342,6 +394,9 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
             results.append(row)
         if request.out is not None:
             atomic_write(Path(request.out) / PREDICTIONS, lambda tmp: torch.save(predictions, tmp))
+        if request.save_surrogate is not None:
+            saved_surrogates = _save_surrogates(stolen, request, meta["input_shape"], meta["classes"],
+                                                budgets, say)
     for row in results:
         say(f"  budget {row['budget']}: adversary accuracy {row['adversary_accuracy']:.2%}, agreement "
             f"{row['agreement']:.2%} ({row['queries_used']} queries, {row['seconds']:.0f} s)")
@@ -363,6 +418,11 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
         "results": results, **({"surrogates_from": shared} if shared else {}),
         **({"streams": streams} if streams else {}),
     }
+    if watermark is not None:
+        record["watermark"] = _watermark_record(watermark, request, meta, test_images, labels,
+                                                defended_pred, clean_pred, say)
+    if request.save_surrogate is not None:
+        record["surrogate_files"] = saved_surrogates
     if request.out is not None:
         write_json(Path(request.out) / "metrics.json", record)
     return record
@@ -372,6 +432,27 @@ def _trained_on(stolen: Stolen) -> int:
     """Images the surrogate trained on: its queries, except for a thief that asks several times
     per image (the averaging thief records its ``images``)."""
     return int(stolen.info.get("images", stolen.queries_used))
+
+
+def _watermark_record(watermark: Watermark, request: AttackRequest, meta: dict, test_images: Tensor,
+                      labels: Tensor, defended_pred: Tensor, clean_pred: Tensor,
+                      say: Callable[[str], None]) -> dict[str, Any]:
+    """What the watermark did to the thief's answers, and what it would cost an honest user
+    asking the test split (its labels with the marks, against the defended ones)."""
+    log = watermark.log
+    honest = watermark.marked_labels(defended_pred, test_images, reference=clean_pred)
+    out = {"rate": watermark.rate, "key": watermark.key, "answered": log.answered, "marked": log.marked,
+           "marked_fraction": log.marked / log.answered if log.answered else 0.0,
+           "distinct_marks": len(log), "controls": log.controls,
+           "test_answers_marked": int((honest != defended_pred).sum()),
+           "defender_accuracy_watermarked": float((honest == labels).float().mean()),
+           "marks_file": None}
+    if request.out is not None:
+        out["marks_file"] = str(save_marks(log.marks(meta["input_shape"]), Path(request.out) / MARKS))
+    say(f"  watermark (rate {watermark.rate:g}): {log.marked} of {log.answered} answers marked "
+        f"({out['marked_fraction']:.2%}), {len(log)} distinct marked inputs and {log.controls} controls kept"
+        + (f" -> {out['marks_file']}" if out["marks_file"] else ""))
+    return out
 
 
 def _budgets(budgets: Sequence[int] | int) -> list[int]:
@@ -394,6 +475,8 @@ class ServiceAccess:
             (Default: None, those are left out.)
         dataset: the registered dataset whose test split measures the surrogates.
             (Default: None, the one the service publishes at ``/v1/model``.)
+        insecure: send the keys over plain ``http://`` to a host that is not loopback (see
+            ``RemoteBlackBox``). (Default: False: such a URL is refused.)
         more_keys: the Sybil thief's other keys (``api_key`` is its first); their budgets
             together are the attack's. (Default: none.)
     """
@@ -402,6 +485,7 @@ class ServiceAccess:
     api_key: str = field(repr=False)
     eval_key: str | None = field(default=None, repr=False)
     dataset: str | None = None
+    insecure: bool = False
     more_keys: tuple[str, ...] = field(default=(), repr=False)
 
 
@@ -434,6 +518,9 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
                           "drop --defense and --param")
     if request.twin is not None:
         raise ConfigError("over HTTP there is no twin: the thief's answers are the service's")
+    if request.watermark is not None:
+        raise ConfigError("over HTTP the watermark is the service's (`divqat serve --watermark RATE`); "
+                          "drop --watermark")
     training = (request.training if request.training is not None
                 else SurrogateTraining(device=device, progress=context.progress))
     if not isinstance(training, SurrogateTraining):
@@ -456,7 +543,8 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
     evaluator = None
     try:
         for key in keys:
-            boxes.append(RemoteBlackBox(url, key, label_only=True if labels_only else None))
+            boxes.append(RemoteBlackBox(url, key, label_only=True if labels_only else None,
+                                        insecure=access.insecure))
         box = boxes[0]
         if thief.soft_only and box.label_only:
             raise ConfigError(f"attack {attack!r} needs posteriors; this key answers labels only")
@@ -487,7 +575,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
         defended_pred = None
         if eval_key is not None:
             # Before the thief, as attack_victim measures the victim before it steals.
-            evaluator = RemoteBlackBox(url, eval_key)
+            evaluator = RemoteBlackBox(url, eval_key, insecure=access.insecure)
             if evaluator.queries_left is not None and evaluator.queries_left < len(test_images):
                 raise ConfigError(f"the evaluation key has {evaluator.queries_left} images left; the "
                                   f"test split has {len(test_images)}")
@@ -522,6 +610,9 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
             agreement = "" if row["agreement"] is None else f", agreement {row['agreement']:.2%}"
             say(f"  budget {s.budget}: adversary accuracy {accuracy:.2%}{agreement} "
                 f"({s.queries_used} queries, {s.seconds:.0f} s)")
+        saved_surrogates = None
+        if request.save_surrogate is not None:
+            saved_surrogates = _save_surrogates(stolen, request, shape, box.classes, budgets, say)
         top = results[-1]
         record: dict[str, Any] = {
             "attack": attack, "params": thief.params(), "labels_only": box.label_only,
@@ -541,6 +632,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
                        "key_used": box.queries_used, "key_left": box.queries_left,
                        "eval_key": eval_key is not None},
             "left_out": left_out,
+            **({"surrogate_files": saved_surrogates} if saved_surrogates else {}),
         }
         if len(boxes) > 1:  # the Sybil thief's keys, each as the service counted it
             record["streams"] = [{"budget": b.budget, "queries_used": b.queries_used - before,
@@ -556,6 +648,6 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
     return record
 
 
-__all__ = ["HOLDOUT", "PREDICTIONS", "AttackRequest", "ServiceAccess", "attack_loaded", "attack_remote",
+__all__ = ["HOLDOUT", "MARKS", "PREDICTIONS", "THIEF_KEY", "AttackRequest", "ServiceAccess", "attack_loaded", "attack_remote",
            "attack_victim", "labels_changed", "load_transfer_set", "parse_transfer", "predict",
-           "prediction_metrics", "surrogate_predictions"]
+           "prediction_metrics", "surrogate_paths", "surrogate_predictions"]

@@ -80,8 +80,10 @@ class AttackStageRequest:
     ``detectors``: name -> (calibration folder, params) of the extraction detectors that watch
     the thief's stream (they only record: no answer changes). ``twin``: the folder of the same
     label-only attack behind no defense, whose surrogates this one measures when the defense
-    leaves every transfer label as it was. (Defaults: the attack's parameters, no transfer set,
-    posteriors, the default recipe, seed 0, no detector, no twin.)
+    leaves every transfer label as it was. ``save_surrogates``: write each budget's surrogate
+    into the stage's folder as a model file (``surrogate.pt``, ``surrogate-BUDGET.pt`` for
+    several budgets; ``divqat verify --suspect`` loads them). (Defaults: the attack's parameters,
+    no transfer set, posteriors, the default recipe, seed 0, no detector, no twin, none saved.)
     """
 
     name: str
@@ -93,6 +95,7 @@ class AttackStageRequest:
     seed: int = 0
     detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None
     twin: str | Path | None = None
+    save_surrogates: bool = False
 
 
 class StageWork:
@@ -123,8 +126,9 @@ class StageWork:
         """Train the fp32 teacher (``req.teacher`` None) or an int8 victim from it into
         ``req.out``, with this worker's data root, device and progress; returns its metrics
         without the per-epoch history. An ``edge`` victim is also exported to
-        ``req.out/victim.pte``. A collapsed DivQAT victim is a finding (the cliff), not a
-        failure: it returns ``{"collapsed": True, "message": ...}`` and saves nothing."""
+        ``req.out/victim.pte`` (its fingerprint beside it). A collapsed DivQAT victim is a
+        finding (the cliff), not a failure: it returns ``{"collapsed": True, "message": ...}``
+        and saves nothing."""
         req = dataclasses.replace(req, data_root=self.data_root, device=self.device,
                                   progress=self.progress, log_epochs=self.progress)
         teacher, target, folder = req.teacher, req.target, req.out
@@ -137,8 +141,9 @@ class StageWork:
             return {"collapsed": True, "message": str(e)}
         result = {k: v for k, v in metrics.items() if k != "history"}
         if target == "edge":
-            exported = export_victim(folder, Path(folder) / EDGE_PROGRAM)
-            result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"])
+            exported = export_victim(folder, Path(folder) / EDGE_PROGRAM, data_root=self.data_root)
+            result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"],
+                          fingerprint_seconds=exported["fingerprint_seconds"])
             self.log(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
                      f"{exported['seconds']:.0f} s)")
         return result
@@ -181,7 +186,8 @@ class StageWork:
                 monitors, views = watching_keys(factories, [f"key{i + 1}" for i in range(streams)])
         request = AttackRequest(victim_dir, stage.name, budgets, stage.params, defense=setting.name,
                                 defense_params=setting.params, transfer=transfer, training=training,
-                                labels_only=stage.labels_only, twin=stage.twin, out=folder)
+                                labels_only=stage.labels_only, twin=stage.twin, out=folder,
+                                save_surrogate=Path(folder) / "surrogate.pt" if stage.save_surrogates else None)
         record = attack_loaded(request, served, self.context, test_set=self.test_set(victim_dir),
                                transfer_set=transfer_set, monitor=monitor, monitors=monitors)
         if views:

@@ -14,7 +14,8 @@ from divqat.quant.flow import (
     prepare_qat,
     qat_quantizer,
     quiet_torchao,
+    straight_through,
 )
 
 __all__ = ["QATModel", "compile_int8", "convert_to_int8", "export_dynamic", "prepare_qat", "qat_quantizer",
-           "quiet_torchao"]
+           "quiet_torchao", "straight_through"]

@@ -369,6 +369,54 @@ def _without_requant_after_max_pool(module: nn.Module) -> nn.Module:
     return module
 
 
+def _fake_quantize_straight_through(x: torch.Tensor, scale, zero_point, quant_min, quant_max,
+                                    dtype) -> torch.Tensor:
+    """The int8 program's quantize -> dequantize of an activation, to the same value, with the
+    gradient of the identity (the straight-through estimator: Bengio, Leonard, Courville 2013)."""
+    q = torch.ops.quantized_decomposed.quantize_per_tensor.default(
+        x.detach(), scale, zero_point, quant_min, quant_max, dtype)
+    y = torch.ops.quantized_decomposed.dequantize_per_tensor.default(
+        q, scale, zero_point, quant_min, quant_max, dtype)
+    return x + (y - x).detach()
+
+
+def straight_through(module: nn.Module) -> nn.Module:
+    """``module`` (a copy, when there is something to change) through which the gradient of the
+    output with respect to the *input* flows: each activation's quantize -> dequantize pair of an
+    int8 PT2E program (``convert_to_int8``'s, either target) becomes the same rounding with a
+    straight-through gradient. Forward values are unchanged; an fp32 module comes back as it is.
+
+    The converted program has no gradient at all (its quantize op rounds to an integer tensor):
+    this is what input-space methods need to optimize an image against an int8 victim (the
+    ownership fingerprint, ``divqat.ownership.fingerprint``). Weights stay int8 constants
+    dequantized in the graph: they get no gradient, and need none.
+    """
+    q_op = torch.ops.quantized_decomposed.quantize_per_tensor.default
+    dq_op = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+
+    def pairs(gm: torch.fx.GraphModule):
+        for dq in gm.graph.find_nodes(op="call_function", target=dq_op):
+            q = dq.args[0]
+            if isinstance(q, torch.fx.Node) and q.target == q_op and tuple(q.args[1:]) == tuple(dq.args[1:]):
+                yield q, dq
+
+    if not any(next(pairs(gm), None) for gm in module.modules() if isinstance(gm, torch.fx.GraphModule)):
+        return module
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecation, on copy
+        module = copy.deepcopy(module)
+    for gm in module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for q, dq in list(pairs(gm)):
+            with gm.graph.inserting_before(dq):
+                fake = gm.graph.call_function(_fake_quantize_straight_through, tuple(q.args))
+            dq.replace_all_uses_with(fake)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return module
+
+
 @contextlib.contextmanager
 def _inductor_freezing():
     import torch._inductor.config as inductor_config

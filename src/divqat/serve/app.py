@@ -27,7 +27,10 @@ on requests at once); 408 ``read_timeout`` (the body did not arrive within ``rea
 ``unsupported_media_type``; 400 ``bad_npy`` / ``bad_dtype`` / ``bad_shape`` / ``not_finite`` /
 ``out_of_range`` / ``empty_batch`` / ``bad_image`` / ``bad_form``; 403 ``key_blocked`` (the key
 was flagged, ``--on-alarm block``); 500 ``victim_error`` (refunded). None of them counts an
-image (see ``divqat.serve.store`` for the accounting).
+image (see ``divqat.serve.store`` for the accounting). Before a request reaches the app, the HTTP
+protocol ``divqat.serve.server`` gives uvicorn answers 408 ``head_timeout`` (the request head did
+not arrive within ``head_timeout``) and 431 ``head_too_large`` (past ``max_head_bytes``), and
+closes the connection.
 
 What a request costs before it is counted, in order: the service's concurrency cap (503, nothing
 read), the refusal limits (429, nothing read or written), the key (401), its flag (403), its
@@ -49,6 +52,13 @@ watched it (in the order the answers were computed), and a request whose verdict
 (the one that raised it, and every later one) gets what ``--on-alarm`` says: with ``block`` a
 403, its images refunded (the victim saw them, the client gets nothing of them). So no soft
 answer leaves after the alarm; at most the requests whose observation finished before it.
+
+With a watermark (``create_app(..., watermark=KeyedWatermarks(...))``, ``divqat serve
+--watermark RATE``; DAWN, ``divqat.ownership.watermark``) each key's answers are marked after
+the defense and after the detector has watched them: a keyed fraction of its images is answered
+with a deterministic wrong label (the defended posteriors rearranged so it is their argmax; top-k
+and labels follow), the key's secret and its marked inputs kept in the key database, never sent
+to a client. ``divqat verify --marks DB`` reads them.
 """
 
 from __future__ import annotations
@@ -83,9 +93,10 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor
 
-from divqat.blackbox import DefendedVictim
+from divqat.blackbox import DefendedBatch, DefendedVictim
 from divqat.checks import check_int, check_number
 from divqat.data import adapt, to_float
+from divqat.ownership import KeyedWatermarks
 from divqat.remote import npy_bytes, read_npy
 from divqat.serve.batcher import DynamicBatcher
 from divqat.serve.store import KeyInfo, KeyStore, Refused
@@ -107,7 +118,11 @@ class ServiceLimits:
     body size (413 ``body_too_large``). max_side: largest height or width of an image before
     adaptation. max_pixels: height x width summed over a request's images, before adaptation
     (413 ``too_many_pixels``; 2**24: one 4096 x 4096 image, or 1024 of 128 x 128).
-    read_timeout: seconds for the whole body to arrive (408 ``read_timeout``). max_concurrent:
+    read_timeout: seconds for the whole body to arrive (408 ``read_timeout``). head_timeout:
+    seconds a connection has, from its opening and from each answer, to send a complete request
+    head (408 ``head_timeout``, the connection closed). max_head_bytes: size of a request head
+    (431 ``head_too_large``); both enforced by the HTTP protocol ``divqat.serve.server`` gives
+    uvicorn. max_concurrent:
     prediction requests served at once (more: 503 ``busy``); with max_body_bytes it bounds the
     memory held in bodies. max_per_key: requests of one key at once (429 ``too_many_in_flight``).
     max_refusals: refusals per key and per client address in a minute before their requests are
@@ -121,6 +136,8 @@ class ServiceLimits:
     max_side: int = 4096
     max_pixels: int = 2**24
     read_timeout: float = 30.0
+    head_timeout: float = 10.0
+    max_head_bytes: int = 64 * 1024
     max_concurrent: int = 256
     max_per_key: int = 64
     max_refusals: int = 120
@@ -135,6 +152,8 @@ class ServiceLimits:
         check_int("serve", "max_side", self.max_side, low=1)
         check_int("serve", "max_pixels", self.max_pixels, low=1)
         check_number("serve", "read_timeout", self.read_timeout, low=0.01)
+        check_number("serve", "head_timeout", self.head_timeout, low=0.01)
+        check_int("serve", "max_head_bytes", self.max_head_bytes, low=1024)
         check_int("serve", "max_concurrent", self.max_concurrent, low=1)
         check_int("serve", "max_per_key", self.max_per_key, low=1)
         check_int("serve", "max_refusals", self.max_refusals, low=1)
@@ -175,6 +194,7 @@ class ServiceMetrics:
         self.in_flight = Gauge("divqat_requests_in_flight", "Prediction requests being served", registry=r)
         self.body_bytes = Gauge("divqat_body_bytes", "Bytes of request bodies held", registry=r)
         self.body_bytes_now = self.body_bytes_peak = 0
+        self.in_flight_peak = 0  # most prediction requests served at once (for tests and probes)
 
     def hold(self, nbytes: int) -> None:
         """``nbytes`` more (or, negative, fewer) bytes of request bodies in memory."""
@@ -345,35 +365,93 @@ def decode_npy_fitted(body: bytes | bytearray, shape: tuple[int, int, int], limi
     return _fit(decode_npy(body, limits), shape)
 
 
-async def _stream(body: bytes | bytearray) -> AsyncIterator[bytes]:
-    yield bytes(body)
-    yield b""
+class _Form:
+    """python-multipart's callbacks collecting a form's files (parts with a filename) in order,
+    within the request's limits: more than ``max_images`` files is 413 ``too_many_images`` at
+    once, more than ``max_fields`` other fields or one over ``max_field_bytes`` is ``bad_form``."""
+
+    def __init__(self, limits: ServiceLimits, max_fields: int = 64, max_field_bytes: int = 2**20) -> None:
+        self.limits, self.max_fields, self.max_field_bytes = limits, max_fields, max_field_bytes
+        self.files: list[bytes] = []
+        self.fields = 0
+        self._header = [b"", b""]
+        self._disposition: bytes | None = None
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._is_file = False
+
+    def callbacks(self) -> dict[str, Callable]:
+        return {"on_part_begin": self.part_begin, "on_part_data": self.part_data,
+                "on_part_end": self.part_end, "on_header_field": self.header_field,
+                "on_header_value": self.header_value, "on_header_end": self.header_end,
+                "on_headers_finished": self.headers_finished}
+
+    def part_begin(self) -> None:
+        self._disposition, self._chunks, self._size, self._is_file = None, [], 0, False
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header[0] += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header[1] += data[start:end]
+
+    def header_end(self) -> None:
+        if self._header[0].lower() == b"content-disposition":
+            self._disposition = self._header[1]
+        self._header = [b"", b""]
+
+    def headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise BadRequest(400, "bad_form", 'a form part has no Content-Disposition "name"')
+        self._is_file = b"filename" in options
+        if self._is_file and len(self.files) >= self.limits.max_images:
+            raise BadRequest(413, "too_many_images", f"more than {self.limits.max_images} images in one request")
+        if not self._is_file:
+            self.fields += 1
+            if self.fields > self.max_fields:
+                raise BadRequest(400, "bad_form", f"more than {self.max_fields} form fields")
+
+    def part_data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
+        if not self._is_file and self._size > self.max_field_bytes:
+            raise BadRequest(400, "bad_form", f"a form field passes {self.max_field_bytes} bytes")
+        if self._is_file:
+            self._chunks.append(bytes(data[start:end]))
+
+    def part_end(self) -> None:
+        if self._is_file:
+            self.files.append(b"".join(self._chunks))
+        self._chunks = []
 
 
-async def decode_multipart(request: Request, body: bytes | bytearray, shape: tuple[int, int, int],
-                           limits: ServiceLimits, pool: Executor | None = None) -> Tensor:
-    from starlette.datastructures import UploadFile
-    from starlette.formparsers import MultiPartException, MultiPartParser
+def form_files(body: bytes | bytearray, content_type: str, limits: ServiceLimits) -> list[bytes]:
+    """The files of a ``multipart/form-data`` body (any field name), in order. Parsed in memory,
+    in the caller's thread (the body is in memory already: nothing is spooled to disk)."""
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
 
-    parser = MultiPartParser(request.headers, _stream(body), max_files=limits.max_images + 1,
-                             max_fields=64)
+    _, options = parse_options_header(content_type)
+    if not options.get(b"boundary"):
+        raise BadRequest(400, "bad_form", "the multipart body could not be read: it names no boundary")
+    form = _Form(limits)
     try:
-        form = await parser.parse()
-    except MultiPartException as e:
-        if "too many files" in str(e).lower():
-            raise BadRequest(413, "too_many_images", f"more than {limits.max_images} images in one request") from None
+        parser = MultipartParser(options[b"boundary"], form.callbacks())
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as e:
         raise BadRequest(400, "bad_form", f"the multipart body could not be read: {e}") from None
-    try:
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not files:
-            raise BadRequest(400, "empty_batch", "the form holds no image files")
-        if len(files) > limits.max_images:
-            raise BadRequest(413, "too_many_images", f"more than {limits.max_images} images in one request",
-                             images=len(files))
-        datas = [await f.read() for f in files]
-    finally:
-        await form.close()
-    return await asyncio.get_running_loop().run_in_executor(pool, decode_files, datas, shape, limits)
+    if not form.files:
+        raise BadRequest(400, "empty_batch", "the form holds no image files")
+    return form.files
+
+
+def decode_form(body: bytes | bytearray, content_type: str, shape: tuple[int, int, int],
+                limits: ServiceLimits) -> Tensor:
+    """A ``multipart/form-data`` body of PNG / JPEG files -> the victim's input (N, *shape)."""
+    return decode_files(form_files(body, content_type, limits), shape, limits)
 
 
 async def read_body(request: Request, limit: int, timeout: float = math.inf,
@@ -411,7 +489,10 @@ async def read_images(request: Request, shape: tuple[int, int, int], limits: Ser
         if len(body) <= INLINE_NPY_BYTES:
             return decode_npy_fitted(body, shape, limits)
         return await asyncio.get_running_loop().run_in_executor(pool, decode_npy_fitted, body, shape, limits)
-    return await decode_multipart(request, body, shape, limits, pool)
+    # The form is parsed in the pool too: python-multipart reads it in Python, which on tens of
+    # MiB would hold the event loop.
+    return await asyncio.get_running_loop().run_in_executor(
+        pool, decode_form, body, request.headers.get("content-type", ""), shape, limits)
 
 
 # ---------------------------------------------------------------------- answers
@@ -481,7 +562,7 @@ def _bearer(request: Request) -> str | None:
 def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str],
                dataset: str | None = None, limits: ServiceLimits | None = None,
                fsync: bool = False, watch: KeyWatch | None = None,
-               metrics_token: str | None = None) -> FastAPI:
+               metrics_token: str | None = None, watermark: KeyedWatermarks | None = None) -> FastAPI:
     """The prediction API for ``served`` (the victim behind its defense), keys and audit in
     the SQLite file ``db`` (``divqat keys`` writes the keys).
 
@@ -498,6 +579,8 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             (not started; the app opens and closes it with the key database). (Default: None.)
         metrics_token (str, optional): the operator's token for ``/metrics`` (``Authorization:
             Bearer TOKEN``); None: ``/metrics`` is not served. (Default: None.)
+        watermark (KeyedWatermarks, optional): DAWN's watermark per key, its state in the key
+            database (opened and closed with it). (Default: None.)
 
     ``app.state`` holds the ``batcher``, the ``metrics`` and the ``watch`` (for tests and
     operators' probes).
@@ -513,7 +596,14 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
     # for a time slice twice per request. Only another process's write (`divqat keys`) can
     # make it wait, for as long as that write takes.
     store = KeyStore(db, fsync=fsync)
-    batcher = DynamicBatcher(lambda images: served(images).defended, max_batch=limits.max_batch,
+
+    def run(images: Tensor) -> Tensor:
+        """The defended posteriors (N, K); with a watermark (N, 2, K), the clean ones beside
+        them, whose argmax the mark labels are chosen against."""
+        batch: DefendedBatch = served(images)
+        return batch.defended if watermark is None else torch.stack((batch.defended, batch.clean), dim=1)
+
+    batcher = DynamicBatcher(run, max_batch=limits.max_batch,
                              max_delay=limits.max_delay, observe=metrics.observe_batch,
                              stuck_after=limits.stuck_after)
     decoders = ThreadPoolExecutor(max_workers=limits.decode_threads, thread_name_prefix="divqat-decode")
@@ -522,6 +612,8 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
 
     if watch is not None:
         watch.open(store)
+    if watermark is not None:
+        watermark.open()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -533,11 +625,14 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             decoders.shutdown(wait=True)
             if watch is not None:
                 watch.close()  # every key's detector state saved
+            if watermark is not None:
+                watermark.close()  # every key's answer counters written
             store.close()
 
     app = FastAPI(title="divqat prediction API", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.watch = batcher, metrics, watch
+    app.state.limits = limits
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -588,6 +683,7 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             return _error(503, "busy", f"the service is serving {limits.max_concurrent} requests at once; "
                           "retry shortly", {"Retry-After": "1"})
         in_flight["all"] += 1
+        metrics.in_flight_peak = max(metrics.in_flight_peak, in_flight["all"])
         metrics.in_flight.inc()
         held = [0]
 
@@ -684,7 +780,9 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
             return _error(r.status, r.code, r.message, headers)
         # Counted and committed: from here on the images count whatever happens to the answer.
         try:
-            defended = await batcher.submit(images)
+            defended = clean = await batcher.submit(images)
+            if watermark is not None:
+                defended, clean = defended[:, 0], defended[:, 1]
         except Exception:
             log.exception("the victim failed on a batch; the request's images are refunded")
             seconds = time.perf_counter() - start
@@ -711,6 +809,11 @@ def create_app(served: DefendedVictim, db: str | Path, *, classes: Sequence[str]
                 refunded = dataclasses.replace(reservation.key, used=reservation.key.used - n)
                 return _error(403, "key_blocked", blocked_message.format(key.name), usage_headers(refunded))
             labels_only = True
+        if watermark is not None:
+            try:  # after the defense and the detector; a failure to record costs no answer
+                defended = watermark.apply(key.id, key.name, defended, images, clean.argmax(dim=1), now)
+            except Exception:
+                log.exception("watermarking the answers of key %r failed; they leave unmarked", key.name)
         try:
             shown = dataclasses.replace(reservation.key, output="labels") if labels_only else reservation.key
             body, media = encode_answer(defended, shown, NPY in request.headers.get("accept", ""))

@@ -3,11 +3,19 @@ uvicorn until SIGTERM or Ctrl-C (both finish the requests in flight first).
 
 Clients send their API key with every request: on any address but loopback the service speaks
 HTTPS (``tls_cert`` / ``tls_key``, handed to uvicorn), or refuses to start unless told
-``insecure`` (behind a TLS-terminating proxy on the same machine, say)."""
+``insecure`` (behind a TLS-terminating proxy on the same machine, say).
+
+Each connection must deliver a complete request head (request line and headers) within
+``ServiceLimits.head_timeout`` seconds of opening, or of its previous answer, and in at most
+``max_head_bytes`` bytes (``head_limited``): uvicorn alone waits for a head forever and reads
+headers of any size, so a client sending a byte now and then (slowloris) or megabytes of headers
+would hold a connection and its memory for as long as it likes.
+"""
 
 from __future__ import annotations
 
-import ipaddress
+import asyncio
+import json
 import os
 import socket
 import sys
@@ -21,6 +29,7 @@ import torch
 from divqat.blackbox import DefendedVictim
 from divqat.errors import ConfigError
 from divqat.pipelines.context import RunContext
+from divqat.remote import is_loopback
 from divqat.serve.app import ServiceLimits, create_app
 from divqat.serve.store import KeyStore
 
@@ -28,13 +37,95 @@ LOOPBACK = "127.0.0.1"
 METRICS_TOKEN_ENV = "DIVQAT_METRICS_TOKEN"
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def _refusal(status: str, code: str, message: str) -> bytes:
+    body = json.dumps({"error": code, "message": message}).encode()
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode() + body
+
+
+def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol] | None = None
+                 ) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (``protocol``, default the one uvicorn picks: httptools, else h11)
+    with a deadline and a size cap on each request head.
+
+    A connection has ``timeout`` seconds from its opening, and from each answer it was sent, to
+    deliver a complete head; then it gets 408 ``head_timeout`` and is closed (without an answer
+    when it sent nothing at all: an idle connection, closed as uvicorn's keep-alive timeout
+    closes them). A head passing ``max_bytes`` (counted in the chunks read, of at most 256 KiB
+    each) gets 431 ``head_too_large`` and the connection is closed. Bodies are the app's
+    (``read_timeout``, ``max_body_bytes``). A head is complete when uvicorn starts its request
+    (a new ``cycle``), in both of its HTTP implementations (httptools and h11, both checked)."""
+    if protocol is None:
+        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+        protocol = AutoHTTPProtocol
+
+    class HeadLimited(protocol):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_timer = None
+            self._arm()
+
+        def _arm(self) -> None:
+            self._waiting = self.cycle  # the head is in once uvicorn has made another cycle
+            self._head_bytes = 0
+            self._head_timer = self.loop.call_later(timeout, self._head_late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _refuse(self, status: str, code: str, message: str) -> None:
+            self._disarm()
+            if not self.transport.is_closing():
+                self.transport.write(_refusal(status, code, message))
+                self.transport.close()
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            if self.cycle is not self._waiting or self.transport.is_closing():
+                return
+            if self._head_bytes == 0:  # idle, as a keep-alive connection: closed without a word
+                self.transport.close()
+                return
+            self._refuse("408 Request Timeout", "head_timeout",
+                         f"the request head did not arrive within {timeout:g} s")
+
+        def data_received(self, data: bytes) -> None:
+            if self._head_timer is None:
+                super().data_received(data)
+                return
+            self._head_bytes += len(data)
+            super().data_received(data)
+            if self.cycle is not self._waiting:
+                self._disarm()
+            elif self._head_bytes > max_bytes:
+                self._refuse("431 Request Header Fields Too Large", "head_too_large",
+                             f"the request head passes {max_bytes} bytes")
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+                self._disarm()
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    HeadLimited.__name__ = HeadLimited.__qualname__ = f"HeadLimited{protocol.__name__}"
+    return HeadLimited
+
+
+def uvicorn_config(app, limits: ServiceLimits | None = None, **settings: Any):
+    """The uvicorn ``Config`` serving ``app`` (``create_app``) with the head limits of
+    ``limits`` (default: the app's own, ``app.state.limits``); ``settings`` go to uvicorn."""
+    import uvicorn
+
+    limits = limits or app.state.limits
+    settings = {"log_level": "warning", "access_log": False, **settings}
+    return uvicorn.Config(app, http=head_limited(limits.head_timeout, limits.max_head_bytes), **settings)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -105,6 +196,8 @@ class ServiceRequest:
         tls_cert, tls_key: PEM certificate (chain) and private key: serve HTTPS. (Default: None.)
         insecure: listen on a non-loopback address without TLS (the keys cross the network in
             clear). (Default: False.)
+        watermark: DAWN's rate of watermarked answers per key (``divqat.ownership``), its
+            secrets and marks kept in ``db``. (Default: None, no watermark.)
         metrics_token: the operator's token for ``/metrics``; None: read from the environment
             variable DIVQAT_METRICS_TOKEN, and without it ``/metrics`` is not served.
     """
@@ -127,6 +220,7 @@ class ServiceRequest:
     tls_key: str | Path | None = None
     insecure: bool = False
     metrics_token: str | None = None
+    watermark: float | None = None
 
 
 def check_transport(request: ServiceRequest) -> dict[str, str]:
@@ -169,20 +263,29 @@ def run_service(request: ServiceRequest, context: RunContext | None = None) -> N
             from divqat.pipelines.detect import detector_factory
             from divqat.serve.watch import KeyWatch
 
-            make, settings = detector_factory(detector, request.detector_params, victim_dir, log=say)
+            make, settings = detector_factory(detector, request.detector_params, victim_dir, service=True,
+                                              log=say)
             watch = KeyWatch(make, settings, on_alarm=request.on_alarm, save_every=request.save_every)
             shown = ", ".join(f"{k}={v}" for k, v in settings["params"].items())
             say(f"divqat serve: every key watched by {detector} ({shown}; "
                 f"{'calibrated' if settings['calibrated'] else 'not calibrated'}), "
                 f"on alarm: {request.on_alarm}")
+        marks = None
+        if request.watermark is not None:
+            from divqat.ownership import KeyedWatermarks
+            from divqat.victim import victim_metadata
+
+            meta = victim_metadata(victim_dir)  # the rate checked before minutes of loading
+            marks = KeyedWatermarks(db, request.watermark, len(meta["classes"]), meta["input_shape"])
+            say(f"divqat serve: each key's answers watermarked at rate {request.watermark:g}, "
+                f"its marks kept in {db}")
         served, meta = load_service(victim_dir, defense, request.params, seed=request.seed,
                                     data_root=context.data_root, device=context.device,
                                     misinformation_epochs=request.misinformation_epochs, log=say)
         app = create_app(served, db, classes=meta["classes"], dataset=meta.get("dataset"),
                          limits=request.limits, fsync=request.fsync, watch=watch,
-                         metrics_token=metrics_token)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=60, server_header=False, **tls)
+                         metrics_token=metrics_token, watermark=marks)
+        config = uvicorn_config(app, lifespan="on", timeout_graceful_shutdown=60, server_header=False, **tls)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         if not is_loopback(bound_host):

@@ -17,6 +17,11 @@ Secrets look like ``dq_<key id>_<43 random characters>`` (256 random bits): the 
 looked up, the secret's hash compared in constant time. A plain SHA-256 suffices because the
 secret is random, not a password: there is nothing to guess from its hash.
 
+Key lifecycle: ``rotate_key`` gives a key a new secret (the old one is refused from then on)
+and keeps everything else, since budget, usage, audit rows, detector state and flag hang on the
+key's row, not on its secret. A revoked key stays revoked; its name can be given to a new key,
+and the revoked one is then listed as ``NAME.revoked-ID`` with its history.
+
 Accounting (``reserve``): one ``BEGIN IMMEDIATE`` transaction checks the key, its budget and its
 rate window, counts the images and writes the request's audit row (``in_flight``), and commits
 before the victim sees the images; ``finish`` then records the outcome. So a request refused for
@@ -187,6 +192,19 @@ def _key(row: tuple) -> KeyInfo:
     return KeyInfo(*row)
 
 
+def _new_secret() -> tuple[str, str]:
+    """A key id (12 hex digits) and the secret holding it: ``dq_<key id>_<256 random bits>``."""
+    key_id = secrets.token_hex(6)
+    return key_id, f"{SECRET_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def retired_name(name: str, row_id: int) -> str:
+    """The name a revoked key takes when its name goes to a new key: ``NAME.revoked-ID`` (its
+    row id, so unique; the name cut to fit the 64 characters a name may have)."""
+    suffix = f".revoked-{row_id}"
+    return name[:64 - len(suffix)] + suffix
+
+
 class KeyStore:
     """The key database at ``path`` (created on first use with ``create=True``).
 
@@ -195,7 +213,7 @@ class KeyStore:
     """
 
     def __init__(self, path: str | Path, *, create: bool = True, fsync: bool = False) -> None:
-        self.path = Path(path)
+        self.path, self.fsync = Path(path), fsync
         if not create and not self.path.is_file():
             raise StoreError(f"no key database at {self.path} (create a key first: divqat keys "
                              f"create NAME --budget N --db {self.path})")
@@ -251,15 +269,38 @@ class KeyStore:
                 math.isfinite(window) and window > 0):
             raise ConfigError(f"window must be a positive number of seconds, got {window!r}")
         check_output(output)
-        key_id = secrets.token_hex(6)
-        secret = f"{SECRET_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+        key_id, secret = _new_secret()
         with self._lock, self._transaction():
-            if self._db.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone():
-                raise ConfigError(f"a key named {name!r} exists already (revoke it or pick another name)")
+            row = self._db.execute("SELECT id, revoked FROM keys WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[1] is None:
+                raise ConfigError(f"a key named {name!r} exists already: pick another name, `divqat keys "
+                                  f"rotate {name}` for a new secret, or `divqat keys revoke {name}` first")
+            if row is not None:  # revoked: it keeps its history under another name
+                retired = retired_name(name, row[0])
+                if self._db.execute("SELECT 1 FROM keys WHERE name = ?", (retired,)).fetchone():
+                    raise ConfigError(f"cannot rename the revoked key {name!r} to {retired!r}: a key has "
+                                      "that name")
+                self._db.execute("UPDATE keys SET name = ? WHERE id = ?", (retired, row[0]))
             self._db.execute(
                 "INSERT INTO keys (name, key_id, secret_sha256, output, budget, rate, window, created) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, key_id, hash_secret(secret), output, budget, rate, float(window), time.time()))
+        return self.key(name), secret
+
+    def rotate_key(self, name: str) -> tuple[KeyInfo, str]:
+        """A new secret for the key ``name``; the old one is refused (401) from its next request
+        on. Everything else stays the key's: budget, images used, rate window, output level,
+        audit rows, detector state and flag (they hang on the key's row, not on its secret).
+        A revoked key stays revoked: ``ConfigError``."""
+        key = self.key(name)
+        if key.revoked is not None:
+            raise ConfigError(f"the key {name!r} is revoked; revoked keys stay revoked: create a new key "
+                              f"(`divqat keys create {name} ...` reuses the name; the old key's history "
+                              f"stays under {retired_name(name, key.id)})")
+        key_id, secret = _new_secret()
+        with self._lock, self._transaction():
+            self._db.execute("UPDATE keys SET key_id = ?, secret_sha256 = ? WHERE id = ? AND revoked IS NULL",
+                             (key_id, hash_secret(secret), key.id))
         return self.key(name), secret
 
     def keys(self) -> list[KeyInfo]:
@@ -276,6 +317,8 @@ class KeyStore:
         return _key(row)
 
     def revoke(self, name: str) -> KeyInfo:
+        """Refuse the key (401) from its next request on; its name can be given to a new key
+        (``create_key``), its history stays under ``NAME.revoked-ID``."""
         key = self.key(name)
         if key.revoked is None:
             with self._lock, self._transaction():

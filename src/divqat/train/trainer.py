@@ -30,6 +30,9 @@ from divqat.stopwatch import phase, timed
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16")
 CROPS = ("auto", "pad", "resized")
+PRECISE_BN = ("auto", "on", "off")
+PRECISE_BN_IMAGES = 2048
+"""Training images (at most) whose statistics PreciseBN gives the BatchNorm layers."""
 RESIZED_CROP_FROM = 64
 """Shorter side (px) from which crop="auto" picks the random resized crop over the pad-crop."""
 
@@ -85,6 +88,10 @@ class FitConfig:
     desc: str = "train"
     # DataLoader worker processes decoding lazy images (None: min(4, CPUs); 0: in this process).
     workers: int | None = None
+    # PreciseBN (``precise_bn``) before every evaluation and at the end: "auto" where some
+    # BatchNorm keeps running statistics with momentum below 0.1 (torchvision's MobileNetV3: 0.01),
+    # whose averages trail the weights so far that the eval-mode model can answer one class.
+    precise_bn: str = "auto"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -99,6 +106,8 @@ class FitConfig:
             raise ConfigError(f"freeze_at must be a fraction in [0, 1], got {self.freeze_at}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.precise_bn not in PRECISE_BN:
+            raise ConfigError(f"unknown precise_bn {self.precise_bn!r}; choose one of: {', '.join(PRECISE_BN)}")
         if self.crop not in CROPS:
             raise ConfigError(f"unknown crop {self.crop!r}; choose one of: {', '.join(CROPS)}")
         if self.workers is not None and self.workers < 0:
@@ -155,6 +164,59 @@ class _Decoded(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm layers that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def wants_precise_bn(model: nn.Module, mode: str) -> bool:
+    """Whether ``fit`` recomputes ``model``'s BatchNorm statistics under ``FitConfig.precise_bn``:
+    "on" for any BatchNorm, "auto" where one has a momentum below 0.1, "off" never. A PT2E
+    fake-quant graph holds no BatchNorm modules (its statistics are frozen by ``freeze_at``)."""
+    norms = _batchnorms(model)
+    if mode == "on":
+        return bool(norms)
+    return mode == "auto" and any(m.momentum is not None and m.momentum < 0.1 for m in norms)
+
+
+@torch.no_grad()
+def precise_bn(model: nn.Module, images, batch_size: int = 64, limit: int = PRECISE_BN_IMAGES,
+               generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> int:
+    """PreciseBN (Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021, sec. 3): replace every
+    BatchNorm layer's running mean and variance by their average over up to ``limit`` training
+    images (default 2,048; un-augmented, in batches of ``batch_size``) at the current weights.
+
+    An exponential moving average with a small momentum (0.01 in torchvision's MobileNetV3) mixes
+    statistics of weights hundreds of steps old; a model trained from scratch at a high learning
+    rate then evaluates far below its training accuracy (measured: 11.6 % test, 69 % train, for
+    MobileNetV3-Small after 10 epochs on a 10-class 64 px folder; 71.2 % test after PreciseBN).
+    images: uint8 or float (N, C, H, W), or lazy ``FolderImages``. Returns the images used.
+    The model's train/eval mode and each layer's momentum are restored."""
+    norms = _batchnorms(model)
+    if not norms:
+        return 0
+    n = min(len(images), limit)
+    order = torch.randperm(len(images), generator=generator)[:n].sort().values
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    try:
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            x = torch.as_tensor(images[idx])
+            x = to_float(x) if x.dtype == torch.uint8 else x.float()
+            model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
+    return n
 
 
 def _loader(images, sampler: _Chunks, workers: int | None) -> torch.utils.data.DataLoader:
@@ -244,6 +306,8 @@ def fit(
     precision = resolve_precision(cfg.precision, cfg.device)
     history = History(precision=precision)
     sampler = _Chunks(cfg.batch_size)
+    recompute_bn = wants_precise_bn(model, cfg.precise_bn)
+    bn_generator = torch.Generator().manual_seed(cfg.seed + 1)
     # One loader per fit call; its workers persist across epochs and end with it.
     loader = _loader(images, sampler, cfg.workers) if lazy else None
 
@@ -302,6 +366,9 @@ def fit(
             bar.set_postfix({k: f"{v / seen:.3f}" for k, v in sums.items()} | {"acc": f"{correct / seen:.3f}"})
         bar.close()
         record = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()}, "train_accuracy": correct / n}
+        if recompute_bn and (on_epoch_end is not None or epoch + 1 == cfg.epochs):
+            with phase("precise_bn"):
+                precise_bn(model, images, cfg.batch_size, generator=bn_generator, device=device)
         if on_epoch_end is not None:
             with phase("evaluate"):
                 record.update(on_epoch_end(epoch, model))

@@ -42,7 +42,8 @@ def _reference(victim_dir: Path, name: str, store: str | Path | None = None) -> 
 
 def detector_factory(name: str, params: dict[str, Any] | None = None,
                      victim_dir: str | Path | None = None, *, calibrated: bool = True,
-                     store: str | Path | None = None, log: Callable[[str], None] | None = None
+                     store: str | Path | None = None, service: bool = False,
+                     log: Callable[[str], None] | None = None
                      ) -> tuple[Callable[[], Detector], dict[str, Any]]:
     """A function that builds fresh detectors ``name`` for the victim (one per client; they
     share the features model and the reference), and the settings they run with.
@@ -50,7 +51,10 @@ def detector_factory(name: str, params: dict[str, Any] | None = None,
     The settings are the calibration's (threshold and the parameters it was calibrated for,
     ``VICTIM/detectors/NAME.json``) overridden by ``params``; without a calibration, the
     detector's defaults. ``calibrated=False`` ignores a saved calibration. ``store``: where the
-    calibration is kept (default ``VICTIM/detectors/``)."""
+    calibration is kept (default ``VICTIM/detectors/``). ``service``: for a long-running service,
+    whose detectors live as long as their clients' keys: a parameter of the detector's
+    ``service_params`` that neither ``params`` nor the calibration moved from its default takes
+    the service's value (PRADA: ``max_set`` 512), so that each client's state stays bounded."""
     say = log or (lambda _m: None)
     params = dict(params or {})
     cls = check_detector(name, params)
@@ -65,6 +69,11 @@ def detector_factory(name: str, params: dict[str, Any] | None = None,
             say(f"warning: {name} was calibrated with {was}; "
                 f"its threshold may not hold the calibrated false-alarm rate with other settings")
     settings.update(params)
+    if service:
+        defaults = next(d for n, _, d in describe_detectors() if n == name)
+        for key, value in cls.service_params.items():
+            if key not in params and settings.get(key, defaults.get(key)) == defaults.get(key):
+                settings[key] = value
     data: dict[str, Any] = {}
     if cls.model_param is not None or cls.data_params:
         if victim_dir is None:

@@ -388,7 +388,7 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
             pred = surrogate_predictions(s.surrogate, test_images, device)
             predictions[str(s.budget)] = pred.to(torch.int16)
             row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
-                   **({"epochs": training.epochs_for(s.queries_used)} if thief.uses_transfer_set else {}),
+                   **({"epochs": training.epochs_for(_trained_on(s))} if thief.uses_transfer_set else {}),
                    **prediction_metrics(pred, labels, defended_pred, clean_pred),
                    **({"info": s.info} if s.info else {})}
             results.append(row)
@@ -426,6 +426,12 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
     if request.out is not None:
         write_json(Path(request.out) / "metrics.json", record)
     return record
+
+
+def _trained_on(stolen: Stolen) -> int:
+    """Images the surrogate trained on: its queries, except for a thief that asks several times
+    per image (the averaging thief records its ``images``)."""
+    return int(stolen.info.get("images", stolen.queries_used))
 
 
 def _watermark_record(watermark: Watermark, request: AttackRequest, meta: dict, test_images: Tensor,
@@ -595,7 +601,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
             pred = surrogate_predictions(s.surrogate, test_images, device)
             accuracy = float((pred == labels).float().mean())
             row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
-                   **({"epochs": training.epochs_for(s.queries_used)} if thief.uses_transfer_set else {}),
+                   **({"epochs": training.epochs_for(_trained_on(s))} if thief.uses_transfer_set else {}),
                    "adversary_accuracy": accuracy, "adversary_error": 1.0 - accuracy,
                    "agreement": None if defended_pred is None
                    else float((pred == defended_pred).float().mean()),

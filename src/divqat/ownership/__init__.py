@@ -13,8 +13,8 @@ This package sits beside the defenses and detectors: it sees images and posterio
 black box, an attack or a driver (import-linter contracts in pyproject.toml).
 """
 
-from divqat.ownership.mark_store import KeyedWatermarks, MarkStore
-from divqat.ownership.marks import KeyMarks, load_marks, save_marks
+from divqat.ownership.mark_store import KeyedWatermarks, MarkStore, load_marks
+from divqat.ownership.marks import KeyMarks, save_marks
 from divqat.ownership.stats import SIGNIFICANCE, Verdict, binomial_p_value, verdict
 from divqat.ownership.watermark import DEFAULT_RATE, MarkLog, Watermark
 

@@ -35,7 +35,7 @@ import numpy as np
 from torch import Tensor
 
 from divqat.errors import ArtifactError
-from divqat.ownership.marks import CONTROL, MARK, KeyMarks
+from divqat.ownership.marks import CONTROL, MARK, SQLITE_MAGIC, KeyMarks, read_npz
 from divqat.ownership.watermark import DEFAULT_MAX_MARKS, SECRET_BYTES, Watermark
 
 _SCHEMA = """
@@ -265,4 +265,39 @@ class KeyedWatermarks:
         return self._store.read(key)
 
 
-__all__ = ["KeyedWatermarks", "MarkStore"]
+__all__ = ["KeyedWatermarks", "MarkStore", "load_marks"]
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def load_marks(path: str | Path) -> list[KeyMarks]:
+    """Every key's marks at ``path``: a ``.npz`` file (``save_marks``), a service's key database
+    (``divqat serve --watermark``: every key it marked), or a folder holding either (a service's
+    state folder; an attack's output folder). ``ArtifactError`` when there are none."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no marks at {path} (`divqat attack --watermark` writes OUT/marks.npz; "
+                            "`divqat serve --watermark` keeps them in its --db)")
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    found: list[KeyMarks] = []
+    for file in files:
+        if file.suffix == ".npz":
+            found.append(read_npz(file))
+        elif _is_sqlite(file) and MarkStore.holds_marks(file):
+            store = MarkStore(file, create=False)
+            try:
+                found.extend(store.read())
+            finally:
+                store.close()
+        elif not path.is_dir():
+            raise ArtifactError(f"{file} is neither a marks file (.npz) nor a key database with marks")
+    if not found:
+        raise ArtifactError(f"no watermark marks in {path} (no .npz marks file, no key database "
+                            "that `divqat serve --watermark` marked answers in)")
+    return found

@@ -3,8 +3,8 @@ control inputs with the labels the mark would have given them (``divqat.ownershi
 
 ``KeyMarks`` is one key's record; ``save_marks`` writes it as one ``.npz`` file (numpy arrays and
 a JSON header, no pickle), the form ``divqat attack --watermark`` leaves in its folder;
-``load_marks`` reads a ``.npz`` file, a service's key database (``MarkStore``: every key that was
-marked) or a folder of either.
+``divqat.ownership.mark_store.load_marks`` reads a ``.npz`` file, a service's key database
+(``MarkStore``: every key that was marked) or a folder of either.
 """
 
 from __future__ import annotations
@@ -116,41 +116,4 @@ def read_npz(path: str | Path) -> KeyMarks:
         raise ArtifactError(f"{path} lacks {e.args[0]}: not a complete divqat marks file") from None
 
 
-def _is_sqlite(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(16) == SQLITE_MAGIC
-    except OSError:
-        return False
-
-
-def load_marks(path: str | Path) -> list[KeyMarks]:
-    """Every key's marks at ``path``: a ``.npz`` file (``save_marks``), a service's key database
-    (``divqat serve --watermark``: every key it marked), or a folder holding either (a service's
-    state folder; an attack's output folder). ``ArtifactError`` when there are none."""
-    from divqat.ownership.mark_store import MarkStore
-
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"no marks at {path} (`divqat attack --watermark` writes OUT/marks.npz; "
-                            "`divqat serve --watermark` keeps them in its --db)")
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    found: list[KeyMarks] = []
-    for file in files:
-        if file.suffix == ".npz":
-            found.append(read_npz(file))
-        elif _is_sqlite(file) and MarkStore.holds_marks(file):
-            store = MarkStore(file, create=False)
-            try:
-                found.extend(store.read())
-            finally:
-                store.close()
-        elif not path.is_dir():
-            raise ArtifactError(f"{file} is neither a marks file (.npz) nor a key database with marks")
-    if not found:
-        raise ArtifactError(f"no watermark marks in {path} (no .npz marks file, no key database "
-                            "that `divqat serve --watermark` marked answers in)")
-    return found
-
-
-__all__ = ["CONTROL", "MARK", "KeyMarks", "load_marks", "read_npz", "save_marks"]
+__all__ = ["CONTROL", "MARK", "KeyMarks", "read_npz", "save_marks"]

@@ -1,4 +1,4 @@
-"""The `thieves` preset (issue 23's tables), planned, not run: its stages, which thief runs behind
+"""The `thieves` preset (the strongest-thief tables), planned, not run: its stages, which thief runs behind
 which defense in which regime, and the default experiment's stages it shares."""
 
 from __future__ import annotations

@@ -295,7 +295,7 @@ def test_report_puts_the_copy_beside_the_query_attacks():
     results = {"victims": [], "defenses": [], "attacks": attacks, "copies": copies}
     table = "\n".join(copy_table(results))
     assert "| qat | file copy | 0 | 88.0 | 100.0 |" in table
-    assert "| qat | knockoff holdout (adaptive) | 500 | 82.0 | 86.0 |" in table
+    assert "| qat | holdout (strongest: knockoff label-only ×1) | 500 | 82.0 | 86.0 |" in table
     assert "file copy" in main_table(results)
 
 

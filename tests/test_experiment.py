@@ -29,7 +29,7 @@ from divqat.experiment.cache import DONE, StageCache, stage_key
 from divqat.experiment.config import config_dict
 from divqat.experiment.executors import SerialExecutor
 from divqat.experiment.report import delta_cell
-from divqat.experiment.results import with_adaptive
+from divqat.experiment.results import with_strongest
 from divqat.pipelines import stages as stages_module
 
 TINY_CONFIG = {
@@ -324,7 +324,7 @@ def test_report_and_plots_of_the_run(tiny_run):
     report = (out / "report.md").read_text()
     for text in ("## Victims", "## Defenses", "knockoff, transfer set holdout", "Δ divqat a=2 − qat",
                  "adversary error % (soft)", "adversary error % (label-only)",
-                 "adversary error % (adaptive)", "disagreement %", "ms/query", "40 queries"):
+                 "adversary error % (strongest thief)", "disagreement %", "ms/query", "40 queries"):
         assert text in report, text
     for name in ("error_vs_alpha", "kl_vs_alpha", "tradeoff", "budget"):
         png = out / "plots" / f"{name}.png"
@@ -357,7 +357,7 @@ def test_report_rebuilds_from_stored_results_with_seeds(tiny_run, tmp_path, caps
     assert "(divqat worse for the thief)" in report and "within noise" in report
     assert "95 % confidence interval" in report and "(n=1, no interval)" not in report
     assert (tmp_path / "plots" / "budget.png").is_file()
-    # The summary of where DivQAT pays: the adaptive thief's loss, paired by seed, per defense.
+    # The summary of where DivQAT pays: the strongest thief's loss, paired by seed, per defense.
     pays = report.split("## Where DivQAT pays")[1].split("\n## ")[0]
     row = next(line for line in pays.splitlines() if line.startswith("| divqat a=2 | none |"))
     assert row.count("(divqat worse for the thief)") == 1  # the one attack setting's column
@@ -408,15 +408,15 @@ def test_paired_difference_is_the_t_interval_of_the_per_seed_differences():
     assert paired_difference([]) is None
 
 
-def test_adaptive_thief_takes_the_better_of_soft_and_label_only():
+def test_strongest_thief_of_soft_and_label_only_is_the_better_of_the_two():
     base = {"victim": "qat", "defense_label": "none", "attack": "knockoff", "attack_params": "",
             "transfer": "holdout", "budget": 100, "seed": 0}
     rows = [{**base, "thief": "soft", "adversary_accuracy": 0.6},
             {**base, "thief": "label-only", "adversary_accuracy": 0.7}]
-    adaptive = [r for r in with_adaptive(rows) if r["thief"] == "adaptive"]
-    assert len(adaptive) == 1 and adaptive[0]["adversary_accuracy"] == 0.7
-    assert adaptive[0]["adaptive_pick"] == "label-only"
-    assert not [r for r in with_adaptive(rows[:1]) if r["thief"] == "adaptive"]
+    strongest = [r for r in with_strongest(rows) if r["thief"] == "strongest"]
+    assert len(strongest) == 1 and strongest[0]["adversary_accuracy"] == 0.7
+    assert strongest[0]["strongest_pick"] == "knockoff label-only"
+    assert not [r for r in with_strongest(rows[:1]) if r["thief"] == "strongest"]
 
 
 def test_paper_preset_without_data_fails_within_seconds_naming_the_folder(tmp_path, capsys, monkeypatch):

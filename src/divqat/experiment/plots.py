@@ -40,7 +40,7 @@ from divqat.experiment.results import (
 from divqat.experiment.stats import mean_sd
 
 MARKERS = "osD^v<>p*h"
-THIEF_STYLES = {"soft": "-", "label-only": "--"}  # the adaptive thief is in the report's tables
+THIEF_STYLES = {"soft": "-", "label-only": "--"}  # the strongest thief is in the report's tables
 DODGE = 1.03  # factor between neighbouring series' x positions on the budget plot's log axis
 MAX_TICKS = 8  # more fixed ticks than this would collide; matplotlib's locators take over
 

@@ -3,9 +3,11 @@
 - ``report.md``: the paper-style tables (defender error, adversary error, disagreement, L1,
   latency per query) for qat versus divqat, mean ± sd over seeds, with the difference
   divqat - qat paired by seed, its 95 % confidence interval (``divqat.experiment.stats``) and
-  its meaning spelled out, or "within noise" where the interval contains 0; the adaptive thief
-  (per victim x defense x budget, the better of the soft-label and the label-only thief)
-  beside the others; where the stages' time went; and the plots (``divqat.experiment.plots``).
+  its meaning spelled out, or "within noise" where the interval contains 0; the strongest
+  thief (``divqat.experiment.results.strongest_thief``: per victim x defense x transfer set x
+  budget x seed, the best adversary accuracy over every thief that ran there, the winner named)
+  beside the others, each defense's protection against it and what DivQAT takes from it; where
+  the stages' time went; and the plots (``divqat.experiment.plots``).
 
 Latencies compare only when they were measured side by side (the timing stage serves every
 victim behind every defense in turns): a timing difference between stages run at different
@@ -26,13 +28,18 @@ from divqat.experiment.plots import make_plots
 from divqat.experiment.results import (
     RESULTS_CSV,
     RESULTS_JSON,
+    STRONGEST,
     THIEVES,
     attack_settings,
     ordered,
+    regime,
+    regime_budget,
+    regime_title,
+    regimes,
     setting_title,
-    short_title,
+    strongest_thief,
+    thief_name,
     victim_labels,
-    with_adaptive,
 )
 from divqat.experiment.stages import STAGE_KINDS
 from divqat.experiment.stats import mean_sd, paired_difference
@@ -51,6 +58,8 @@ MEANING = {
     "disagreement": ("copy less faithful", "copy more faithful"),
     "argmax_changed": ("more answers changed", "fewer answers changed"),
     "l1_distance": ("more perturbed", "less perturbed"),
+    # A defense's protection: the strongest thief's accuracy behind no defense minus behind it.
+    "protection": ("the defense takes from the thief", "the defense helps the thief"),
 }
 TIMINGS = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
 SIDE_BY_SIDE = "side by side"
@@ -190,17 +199,44 @@ def _delta(pairs: list[tuple[dict[str, Any], dict[str, Any]]], metric: str, scal
     return delta_cell([a[metric] - b[metric] for a, b in pairs], metric, scale, digits)
 
 
-def attack_table(rows: list[dict[str, Any]]) -> list[str]:
+def _cell_key(r: dict[str, Any]) -> tuple:
+    return r["victim"], r["defense_label"], regime(r), r["budget"], r["seed"]
+
+
+def _with_strongest(rows: list[dict[str, Any]], strongest: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """One attack setting's ``rows`` plus the strongest thief's rows of the same victims,
+    defenses, regimes, budgets and seeds (``strongest``: of every attack of the experiment; None:
+    computed from ``rows`` alone)."""
+    rows = [r for r in rows if r["thief"] != STRONGEST]
+    if strongest is None:
+        strongest = strongest_thief(rows)
+    cells = {_cell_key(r) for r in rows}
+    return [*rows, *(r for r in strongest if _cell_key(r) in cells)]
+
+
+def picks(rows: Iterable[dict[str, Any]]) -> str:
+    """The strongest thief's winners over seeds, most wins first: "knockoff soft ×2, recovery
+    soft ×1"."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        counts[r["strongest_pick"]] += 1
+    return ", ".join(f"{name} ×{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def attack_table(rows: list[dict[str, Any]], strongest: list[dict[str, Any]] | None = None) -> list[str]:
     """The paper-style table of one attack setting at one budget: per defense and victim, the
-    defender error, the adversary error of each thief (soft, label-only, adaptive), the
-    disagreement and the L1 distortion seen by the first thief, and the latency per query."""
-    rows = with_adaptive(rows)
+    defender error, the adversary error of each thief (soft, label-only, and the strongest thief
+    of the regime at this budget, its winners named: ``strongest``, the experiment's
+    ``strongest_thief`` rows, None to take the best of ``rows`` alone), the disagreement and the
+    L1 distortion seen by the first thief, and the latency per query."""
+    rows = _with_strongest(rows, strongest)
     thieves = [t for t in THIEVES if any(r["thief"] == t for r in rows)]
     first = thieves[0]
     index = {(r["defense_label"], r["victim"], r["seed"], r["thief"]): r for r in rows}
     seeds = ordered(r["seed"] for r in rows)
     columns = [("defender error %", "defender_error", first, 100, 1)]
-    columns += [(f"adversary error % ({t})", "adversary_error", t, 100, 1) for t in thieves]
+    columns += [(f"adversary error % ({t}{' thief' if t == STRONGEST else ''})", "adversary_error", t,
+                 100, 1) for t in thieves]
     columns += [(f"disagreement % ({first})", "disagreement", first, 100, 1),
                 ("L1 (thief's queries)", "l1_distance", first, 1, 4),
                 ("ms/query", "ms_per_query_defended", first, 1, 3)]
@@ -210,8 +246,11 @@ def attack_table(rows: list[dict[str, Any]]) -> list[str]:
         for v in victims:
             cells = []
             for _, metric, t, scale, digits in columns:
-                cells.append(cell([index[(d, v, s, t)][metric] for s in seeds if (d, v, s, t) in index],
-                                  scale, digits))
+                got = [index[(d, v, s, t)] for s in seeds if (d, v, s, t) in index]
+                text = cell([r[metric] for r in got], scale, digits)
+                if t == STRONGEST and got and metric == "adversary_error":
+                    text += f" ({picks(got)})"
+                cells.append(text)
             if any(c != "–" for c in cells):
                 body.append([d, v, *cells])
         # Deltas column by column, each with its own thief.
@@ -228,9 +267,10 @@ def attack_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["defense", "victim", *(c[0] for c in columns)], body)
 
 
-def budget_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Adversary accuracy per query budget (one attack setting), every thief."""
-    rows = with_adaptive(rows)
+def budget_table(rows: list[dict[str, Any]], strongest: list[dict[str, Any]] | None = None) -> list[str]:
+    """Adversary accuracy per query budget (one attack setting), every thief, the strongest one
+    of the regime at each budget included (``strongest`` as in ``attack_table``)."""
+    rows = _with_strongest(rows, strongest)
     budgets = sorted({r["budget"] for r in rows})
     seeds = ordered(r["seed"] for r in rows)
     index = {(r["defense_label"], r["victim"], r["thief"], r["seed"], r["budget"]): r for r in rows}
@@ -245,40 +285,91 @@ def budget_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["defense", "thief", "victim", *(f"{b} queries" for b in budgets)], body)
 
 
+def strongest_lines(results: dict[str, Any]) -> list[str]:
+    """Per regime (transfer set) at its summary budget (``regime_budget``): every thief's
+    adversary accuracy per defense and victim, the strongest thief's with its winners, and each
+    defense's protection against it: the strongest thief's accuracy behind no defense minus
+    behind the defense, paired by seed, with its 95 % interval. Empty without a regime where two
+    thieves ran."""
+    rows = results["attacks"]
+    strongest = strongest_thief(rows)
+    if not strongest:
+        return []
+    lines = ["## The strongest thief", "",
+             "Per transfer set at the query budget where the most thieves ran: each thief's "
+             "adversary accuracy (%), the strongest thief's (per seed the best of them, the "
+             "winners named with the seeds each won) and each defense's protection against it: "
+             "the strongest thief's accuracy behind no defense minus behind the defense, paired "
+             "by seed, in points, with its 95 % confidence interval (positive: the defense takes "
+             "accuracy from the best thief; within noise where the interval contains 0).", ""]
+    for name in regimes(strongest):
+        budget = regime_budget(rows, name)
+        mine = [r for r in rows if regime(r) == name and r["budget"] == budget]
+        best = [r for r in strongest if regime(r) == name and r["budget"] == budget]
+        if not best:
+            continue
+        thieves = ordered(thief_name(r) for r in mine)
+        seeds = ordered(r["seed"] for r in mine)
+        index = {(r["defense_label"], r["victim"], thief_name(r), r["seed"]): r for r in mine}
+        top = {(r["defense_label"], r["victim"], r["seed"]): r for r in best}
+        none = next((r["defense_label"] for r in mine if r["defense"] == NO_DEFENSE), None)
+        body = []
+        for d in ordered(r["defense_label"] for r in mine):
+            for v in victim_labels(mine):
+                cells = [cell([index[(d, v, t, s)]["adversary_accuracy"] for s in seeds
+                               if (d, v, t, s) in index], 100) for t in thieves]
+                won = [top[(d, v, s)] for s in seeds if (d, v, s) in top]
+                strong = cell([r["adversary_accuracy"] for r in won], 100)
+                if won:
+                    strong += f" ({picks(won)})"
+                protection = "–"
+                if none is not None and d != none:
+                    protection = delta_cell([top[(none, v, s)]["adversary_accuracy"]
+                                             - top[(d, v, s)]["adversary_accuracy"] for s in seeds
+                                             if (none, v, s) in top and (d, v, s) in top],
+                                            "protection", 100)
+                if any(c != "–" for c in cells):
+                    body.append([d, v, *cells, strong, protection])
+        lines += [f"### {regime_title(name, rows)}: {budget:,} queries", "",
+                  *_table(["defense", "victim", *thieves, "strongest thief",
+                           "protection (points, vs none)"], body), ""]
+    return lines
+
+
 def pays_table(results: dict[str, Any]) -> list[str]:
     """Where DivQAT pays, one row per DivQAT victim and defense: what it costs the defender (Δ
-    test accuracy of the int8 victim) and what it takes from the adaptive thief (Δ adversary
-    accuracy, the better of soft and label-only per seed) in each attack setting at its largest
-    budget; every Δ against qat paired by seed with its 95 % interval. Empty without an attack
-    setting that has both thieves."""
-    attacks = with_adaptive(results["attacks"])
-    adaptive = [r for r in attacks if r["thief"] == "adaptive"]
-    if not adaptive:
+    test accuracy of the int8 victim) and what it takes from the strongest thief (Δ adversary
+    accuracy, per seed the best of every thief of the transfer set) in each regime at its
+    summary budget (``regime_budget``); every Δ against qat paired by seed with its 95 %
+    interval. Empty without a regime where two thieves ran."""
+    rows = results["attacks"]
+    strongest = strongest_thief(rows)
+    if not strongest:
         return []
-    settings = attack_settings(adaptive)
-    top = {st: max(r["budget"] for r in adaptive if (r["attack"], r["attack_params"], r["transfer"]) == st)
-           for st in settings}
-    index = {(r["victim"], r["defense_label"], (r["attack"], r["attack_params"], r["transfer"]), r["seed"]): r
-             for r in adaptive if r["budget"] == top[(r["attack"], r["attack_params"], r["transfer"])]}
+    names = regimes(strongest)
+    top = {name: regime_budget(rows, name) for name in names}
+    index = {(r["victim"], r["defense_label"], regime(r), r["seed"]): r
+             for r in strongest if r["budget"] == top[regime(r)]}
     trained = {(r["victim"], r["seed"]): r for r in results["victims"] if not r.get("collapsed")}
-    seeds = ordered(r["seed"] for r in adaptive)
+    seeds = ordered(r["seed"] for r in strongest)
     body = []
-    for v in victim_labels(adaptive):
+    for v in victim_labels(strongest):
         if not v.startswith("divqat"):
             continue
         paired = [s for s in seeds if (v, s) in trained and ("qat", s) in trained]
         cost = delta_cell([trained[(v, s)]["victim_accuracy"] - trained[("qat", s)]["victim_accuracy"]
                            for s in paired], "victim_accuracy", 100)
-        for d in ordered(r["defense_label"] for r in adaptive):
+        for d in ordered(r["defense_label"] for r in strongest):
             cells = []
-            for st in settings:
-                diffs = [index[(v, d, st, s)]["adversary_accuracy"] - index[("qat", d, st, s)]["adversary_accuracy"]
-                         for s in seeds if (v, d, st, s) in index and ("qat", d, st, s) in index]
+            for name in names:
+                diffs = [index[(v, d, name, s)]["adversary_accuracy"] - index[("qat", d, name, s)]["adversary_accuracy"]
+                         for s in seeds if (v, d, name, s) in index and ("qat", d, name, s) in index]
                 cells.append(delta_cell(diffs, "adversary_accuracy", 100))
             if any(c != "–" for c in cells):
                 body.append([v, d, cost, *cells])
     header = ["victim", "defense", "Δ test accuracy % (defender)",
-              *(f"Δ adaptive thief accuracy %: {short_title(st)}, {top[st]:,} queries" for st in settings)]
+              *(f"Δ strongest thief accuracy %: {regime_title(n, rows, full=False)}, {top[n]:,} queries"
+                for n in names)]
     return _table(header, body)
 
 
@@ -331,12 +422,14 @@ def detector_lines(results: dict[str, Any]) -> list[str]:
 
 def copy_table(results: dict[str, Any]) -> list[str]:
     """The two threats side by side, per victim: the thief who copies the device program (no
-    queries) and, for each query attack setting at its largest budget against the undefended
-    victim, its best thief (the adaptive one where both soft and label-only ran)."""
+    queries) and, for each regime (transfer set) of the query attacks against the undefended
+    victim at its summary budget (``regime_budget``), its strongest thief (the one thief where
+    only one ran)."""
     copies = results.get("copies") or []
     if not copies:
         return []
-    queries = [r for r in with_adaptive(results["attacks"]) if r["defense"] == NO_DEFENSE]
+    queries = [r for r in results["attacks"] if r["defense"] == NO_DEFENSE]
+    strongest = strongest_thief(queries)
     seeds = ordered(r["seed"] for r in copies)
     body = []
     for v in victim_labels(copies):
@@ -344,16 +437,19 @@ def copy_table(results: dict[str, Any]) -> list[str]:
         notes = ordered(r["note"] for r in got if r.get("note"))
         body.append([v, "file copy", "0", cell([r["adversary_accuracy"] for r in got], 100),
                      cell([r["agreement"] for r in got], 100), "; ".join(notes)])
-        for setting in attack_settings(queries):
-            mine = [r for r in queries if r["victim"] == v
-                    and (r["attack"], r["attack_params"], r["transfer"]) == setting]
+        for name in regimes(queries):
+            mine = [r for r in queries if r["victim"] == v and regime(r) == name]
             if not mine:
                 continue
-            budget = max(r["budget"] for r in mine)
-            top = [r for r in mine if r["budget"] == budget]
-            thief = next(t for t in reversed(THIEVES) if any(r["thief"] == t for r in top))
-            best = [r for r in top if r["thief"] == thief and r["seed"] in seeds]
-            body.append([v, f"{short_title(setting)} ({thief})", f"{budget:,}",
+            budget = regime_budget(mine, name)
+            best = [r for r in strongest if r["victim"] == v and regime(r) == name
+                    and r["budget"] == budget and r["seed"] in seeds]
+            if best:
+                who = f"strongest: {picks(best)}"
+            else:
+                best = [r for r in mine if r["budget"] == budget and r["seed"] in seeds]
+                who = ", ".join(ordered(thief_name(r) for r in best))
+            body.append([v, f"{regime_title(name, queries, full=False)} ({who})", f"{budget:,}",
                          cell([r["adversary_accuracy"] for r in best], 100),
                          cell([r["agreement"] for r in best], 100), ""])
     return _table(["victim", "thief", "queries", "adversary accuracy %", "agreement %", "note"], body)
@@ -371,7 +467,7 @@ def main_table(results: dict[str, Any]) -> str:
     n = len(ordered(r["seed"] for r in mine))
     title = (f"{setting_title(setting, rows)}, {budget} queries (mean ± sd over {n} "
              f"seed{'s' if n != 1 else ''}; Δ = divqat − qat paired by seed, [95 % CI])")
-    lines = [title, *attack_table([r for r in mine if r["budget"] == budget])]
+    lines = [title, *attack_table([r for r in mine if r["budget"] == budget], strongest_thief(rows))]
     if results.get("copies"):
         lines += ["", "on the device: copying the program vs querying it (no defense)", *copy_table(results)]
     return "\n".join(lines)
@@ -493,8 +589,11 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
               "per-seed differences with its 95 % confidence interval [low, high] (Student's t, "
               "n − 1 degrees of freedom), and what its sign means in parentheses, or **within "
               "noise** where the interval contains 0 (with one seed: n=1, no interval). The "
-              "adaptive thief is, per victim × defense × budget × seed, the better (higher "
-              "adversary accuracy) of the soft-label and the label-only thief.", "",
+              "strongest thief is, per victim × defense × transfer set × budget × seed, the thief "
+              "with the highest adversary accuracy of all that ran there (the soft-label and "
+              "label-only thieves, and where the config has them the recovery, semi-supervised, "
+              "averaging, Sybil and other thieves of the same transfer set), named in its cells "
+              "with the seeds it won.", "",
               "Latencies come from each seed's timing stage, which serves every victim behind "
               "every defense in turns in one process, so that they compare; a latency difference "
               "describes that measurement on this machine, not the method (the qat and divqat "
@@ -506,22 +605,24 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
               "## Defenses on the victims' test split", "", *defenses_table(results), ""]
     rows = results["attacks"]
     if rows:
+        strongest = strongest_thief(rows)
         lines += ["## Attacks", ""]
         for setting in attack_settings(rows):
             mine = [r for r in rows if (r["attack"], r["attack_params"], r["transfer"]) == setting]
             title = setting_title(setting, rows)
             budget = max(r["budget"] for r in mine)
             lines += [f"### {title}: {budget} queries", "",
-                      *attack_table([r for r in mine if r["budget"] == budget]), ""]
+                      *attack_table([r for r in mine if r["budget"] == budget], strongest), ""]
             if len({r["budget"] for r in mine}) > 1:
                 lines += [f"#### {title}: adversary accuracy % per query budget", "",
-                          *budget_table(mine), ""]
+                          *budget_table(mine, strongest), ""]
+        lines += strongest_lines(results)
     pays = pays_table(results)
     if pays:
         lines += ["## Where DivQAT pays", "",
                   "Per DivQAT victim and defense: what it costs the defender (Δ int8 test accuracy) "
-                  "and what it takes from the adaptive thief in each attack setting at its largest "
-                  "budget (negative: the thief copies worse). Every Δ is against qat, paired by seed, "
+                  "and what it takes from the strongest thief in each transfer set at the budget "
+                  "where the most thieves ran (negative: the thief copies worse). Every Δ is against qat, paired by seed, "
                   "with its 95 % confidence interval; within noise where that contains 0.", "",
                   *pays, ""]
     lines += detector_lines(results)
@@ -530,8 +631,8 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
                   "The victims ran as ExecuTorch programs (`victim.target: edge`). Whoever holds the "
                   "device holds the `.pte` file: the file-copy thief sends no query and gets the "
                   "victim itself (agreement 100 % unless the file is encrypted and the thief has no "
-                  "key). Beside it, each query attack against the undefended program at its largest "
-                  "budget, with its best thief. Output perturbation and DivQAT only act on the second "
+                  "key). Beside it, the query thieves against the undefended program, per transfer "
+                  "set at the budget where the most thieves ran, the strongest of them. Output perturbation and DivQAT only act on the second "
                   "kind.", "", *copy_table(results), ""]
     collapsed = [r for r in results["victims"] if r.get("collapsed")]
     if collapsed:
@@ -562,5 +663,6 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
     return "\n".join(lines)
 
 
-__all__ = ["MEANING", "REPORT", "build_report", "cell", "delta_cell", "detector_lines", "main_table", "outliers_lines", "pays_table",
-           "overlap_note", "report_markdown", "stage_times_table"]
+__all__ = ["MEANING", "REPORT", "attack_table", "budget_table", "build_report", "cell", "copy_table",
+           "delta_cell", "detector_lines", "main_table", "outliers_lines", "overlap_note",
+           "pays_table", "picks", "report_markdown", "stage_times_table", "strongest_lines"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,7 +38,11 @@ CSV_COLUMNS = (
     "l1_distance", "kl_divergence", "ms_per_query_clean", "ms_per_query_defended", "latency_ratio",
     "timing", "surrogate", "surrogate_epochs", "attack_seconds", "thief", "defense_label", "stage",
 )
-THIEVES = ("soft", "label-only", "adaptive")
+# The thieves of an attack setting as the report orders them; "strongest" is the best over every
+# thief of a regime (``strongest_thief``).
+STRONGEST = "strongest"
+THIEVES = ("soft", "label-only", STRONGEST)
+DATA_FREE = "data-free"
 # The tables of results.json in order; the optional ones only where the config gives them rows.
 TABLES = ("victims", "defenses", "attacks", "timings", "stage_times", "copies", "calibrations")
 OPTIONAL_TABLES = ("copies", "calibrations")
@@ -114,7 +119,7 @@ class AttackRow(VictimColumns, DefenseColumns, total=False):
     transfer: str               # the config's transfer entry ("" for data-free)
     transfer_set: str           # what it resolved to
     labels_only: bool
-    thief: str                  # soft, label-only (and "adaptive" in the report's reading)
+    thief: str                  # soft, label-only (and "strongest" in the report's reading)
     budget: int
     queries_used: int
     surrogate: str
@@ -309,24 +314,80 @@ def short_title(setting: tuple[str, str, str]) -> str:
     return " ".join(p for p in (attack, params, transfer or "data-free") if p)
 
 
-def with_adaptive(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows plus the adaptive thief: for each victim x defense x attack setting x budget x
-    seed that has both a soft-label and a label-only thief, the one with the higher adversary
-    accuracy (a real thief can try both and keep the better copy)."""
+def regime(row: dict[str, Any]) -> str:
+    """The transfer set a thief drew its queries from, as it resolved (``transfer_set``;
+    ``"data-free"`` for the attacks without one): the thieves of one regime compete for the
+    strongest thief."""
+    return row.get("transfer_set") or row.get("transfer") or DATA_FREE
+
+
+def regimes(rows: list[dict[str, Any]]) -> list[str]:
+    """The regimes present, in order of first appearance."""
+    return ordered(regime(r) for r in rows)
+
+
+def regime_title(name: str, rows: list[dict[str, Any]], full: bool = True) -> str:
+    """A regime as the config named it: ``"holdout"``; with ``full``, what it resolved to in
+    parentheses where that differs: ``"holdout (fashion-mnist[0-4]:train[-5000:])"``."""
+    entries = ordered(r.get("transfer") or DATA_FREE for r in rows if regime(r) == name)
+    shown = ", ".join(entries) or name
+    return f"{shown} ({name})" if full and entries != [name] else shown
+
+
+def thief_name(row: dict[str, Any]) -> str:
+    """A thief as the strongest-thief cells name it: the attack, its parameters and what the box
+    answered it with: ``"knockoff soft"``, ``"sybil keys=4 label-only"``."""
+    return " ".join(p for p in (row["attack"], row.get("attack_params"), row["thief"]) if p)
+
+
+def _accuracy(row: dict[str, Any]) -> float:
+    a = row.get("adversary_accuracy")
+    return a if isinstance(a, int | float) and math.isfinite(a) else -math.inf
+
+
+def strongest_thief(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The strongest thief's rows: for each victim x defense x regime x budget x seed where two
+    thieves or more ran (blind soft-label and label-only, and any other attack of the same
+    transfer set at the same query budget: the recovery, semi-supervised, averaging and Sybil
+    thieves, KnockoffNets' adaptive policy, JBDA), the row of the one with the highest adversary
+    accuracy: a real thief can run them all and keep the best copy. Each is that row with
+    ``thief`` ``"strongest"``, ``strongest_pick`` (the winner's ``thief_name``) and
+    ``thieves_compared`` (every thief of the group). Where only a soft-label and a label-only
+    thief of one attack ran, it is the better of the two (what the report called the adaptive
+    thief)."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        groups[(r["victim"], r["defense_label"], r["attack"], r["attack_params"], r["transfer"],
-                r["budget"], r["seed"])].append(r)
-    out = list(rows)
+        if r["thief"] != STRONGEST:
+            groups[(r["victim"], r["defense_label"], regime(r), r["budget"], r["seed"])].append(r)
+    out = []
     for group in groups.values():
-        if {r["thief"] for r in group} >= {"soft", "label-only"}:
-            best = max(group, key=lambda r: r["adversary_accuracy"])
-            out.append({**best, "thief": "adaptive", "adaptive_pick": best["thief"]})
+        names = ordered(thief_name(r) for r in group)
+        if len(names) >= 2:
+            best = max(group, key=_accuracy)
+            out.append({**best, "thief": STRONGEST, "strongest_pick": thief_name(best),
+                        "thieves_compared": names})
     return out
 
 
-__all__ = ["AttackRow", "CSV_COLUMNS", "CalibrationRow", "CopyRow", "DefenseColumns", "DefenseRow",
-           "StageTimeRow", "TimingRow", "VictimColumns", "VictimRow", "LATENCY", "OPTIONAL_TABLES", "OWN_STAGE", "RESULTS_CSV", "RESULTS_JSON",
-           "SIDE_BY_SIDE", "TABLES", "THIEVES", "alarm_columns", "attack_settings", "defense_columns",
-           "load_results", "ordered", "setting_title", "short_title", "victim_labels",
-           "victim_columns", "victim_info", "with_adaptive", "write_results"]
+def with_strongest(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows plus the strongest thief's (``strongest_thief``)."""
+    return [*rows, *strongest_thief(rows)]
+
+
+def regime_budget(rows: list[dict[str, Any]], name: str) -> int:
+    """The query budget a regime is summarized at: the one where the most thieves ran (the
+    largest of those), so the strongest thief there is the best of the most attacks."""
+    mine = [r for r in rows if regime(r) == name and r["thief"] != STRONGEST]
+    thieves: dict[int, set[str]] = defaultdict(set)
+    for r in mine:
+        thieves[r["budget"]].add(thief_name(r))
+    return max(thieves, key=lambda b: (len(thieves[b]), b))
+
+
+__all__ = ["AttackRow", "CSV_COLUMNS", "CalibrationRow", "CopyRow", "DATA_FREE", "DefenseColumns",
+           "DefenseRow", "StageTimeRow", "TimingRow", "VictimColumns", "VictimRow", "LATENCY",
+           "OPTIONAL_TABLES", "OWN_STAGE", "RESULTS_CSV", "RESULTS_JSON", "SIDE_BY_SIDE", "STRONGEST",
+           "TABLES", "THIEVES", "alarm_columns", "attack_settings", "defense_columns", "load_results",
+           "ordered", "regime", "regime_budget", "regime_title", "regimes", "setting_title",
+           "short_title", "strongest_thief", "thief_name", "victim_labels", "victim_columns",
+           "victim_info", "with_strongest", "write_results"]

@@ -753,6 +753,9 @@ def test_the_numerics_section_says_which_stages_used_bf16_and_which_fell_back():
     assert "2 stage(s) trained under bf16 autocast as configured (2 attack" in "\n".join(lines(s))
     s = summary([fell_back, plain], {**here, "bf16_native": False})
     assert "1 stage(s) (1 attack) asked for bf16 but the CPU had no native bf16" in "\n".join(lines(s))
+    # A results.json from before the kinds were recorded: no empty parenthesis.
+    old = {k: v for k, v in summary([used, plain], {**here, "bf16_native": True}).items() if k != "bf16_by_kind"}
+    assert "1 stage(s) trained under bf16 autocast as configured (the rest in fp32)." in "\n".join(lines(old))
     # A bf16 stage from a CPU with native bf16 is not reused on one without (nor the reverse);
     # a stage that did not ask for bf16 does not care.
     assert "native bf16" in mismatch(used, {**here, "bf16_native": False})

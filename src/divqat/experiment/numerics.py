@@ -129,8 +129,9 @@ def lines(numerics: dict[str, Any] | None) -> list[str]:
         return ", ".join(f"{n} {kind}" for kind, n in (by_kind.get(which) or {}).items())
 
     if numerics["bf16_stages"]:
+        which = kinds("used")  # empty for results.json written before the kinds were recorded
         out.append(f"{numerics['bf16_stages']} stage(s) trained under bf16 autocast as configured "
-                   f"({kinds('used')}; the rest in fp32).")
+                   f"({which + '; ' if which else ''}the rest in fp32).")
     if numerics["bf16_fell_back"]:
         out.append(f"{numerics['bf16_fell_back']} stage(s) ({kinds('fell_back')}) asked for bf16 but "
                    "the CPU had no native bf16: they trained in fp32, and their numbers are not "

@@ -71,6 +71,12 @@ def test_calibrate_takes_the_detector_parameters_as_detector_param():
     assert e.value.code == 2
 
 
+def test_calibrate_refuses_two_detectors_in_one_line_instead_of_keeping_the_last(capsys):
+    assert main(["calibrate", "--victim", "v", "--detector", "prada", "--detector", "mmd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "calibrate one detector per run" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("words", [[], *([c] for c in COMMANDS), *(["keys", a] for a in KEY_ACTIONS)],
                          ids=lambda words: " ".join(words) or "divqat")
 def test_help_exits_0(words, capsys):

@@ -49,7 +49,8 @@ def register(sub) -> None:
                   parents=[common.runtime_options("unused: calibration runs on the CPU (default: cpu)"),
                            common.seed_option()])
     c.add_argument("--victim", required=True, metavar="DIR", help=common.VICTIM_HELP)
-    c.add_argument("--detector", required=True, metavar="NAME", help="a detector (see `divqat detectors`)")
+    c.add_argument("--detector", required=True, action="append", metavar="NAME",
+                   help="a detector (see `divqat detectors`); one per run")
     common.add_detector_param(c, "a detector parameter, repeatable (e.g. --detector-param window=256; "
                           "default: the detector's)")
     c.add_argument("--target-far", type=float, default=0.05, metavar="RATE",
@@ -103,6 +104,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from divqat.pipelines.detect import CalibrateRequest, calibrate_detector, calibration_path
     from divqat.registry import parse_params
 
+    if len(args.detector) > 1:  # argparse would keep the last one silently
+        from divqat.errors import ConfigError
+
+        raise ConfigError(f"calibrate one detector per run (got --detector {' --detector '.join(args.detector)}): "
+                          "run `divqat calibrate` once for each")
+    args.detector = args.detector[0]
     common.set_threads(args.threads)
     r = calibrate_detector(CalibrateRequest(args.victim, args.detector,
                                             parse_params(args.detector_param),

@@ -146,7 +146,7 @@ def test_missing_executorch_is_one_line_with_the_install_command(tiny_victims, t
 
 # ---------------------------------------------------------------- the ownership fingerprint
 
-def test_export_writes_the_fingerprint_beside_the_program(edge, tiny_victims, tmp_path, capsys):
+def test_export_writes_the_fingerprint_beside_the_program(edge):
     plain, info = edge["plain"], edge["info"]
     assert info["fingerprint"] == str(fingerprint_path(plain))
     assert fingerprint_path(plain) == plain.with_name("qat.fingerprint.safetensors")
@@ -162,11 +162,18 @@ def test_export_writes_the_fingerprint_beside_the_program(edge, tiny_victims, tm
     sealed = load_fingerprint(fingerprint_path(edge["sealed"]))
     inner = unseal(edge["sealed"].read_bytes(), read_key(edge["key"]))
     assert sealed.program_sha256 == (file_sha256(edge["sealed"]), file_sha256(inner))
-    # Through the CLI: fewer points, an independent reference recorded as a floor of chance.
+
+
+def test_export_records_fingerprint_references_through_the_cli(edge, tiny_victims, tmp_path, capsys):
+    # Fewer points, and a reference model recorded as a floor of the chance rate (the teacher
+    # here: not independent, which the export warns about, but any victim of the same shape
+    # exercises the path).
     out = tmp_path / "small.pte"
     assert main(["export", "--victim", str(edge["victim"]), "--out", str(out), "--fingerprint-points",
                  "20", "--fingerprint-reference", str(tiny_victims["fp32"])]) == 0
-    assert "fingerprint: 20 points -> " in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "fingerprint: 20 points -> " in captured.out
+    assert "warning: an independent reference model agrees with" in captured.err
     small = load_fingerprint(fingerprint_path(out))
     assert len(small) == 20 and len(small.reference_agreement) == 1
     assert "1 reference model" in match(small, load_victim(out)).evidence

@@ -3,6 +3,7 @@ defense inside the program, encryption at rest, the file-copy thief, and `victim
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 import sys
@@ -34,6 +35,7 @@ from divqat.pipelines.defend import DefendRequest, defend_victim  # noqa: E402
 from divqat.pipelines.device_copy import copy_attack  # noqa: E402
 from divqat.pipelines.export import export_victim  # noqa: E402
 from divqat.pipelines.train import TrainRequest, train_victim  # noqa: E402
+from divqat.pipelines.verify import VerifyRequest, verify_suspect  # noqa: E402
 from divqat.sealed import MAGIC, new_key, read_key, seal, unseal  # noqa: E402
 
 
@@ -177,6 +179,21 @@ def test_export_records_fingerprint_references_through_the_cli(edge, tiny_victim
     small = load_fingerprint(fingerprint_path(out))
     assert len(small) == 20 and len(small.reference_agreement) == 1
     assert "1 reference model" in match(small, load_victim(out)).evidence
+
+
+def test_verify_identifies_the_exported_program_by_its_fingerprint(edge, tiny_victims, capsys):
+    # The .pte itself: the identical file by its hash, and every point's label repeated.
+    fp = fingerprint_path(edge["plain"])
+    assert main(["verify", "--suspect", str(edge["plain"]), "--fingerprint", str(fp), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    (row,) = record["fingerprints"]
+    assert row["identical_file"] is True and row["agreed"] == row["points"] == 100 and row["verified"]
+    assert record["suspect_sha256"] == edge["info"]["sha256"] and record["queries"] == 100
+    # A victim folder is no file: its labels on the points are tested, not a hash.
+    record = verify_suspect(VerifyRequest(tiny_victims["fp32"], fingerprints=(fp,)))
+    (row,) = record["fingerprints"]
+    assert row["identical_file"] is None and record["suspect_sha256"] is None
+    assert row["verified"] == (row["p_value"] < 1e-6) and record["queries"] == 100
 
 
 # ---------------------------------------------------------------- protection at rest

@@ -193,6 +193,20 @@ def load_fingerprint(path: str | Path) -> Fingerprint:
                        dict(meta.get("params", {})))
 
 
+def load_fingerprints(spec: str | Path) -> list[tuple[Path, Fingerprint]]:
+    """The fingerprints ``spec`` names, each with its path: one fingerprint file, or every
+    ``*.fingerprint.safetensors`` of a folder (sorted by name). ``ArtifactError`` in one line for
+    a missing path or a folder without one."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SUFFIX))
+        if not files:
+            raise ArtifactError(f"no fingerprint in {path} (no *{SUFFIX}; `divqat export` writes "
+                                "one beside each program)")
+        return [(f, load_fingerprint(f)) for f in files]
+    return [(path, load_fingerprint(path))]
+
+
 def _on_grid(x: Tensor) -> Tensor:
     """x rounded to the 8-bit grid, with the identity's gradient."""
     return x + ((x * _LEVELS).round() / _LEVELS - x).detach()
@@ -382,4 +396,5 @@ def calibrate(fingerprint: Fingerprint, references: Iterable[Callable[[Tensor], 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LR", "MARGIN", "METHOD", "POINTS", "STEPS", "SUFFIX",
            "Fingerprint", "calibrate", "chance_rate", "file_sha256", "fingerprint_path",
-           "generate_fingerprint", "hinge_loss", "load_fingerprint", "match", "match_file"]
+           "generate_fingerprint", "hinge_loss", "load_fingerprint", "load_fingerprints", "match",
+           "match_file"]

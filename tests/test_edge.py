@@ -3,6 +3,7 @@ defense inside the program, encryption at rest, the file-copy thief, and `victim
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import stat
@@ -26,6 +27,7 @@ from divqat.experiment.report import copy_table, main_table  # noqa: E402
 from divqat.ownership.fingerprint import (  # noqa: E402
     file_sha256,
     fingerprint_path,
+    generate_fingerprint,
     load_fingerprint,
     match,
     match_file,
@@ -153,6 +155,7 @@ def test_export_writes_the_fingerprint_beside_the_program(edge):
     assert info["fingerprint"] == str(fingerprint_path(plain))
     assert fingerprint_path(plain) == plain.with_name("qat.fingerprint.safetensors")
     assert info["fingerprint_points"] == 100 and 0 < info["fingerprint_seconds"] < info["seconds"]
+    assert info["fingerprint_skipped"] is None
     fp = load_fingerprint(fingerprint_path(plain))
     assert fp.program_sha256 == (info["sha256"],) and fp.params["dataset"] == TINY
     assert fp.input_shape == (1, 16, 16) and fp.num_classes == 4
@@ -179,6 +182,26 @@ def test_export_records_fingerprint_references_through_the_cli(edge, tiny_victim
     small = load_fingerprint(fingerprint_path(out))
     assert len(small) == 20 and len(small.reference_agreement) == 1
     assert "1 reference model" in match(small, load_victim(out)).evidence
+
+
+def test_export_without_boundary_points_warns_once_and_writes_the_program(edge, tmp_path, monkeypatch):
+    from divqat.pipelines import export as export_module
+
+    # A margin no point reaches in one step, as on a victim with too few points near its
+    # boundaries: the export goes on without a fingerprint instead of failing.
+    monkeypatch.setattr(export_module, "generate_fingerprint",
+                        functools.partial(generate_fingerprint, margin=1e4, steps=1))
+    said: list[str] = []
+    out = tmp_path / "bare.pte"
+    info = export_victim(edge["victim"], out, fingerprint_points=4, log=said.append)
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no fingerprint point crossed the victim's boundary" in warnings[0]
+    assert warnings[0].endswith("bare.pte is written without a fingerprint")
+    assert out.is_file() and not fingerprint_path(out).exists()
+    assert info["fingerprint"] is None and info["fingerprint_points"] == 0
+    assert info["fingerprint_skipped"].startswith("no fingerprint point crossed")
+    x, _ = _test_images()
+    assert torch.equal(load_victim(out)(x).argmax(1), load_victim(edge["plain"])(x).argmax(1))
 
 
 def test_verify_identifies_the_exported_program_by_its_fingerprint(edge, tiny_victims, capsys):

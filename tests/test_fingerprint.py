@@ -24,6 +24,7 @@ from divqat.ownership import KeyMarks, Verdict, save_marks
 from divqat.ownership.fingerprint import (
     MARGIN,
     Fingerprint,
+    NoFingerprintPoints,
     calibrate,
     file_sha256,
     fingerprint_path,
@@ -173,6 +174,16 @@ def test_foreign_or_missing_files_and_bad_answers_are_one_line_errors(tmp_path, 
         match(fingerprint, lambda x: torch.zeros(len(x), 3))
     with pytest.raises(ConfigError, match="fingerprint.points must be an integer >= 1"):
         generate_fingerprint(nn.Linear(2, 2), torch.rand(4, 1, 2, 2), points=0)
+
+
+def test_no_point_crossing_the_boundary_is_its_own_one_line_error(nets):
+    # A margin no point reaches in one step: nothing to record (`divqat export` then writes its
+    # program without a fingerprint, tests/test_edge.py).
+    test = _load_tiny("test", None)
+    with pytest.raises(NoFingerprintPoints, match="no fingerprint point crossed the victim's boundary "
+                                                  "in 1 steps from 16 images") as e:
+        generate_fingerprint(nets["victim"], to_float(test.images[:16]), points=4, margin=1e4, steps=1)
+    assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
 
 
 def test_int8_programs_get_input_gradients_through_straight_through(nets):

@@ -143,7 +143,8 @@ class StageWork:
         if target == "edge":
             exported = export_victim(folder, Path(folder) / EDGE_PROGRAM, data_root=self.data_root)
             result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"],
-                          fingerprint_seconds=exported["fingerprint_seconds"])
+                          fingerprint_seconds=exported["fingerprint_seconds"],
+                          fingerprint_skipped=exported["fingerprint_skipped"])
             self.log(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
                      f"{exported['seconds']:.0f} s)")
         return result

@@ -138,12 +138,17 @@ _MINIMAL = {
     "defenses": [{"name": "adaptive-misinformation"}],
     "attacks": [{"name": "knockoff", "transfer": "mnist", "budgets": [1000]}],
     "detectors": [{"name": "prada"}],
+    "watermark": {"independent": [{"arch": "resnet20", "seed": 10}]},
 }
 _REQUIRED = {"defenses[]": {"name"}, "attacks[]": {"name", "budgets", "transfer"},
-             "detectors[]": {"name"}}
+             "detectors[]": {"name"}, "watermark.independent[]": {"arch", "seed"}}
 _SECTIONS = {"": "The top level", "divqat.variants[]": "An entry of `divqat.variants`",
              "defenses[]": "An entry of `defenses`", "attacks[]": "An entry of `attacks`",
-             "attacks[].surrogate": "`surrogate` of an attack", "detectors[]": "An entry of `detectors`"}
+             "attacks[].surrogate": "`surrogate` of an attack", "detectors[]": "An entry of `detectors`",
+             "attacks[].watermark": "`watermark` of an attack",
+             "watermark.independent[]": "An entry of `watermark.independent`"}
+# Defaults that are no attribute of the same name.
+_SAID = {("watermark", "rate"): "`0.005` (DAWN's)", ("attacks[].watermark", "rate"): "the top level's"}
 
 
 def _resolved(path: str, config: Any) -> Any:
@@ -152,7 +157,8 @@ def _resolved(path: str, config: Any) -> Any:
             "divqat": config.divqat, "divqat.variants[]": config.divqat.variants[0],
             "defenses[]": config.defenses[-1], "attacks[]": config.attacks[0],
             "attacks[].surrogate": config.attacks[0].surrogate,
-            "detectors[]": config.detectors[0], "numerics": config.numerics}.get(path)
+            "detectors[]": config.detectors[0], "numerics": config.numerics,
+            "watermark": config.watermark}.get(path)
 
 
 def _config_default(path: str, key: str, config: Any, schema: dict[str, dict[str, str]]) -> str:
@@ -160,6 +166,8 @@ def _config_default(path: str, key: str, config: Any, schema: dict[str, dict[str
         return "required"
     if path == "" and key == "name":
         return "the file's name"
+    if (path, key) in _SAID:
+        return _SAID[(path, key)]
     if f"{path}.{key}".lstrip(".") in schema or f"{path}.{key}[]".lstrip(".") in schema:
         return "see below"
     holder = _resolved(path, config)

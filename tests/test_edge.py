@@ -3,6 +3,8 @@ defense inside the program, encryption at rest, the file-copy thief, and `victim
 
 from __future__ import annotations
 
+import functools
+import json
 import shutil
 import stat
 import sys
@@ -25,6 +27,7 @@ from divqat.experiment.report import copy_table, main_table  # noqa: E402
 from divqat.ownership.fingerprint import (  # noqa: E402
     file_sha256,
     fingerprint_path,
+    generate_fingerprint,
     load_fingerprint,
     match,
     match_file,
@@ -34,6 +37,7 @@ from divqat.pipelines.defend import DefendRequest, defend_victim  # noqa: E402
 from divqat.pipelines.device_copy import copy_attack  # noqa: E402
 from divqat.pipelines.export import export_victim  # noqa: E402
 from divqat.pipelines.train import TrainRequest, train_victim  # noqa: E402
+from divqat.pipelines.verify import VerifyRequest, verify_suspect  # noqa: E402
 from divqat.sealed import MAGIC, new_key, read_key, seal, unseal  # noqa: E402
 
 
@@ -146,11 +150,12 @@ def test_missing_executorch_is_one_line_with_the_install_command(tiny_victims, t
 
 # ---------------------------------------------------------------- the ownership fingerprint
 
-def test_export_writes_the_fingerprint_beside_the_program(edge, tiny_victims, tmp_path, capsys):
+def test_export_writes_the_fingerprint_beside_the_program(edge):
     plain, info = edge["plain"], edge["info"]
     assert info["fingerprint"] == str(fingerprint_path(plain))
     assert fingerprint_path(plain) == plain.with_name("qat.fingerprint.safetensors")
     assert info["fingerprint_points"] == 100 and 0 < info["fingerprint_seconds"] < info["seconds"]
+    assert info["fingerprint_skipped"] is None
     fp = load_fingerprint(fingerprint_path(plain))
     assert fp.program_sha256 == (info["sha256"],) and fp.params["dataset"] == TINY
     assert fp.input_shape == (1, 16, 16) and fp.num_classes == 4
@@ -162,14 +167,56 @@ def test_export_writes_the_fingerprint_beside_the_program(edge, tiny_victims, tm
     sealed = load_fingerprint(fingerprint_path(edge["sealed"]))
     inner = unseal(edge["sealed"].read_bytes(), read_key(edge["key"]))
     assert sealed.program_sha256 == (file_sha256(edge["sealed"]), file_sha256(inner))
-    # Through the CLI: fewer points, an independent reference recorded as a floor of chance.
+
+
+def test_export_records_fingerprint_references_through_the_cli(edge, tiny_victims, tmp_path, capsys):
+    # Fewer points, and a reference model recorded as a floor of the chance rate (the teacher
+    # here: not independent, which the export warns about, but any victim of the same shape
+    # exercises the path).
     out = tmp_path / "small.pte"
     assert main(["export", "--victim", str(edge["victim"]), "--out", str(out), "--fingerprint-points",
                  "20", "--fingerprint-reference", str(tiny_victims["fp32"])]) == 0
-    assert "fingerprint: 20 points -> " in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "fingerprint: 20 points -> " in captured.out
+    assert "warning: an independent reference model agrees with" in captured.err
     small = load_fingerprint(fingerprint_path(out))
     assert len(small) == 20 and len(small.reference_agreement) == 1
     assert "1 reference model" in match(small, load_victim(out)).evidence
+
+
+def test_export_without_boundary_points_warns_once_and_writes_the_program(edge, tmp_path, monkeypatch):
+    from divqat.pipelines import export as export_module
+
+    # A margin no point reaches in one step, as on a victim with too few points near its
+    # boundaries: the export goes on without a fingerprint instead of failing.
+    monkeypatch.setattr(export_module, "generate_fingerprint",
+                        functools.partial(generate_fingerprint, margin=1e4, steps=1))
+    said: list[str] = []
+    out = tmp_path / "bare.pte"
+    info = export_victim(edge["victim"], out, fingerprint_points=4, log=said.append)
+    warnings = [line for line in said if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no fingerprint point crossed the victim's boundary" in warnings[0]
+    assert warnings[0].endswith("bare.pte is written without a fingerprint")
+    assert out.is_file() and not fingerprint_path(out).exists()
+    assert info["fingerprint"] is None and info["fingerprint_points"] == 0
+    assert info["fingerprint_skipped"].startswith("no fingerprint point crossed")
+    x, _ = _test_images()
+    assert torch.equal(load_victim(out)(x).argmax(1), load_victim(edge["plain"])(x).argmax(1))
+
+
+def test_verify_identifies_the_exported_program_by_its_fingerprint(edge, tiny_victims, capsys):
+    # The .pte itself: the identical file by its hash, and every point's label repeated.
+    fp = fingerprint_path(edge["plain"])
+    assert main(["verify", "--suspect", str(edge["plain"]), "--fingerprint", str(fp), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    (row,) = record["fingerprints"]
+    assert row["identical_file"] is True and row["agreed"] == row["points"] == 100 and row["verified"]
+    assert record["suspect_sha256"] == edge["info"]["sha256"] and record["queries"] == 100
+    # A victim folder is no file: its labels on the points are tested, not a hash.
+    record = verify_suspect(VerifyRequest(tiny_victims["fp32"], fingerprints=(fp,)))
+    (row,) = record["fingerprints"]
+    assert row["identical_file"] is None and record["suspect_sha256"] is None
+    assert row["verified"] == (row["p_value"] < 1e-6) and record["queries"] == 100
 
 
 # ---------------------------------------------------------------- protection at rest

@@ -4,29 +4,39 @@ independently trained one does not; the file round-trips; int8 programs get inpu
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, _load_tiny
 from torch import nn
 
+from divqat.cli import main
 from divqat.data import to_float
 from divqat.errors import ArtifactError, ConfigError
-from divqat.ownership import Verdict
+from divqat.models import VictimNet
+from divqat.models.saved import save_model
+from divqat.ownership import KeyMarks, Verdict, save_marks
 from divqat.ownership.fingerprint import (
     MARGIN,
     Fingerprint,
+    NoFingerprintPoints,
     calibrate,
+    file_sha256,
     fingerprint_path,
     generate_fingerprint,
     hinge_loss,
     load_fingerprint,
+    load_fingerprints,
     match,
     match_file,
 )
 from divqat.pipelines.train import TrainRequest, train_victim
+from divqat.pipelines.verify import VerifyRequest, verify_suspect
 from divqat.quant import quiet_torchao, straight_through
 from divqat.train.losses import CrossEntropy
 from divqat.train.trainer import FitConfig, fit
@@ -42,8 +52,9 @@ def nets(tiny_victims, tmp_path_factory):
     independent = tmp_path_factory.mktemp("fingerprint") / "independent"
     train_victim(TrainRequest(dataset=TINY, arch="resnet8", mode="fp32", epochs=6, seed=1,
                               out=independent, progress=False, log_epochs=False))
-    return {"victim": load_fp32_net(tiny_victims["fp32"])[0],
-            "independent": load_fp32_net(independent)[0], "qat": tiny_victims["qat"]}
+    return {"victim": load_fp32_net(tiny_victims["fp32"])[0], "victim_dir": tiny_victims["fp32"],
+            "independent": load_fp32_net(independent)[0], "independent_dir": independent,
+            "qat": tiny_victims["qat"]}
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +107,9 @@ def test_a_fine_tuned_copy_is_verified(nets, fingerprint):
     fit(copy_, thief.images, thief.labels, CrossEntropy(),
         FitConfig(epochs=1, lr=0.01, schedule="cosine", seed=3, progress=False, log_epochs=False))
     copy_.eval()
-    moved = sum(float((a - b).abs().sum()) for a, b in zip(copy_.parameters(), nets["victim"].parameters(),
-                                                            strict=True))
+    with torch.no_grad():
+        moved = sum(float((a - b).abs().sum())
+                    for a, b in zip(copy_.parameters(), nets["victim"].parameters(), strict=True))
     assert moved > 0
     v = match(fingerprint, labels(copy_))
     assert v.verified, v
@@ -164,6 +176,16 @@ def test_foreign_or_missing_files_and_bad_answers_are_one_line_errors(tmp_path, 
         generate_fingerprint(nn.Linear(2, 2), torch.rand(4, 1, 2, 2), points=0)
 
 
+def test_no_point_crossing_the_boundary_is_its_own_one_line_error(nets):
+    # A margin no point reaches in one step: nothing to record (`divqat export` then writes its
+    # program without a fingerprint, tests/test_edge.py).
+    test = _load_tiny("test", None)
+    with pytest.raises(NoFingerprintPoints, match="no fingerprint point crossed the victim's boundary "
+                                                  "in 1 steps from 16 images") as e:
+        generate_fingerprint(nets["victim"], to_float(test.images[:16]), points=4, margin=1e4, steps=1)
+    assert isinstance(e.value, ConfigError) and "\n" not in str(e.value)
+
+
 def test_int8_programs_get_input_gradients_through_straight_through(nets):
     quiet_torchao()
     with warnings.catch_warnings():
@@ -183,3 +205,81 @@ def test_int8_programs_get_input_gradients_through_straight_through(nets):
     with torch.no_grad():
         assert torch.equal(twin(x), program(x))  # the same forward values
     assert float(input_gradient(twin).abs().sum()) > 0
+
+
+# ---------------------------------------------------------------- divqat verify --fingerprint
+
+@pytest.fixture
+def recorded(nets, fingerprint, tmp_path):
+    """The victim saved as a model file (the suspect file a thief would carry away), and a folder
+    holding its fingerprint with that file's sha256 recorded, as `divqat export` records the
+    program's."""
+    copy_file = save_model(tmp_path / "copy.pt", nets["victim"], (1, 16, 16), 4)
+    fp = dataclasses.replace(fingerprint, program_sha256=(file_sha256(copy_file),))
+    folder = tmp_path / "fingerprints"
+    path = fp.save(fingerprint_path(folder / "victim.pte"))
+    return {"file": copy_file, "folder": folder, "path": path}
+
+
+def test_verify_names_the_exact_copy_by_its_file_and_its_points(nets, recorded, capsys):
+    assert main(["verify", "--suspect", str(recorded["file"]), "--fingerprint", str(recorded["folder"]),
+                 "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"suspect: model file {recorded['file']} (resnet8); {POINTS} images asked" in out
+    assert "identical" in out and "VERIFIED" in out
+    assert (f"verified: the suspect carries the fingerprint {recorded['path']} (the identical file "
+            "(sha256))") in out
+    assert "key" not in out.split("\n")[1]  # no marks given: no marks table
+    # The victim's folder: not a file, so no hash; its labels on the points are the fingerprint's.
+    assert main(["verify", "--suspect", str(nets["victim_dir"]), "--fingerprint", str(recorded["path"]),
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    (row,) = record["fingerprints"]
+    assert row["identical_file"] is None and row["agreed"] == row["points"] == POINTS
+    assert row["verified"] and row["p_value"] < 1e-20 and record["verified"]
+    assert record["verified_fingerprint"] == str(recorded["path"]) and record["queries"] == POINTS
+    assert record["verified_key"] is None and record["rows"] == [] and record["marks_from"] is None
+
+
+def test_verify_does_not_claim_an_independent_model(nets, recorded, capsys):
+    assert main(["verify", "--suspect", str(nets["independent_dir"]), "--fingerprint",
+                 str(recorded["folder"])]) == 0
+    out = capsys.readouterr().out
+    assert "not verified: no fingerprint's labels are repeated beyond chance at significance 1e-06" in out
+    record = verify_suspect(VerifyRequest(nets["independent_dir"], fingerprints=(recorded["path"],)))
+    (row,) = record["fingerprints"]
+    assert not row["verified"] and row["p_value"] > 1e-3 and not record["verified"]
+    # Its own file is not the victim's either.
+    other = save_model(recorded["folder"].parent / "other.pt", nets["independent"], (1, 16, 16), 4)
+    (row,) = verify_suspect(VerifyRequest(other, fingerprints=(recorded["folder"],)))["fingerprints"]
+    assert row["identical_file"] is False and not row["verified"]
+
+
+def test_verify_with_marks_and_fingerprints_and_its_one_line_refusals(nets, recorded, tmp_path, capsys):
+    # Marks of a key the victim never answered (labels it would not give): both tables, one cost.
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (40, 1, 16, 16), dtype=np.uint8)
+    labels_ = rng.integers(0, 4, 40)
+    marks = save_marks(KeyMarks("k", (1, 16, 16), 4, 0.1, images[:20], labels_[:20], np.zeros(20),
+                                images[20:], labels_[20:], np.zeros(20)), tmp_path / "marks.npz")
+    record = verify_suspect(VerifyRequest(recorded["file"], marks, (recorded["path"],)))
+    assert record["queries"] == 40 + POINTS and len(record["rows"]) == 1
+    assert record["verified_fingerprint"] == str(recorded["path"]) and record["verified"]
+    assert main(["verify", "--suspect", str(recorded["file"]), "--marks", str(marks), "--fingerprint",
+                 str(recorded["path"]), "--max-queries", str(POINTS + 10)]) == 0
+    out = capsys.readouterr().out
+    assert f"{POINTS + 10} images asked" in out and "key" in out and "fingerprint" in out
+    with pytest.raises(ConfigError, match=r"fingerprints are asked whole \(60 points\)"):
+        verify_suspect(VerifyRequest(recorded["file"], marks, (recorded["path"],), max_queries=POINTS))
+
+    # Neither marks nor fingerprints; a suspect of another input shape; an empty folder.
+    assert main(["verify", "--suspect", str(recorded["file"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--marks" in err and "--fingerprint" in err
+    rgb = save_model(tmp_path / "rgb.pt", VictimNet("resnet8", 3, 4, (0.5,) * 3, (0.25,) * 3), (3, 16, 16), 4)
+    assert main(["verify", "--suspect", str(rgb), "--fingerprint", str(recorded["folder"])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "takes 3x16x16 images, the fingerprints are 1x16x16" in err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="no fingerprint in"):
+        load_fingerprints(tmp_path / "empty")

@@ -47,6 +47,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
                     min_steps: 0,            # at least this many SGD steps per surrogate
                     precision: fp32}         # bf16: autocast where the CPU has it
         defenses: null           # restrict to these defense names (default: every defense)
+        watermark: null          # this attack's own watermark: {rate: ...} (its rates instead of
+                                 # the top level's), or false: none (default: the top level's)
     detectors: []                # extraction detectors watching every thief's stream (`divqat
                                  # detectors`): a name, or {name, params, target_far: 0.05,
                                  # streams: 20, benign_streams: 20}; each is calibrated per victim
@@ -54,6 +56,12 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
                                  # budget, its false-alarm rate measured on `benign_streams` others
     numerics: {threads: 1}       # torch threads of every stage, under every executor: CPU
                                  # training is reproducible only at a fixed thread count
+    watermark:                   # absent: no watermark, no verify stage (the default)
+      rate: 0.005                # DAWN's watermark on every thief's answers (a list: a grid axis);
+                                 # each budget is then its own thief, its surrogate saved
+      significance: 1.0e-6       # a surrogate is verified when its p-value is below this
+      independent: []            # more never-stolen models for the false claims, besides the
+                                 # other seeds' victims: {arch, seed}, trained as the fp32 teacher
 """
 
 from __future__ import annotations
@@ -76,6 +84,7 @@ from divqat.detectors import DETECTORS, check_detector
 from divqat.errors import ConfigError, DivqatError
 from divqat.experiment.numerics import Numerics
 from divqat.models import check_arch
+from divqat.ownership import DEFAULT_RATE, SIGNIFICANCE
 from divqat.pipelines.attack import HOLDOUT, parse_transfer
 from divqat.pipelines.defense_models import check_defense
 from divqat.registry import params_text
@@ -100,7 +109,9 @@ SCHEMA: dict[str, dict[str, str]] = {
          "defenses": "defenses with parameter grids (none is always included)",
          "attacks": "extraction attacks, each run against every victim x defense",
          "detectors": "extraction detectors watching every thief's stream",
-         "numerics": "what every stage computes under, whichever executor runs it"},
+         "numerics": "what every stage computes under, whichever executor runs it",
+         "watermark": "DAWN's watermark on the victims' answers to every thief, its stolen "
+                      "surrogates saved and verified (absent: none)"},
     "victim": {"dataset": "a registered dataset, or a class subset of one: fashion-mnist[0-4]",
                "arch": "a built-in architecture, torchvision:NAME, timm:NAME or "
                        "package.module:function (your own factory)",
@@ -149,7 +160,10 @@ SCHEMA: dict[str, dict[str, str]] = {
                   "labels_only": "false, true or both: the black box answers labels only",
                   "budgets": "query budgets: one surrogate per budget",
                   "surrogate": "how the surrogates train",
-                  "defenses": "run behind these defense names only (default: every defense)"},
+                  "defenses": "run behind these defense names only (default: every defense)",
+                  "watermark": "this attack's watermark: {rate: ...} instead of the top level's, "
+                               "or false for none (default: the top level's)"},
+    "attacks[].watermark": {"rate": "fraction of this thief's answers marked; a list is a grid axis"},
     "attacks[].surrogate": {"arch": "surrogate architecture", "epochs": "training epochs",
                             "batch_size": "batch size", "lr": "peak learning rate (cosine)",
                             "weight_decay": "SGD weight decay",
@@ -164,6 +178,15 @@ SCHEMA: dict[str, dict[str, str]] = {
     "numerics": {"threads": "torch threads of every stage's training and evaluation, under every "
                             "executor (CPU training is reproducible only at a fixed thread count; "
                             "a Ray worker reserves as many CPUs unless --cpus-per-stage says)"},
+    "watermark": {"rate": "fraction of every thief's answers marked, in (0, 0.5] (default: 0.005, "
+                          "DAWN's); a list is a grid axis: every watermarked thief once per rate",
+                  "significance": "a stolen surrogate (or an independent model) is verified when "
+                                  "its p-value is below this (default: 1e-6)",
+                  "independent": "more independent models for the false claims, besides the other "
+                                 "seeds' victims: mappings of arch and seed, each trained as the "
+                                 "fp32 teacher on the victims' training images, never stolen from"},
+    "watermark.independent[]": {"arch": "its architecture (as victim.arch)",
+                                "seed": "its training seed"},
 }
 
 
@@ -278,7 +301,9 @@ class DefenseSpec:
 @dataclass(frozen=True)
 class AttackSpec:
     """One attack run against every victim x defense setting, for each transfer set and
-    label-only flag; ``budgets`` share one attack stage (one surrogate per budget)."""
+    label-only flag; ``budgets`` share one attack stage (one surrogate per budget).
+    ``watermark``: the rates of DAWN's watermark on its answers (None: not watermarked); a
+    watermarked thief is one stage per rate and budget, each budget its own thief and key."""
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -287,6 +312,27 @@ class AttackSpec:
     budgets: tuple[int, ...] = (1000,)
     surrogate: SurrogateTraining = field(default_factory=SurrogateTraining)
     defenses: tuple[str, ...] | None = None
+    watermark: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class IndependentSpec:
+    """A model trained as the fp32 teacher on the victims' training images, with its own
+    architecture and seed, and never stolen from: a suspect that must not be verified."""
+
+    arch: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class WatermarkSpec:
+    """``watermark:``: DAWN's watermark on the thieves' answers and the verification of what they
+    stole (``rates``: the top level's rates, which attacks without their own take; ``significance``
+    of a verdict; ``independent``: extra never-stolen models)."""
+
+    rates: tuple[float, ...] = (DEFAULT_RATE,)
+    significance: float = SIGNIFICANCE
+    independent: tuple[IndependentSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -302,6 +348,8 @@ class ExperimentConfig:
     source: str = "<dict>"
     detectors: tuple[DetectorSpec, ...] = ()
     numerics: Numerics = field(default_factory=Numerics)
+    # Set when any attack is watermarked (the top level's section, or its defaults).
+    watermark: WatermarkSpec | None = None
 
     def stream_length(self) -> int:
         """The longest thief's stream (the largest budget): the length of the benign streams a
@@ -420,13 +468,58 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     qat = _training(top.get("qat", {}), "qat", epochs=1, lr=0.01)
     divqat = _divqat(top.get("divqat", {}))
     defenses = _defenses(top.get("defenses", []))
-    attacks = _attacks(top.get("attacks", []), victim, [d.name for d in defenses])
+    watermark = _watermark(top.raw["watermark"]) if top.raw.get("watermark") is not None else None
+    attacks = _attacks(top.get("attacks", []), victim, [d.name for d in defenses], watermark)
     _outliers_are_not_transfer_sets(divqat, attacks)
     detectors = _detectors(top.get("detectors", []), attacks)
     numerics = _numerics(top.get("numerics", {}))
+    if watermark is None and any(a.watermark for a in attacks):
+        watermark = WatermarkSpec()  # an attack's own watermark: verified at the defaults
     return ExperimentConfig(name=name, seeds=seeds, victim=victim, fp32=fp32, qat=qat, divqat=divqat,
                             defenses=defenses, attacks=attacks, source=source, detectors=detectors,
-                            numerics=numerics)
+                            numerics=numerics, watermark=watermark)
+
+
+def _rates(m: _Mapping, default: Any) -> tuple[float, ...]:
+    rates = m.list("rate", default, lambda v, w: _number(v, w, 0, low_open=True, high=0.5))
+    if len(set(rates)) != len(rates):
+        raise ConfigError(f"{m.where('rate')}: each rate once; got {list(rates)}")
+    return rates
+
+
+def _watermark(raw: Any) -> WatermarkSpec:
+    m = _Mapping(raw, "watermark", _keys("watermark"))
+    entries = m.get("independent", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"watermark.independent: expected a list of mappings (keys: arch, seed); "
+                          f"got {_shown(entries)}")
+    independent: list[IndependentSpec] = []
+    for i, entry in enumerate(entries):
+        where = f"watermark.independent[{i}]"
+        e = _Mapping(entry, where, _keys("watermark.independent[]"))
+        arch = e.get("arch", _REQUIRED)
+        spec = IndependentSpec(_wrapped(e.where("arch"), lambda a=arch: check_arch(a)), e.int("seed", _REQUIRED, 0))
+        if spec in independent:
+            raise ConfigError(f"{where}: {spec.arch} seed {spec.seed} is listed twice")
+        independent.append(spec)
+    return WatermarkSpec(rates=_rates(m, [DEFAULT_RATE]),
+                         significance=m.number("significance", SIGNIFICANCE, 0, low_open=True, high=0.5),
+                         independent=tuple(independent))
+
+
+def _attack_watermark(m: _Mapping, top: WatermarkSpec | None) -> tuple[float, ...] | None:
+    """An attack's watermark rates: its own ``{rate: ...}``, none for ``false``, else the top
+    level's (None without one)."""
+    raw = m.raw.get("watermark")
+    if raw is None:
+        return None if top is None else top.rates
+    if raw is False:
+        return None
+    if raw is True:
+        raise ConfigError(f"{m.where('watermark')}: give {{rate: ...}} (or false for none); true "
+                          "says no rate")
+    own = _Mapping(raw, m.where("watermark"), _keys("attacks[].watermark"))
+    return _rates(own, list(top.rates) if top is not None else [DEFAULT_RATE])
 
 
 def _numerics(raw: Any) -> Numerics:
@@ -617,7 +710,8 @@ def _detectors(raw: Any, attacks: tuple[AttackSpec, ...]) -> tuple[DetectorSpec,
     return tuple(out)
 
 
-def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[AttackSpec, ...]:
+def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str],
+             watermark: WatermarkSpec | None = None) -> tuple[AttackSpec, ...]:
     out = []
     for where, m, name, params in _named_entries(raw, "attacks", _keys("attacks[]"), ATTACKS.names(),
                                                  shorthand=False):
@@ -646,7 +740,7 @@ def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str]) -> tuple[At
         out.append(AttackSpec(name=name, params=dict(params), transfer=transfer, labels_only=labels_only,
                               budgets=tuple(sorted(budgets)),
                               surrogate=_surrogate(m.get("surrogate", {}), f"{where}.surrogate"),
-                              defenses=only))
+                              defenses=only, watermark=_attack_watermark(m, watermark)))
     return tuple(out)
 
 
@@ -738,6 +832,8 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
                    surrogate=a.surrogate.recipe())
         if a.defenses is not None:
             out["defenses"] = list(a.defenses)
+        if config.watermark is not None:  # each attack's own, so that the file reads back the same
+            out["watermark"] = {"rate": list(a.watermark)} if a.watermark else False
         return out
 
     v, d = config.victim, config.divqat
@@ -757,9 +853,13 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
         "attacks": [attack(x) for x in config.attacks],
         **({"detectors": [dataclasses.asdict(x) for x in config.detectors]} if config.detectors else {}),
         "numerics": dataclasses.asdict(config.numerics),
+        **({"watermark": {"rate": list(config.watermark.rates),
+                          "significance": config.watermark.significance,
+                          "independent": [dataclasses.asdict(x) for x in config.watermark.independent]}}
+           if config.watermark is not None else {}),
     }
 
 
 __all__ = ["AttackSpec", "DefenseSpec", "DetectorSpec", "DivQATSpec", "ExperimentConfig", "HOLDOUT",
-           "TrainingSpec", "VictimSpec", "config_dict", "load_config", "load_preset", "parse_config",
-           "preset_names", "preset_text"]
+           "IndependentSpec", "TrainingSpec", "VictimSpec", "WatermarkSpec", "config_dict", "load_config",
+           "load_preset", "parse_config", "preset_names", "preset_text"]

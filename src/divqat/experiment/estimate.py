@@ -45,6 +45,10 @@ DEFAULT_RATES = {
     # docs/guides/detectors.md: 40 streams of 5,000 in 25 s / 72 s at one thread, i.e. 1.3e-4 /
     # 3.6e-4, given here at two threads as the rest).
     "calibrate prada": 9e-5, "calibrate mmd": 2.5e-4,
+    # Per test of a verify stage (a stolen surrogate, or an independent model, against one
+    # thief's marks), loading included: 1.1-3.2 s for 6 tests of the tests' tiny models (one
+    # thread, 2026-12-06); rough.
+    "verify": 0.3,
 }
 
 

@@ -538,6 +538,81 @@ def outliers_lines(results: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+# ---------------------------------------------------------------- ownership
+
+def _rate_text(rate: float) -> str:
+    return f"{100 * rate:g} %"
+
+
+def ownership_lines(results: dict[str, Any]) -> list[str]:
+    """The "Ownership" section (``watermark:``): per victim, defense, thief and budget, how the
+    stolen surrogates repeated their thief's marks (mark agreement, chance, median p-value,
+    verified over seeds); the independent models' false claims; and what the watermark cost an
+    honest user of the test split, per rate."""
+    rows = results.get("verifications") or []
+    if not rows:
+        return []
+    from statistics import median
+
+    from divqat.pipelines.verify import p_text
+
+    alpha = f"{rows[0]['significance']:g}"
+    stolen = [r for r in rows if r["suspect"] == "surrogate"]
+    claims = [r for r in rows if r["suspect"] == "independent"]
+    lines = ["## Ownership", "",
+             "DAWN's watermark (Szyller et al., ACM MM 2021) on each thief's answers, after the "
+             "defense: a keyed fraction (the rate) of them answered with a deterministic wrong "
+             "label, each budget its own thief. Each stolen surrogate was then asked the labels of "
+             "its thief's marked inputs (mark agreement) and of as many unmarked ones (its chance "
+             "agreement with the label a mark would have given them, add-one smoothed); the "
+             "one-sided binomial p-value of the agreement against that chance, and verified where "
+             f"p < {alpha} (`divqat verify`). Agreement and chance are mean ± sd over seeds; the "
+             "p-value is the median over seeds; verified counts the seeds.", ""]
+    keys = ordered((r["victim"], r["defense_label"], r["attack"], r["attack_params"], r["transfer"],
+                    r["thief"], r["rate"], r["budget"]) for r in stolen)
+    body = []
+    for key in sorted(keys, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7])):
+        got = [r for r in stolen if (r["victim"], r["defense_label"], r["attack"], r["attack_params"],
+                                     r["transfer"], r["thief"], r["rate"], r["budget"]) == key]
+        victim, defense, attack, params, transfer, thief, rate, budget = key
+        body.append([victim, defense, " ".join(p for p in (attack, params, transfer or "data-free") if p),
+                     thief, _rate_text(rate), f"{budget:,}", cell([r["marks"] for r in got], 1, 0),
+                     cell([r["agreement"] for r in got], 100), cell([r["chance"] for r in got], 100),
+                     p_text(median(r["p_value"] for r in got)),
+                     f"{sum(r['verified'] for r in got)}/{len(got)}"])
+    lines += _table(["victim", "defense", "attack", "thief", "rate", "queries", "marks",
+                     "mark agreement %", "chance %", "p-value (median)", "verified"], body)
+    if claims:
+        models = ordered(r["model"] for r in claims)
+        false = sum(r["verified"] for r in claims)
+        lines += ["", f"False claims: the independent models (never stolen from: the other seeds' "
+                  "victims of the same label, and `watermark.independent`) asked every thief's marks "
+                  f"of their victim: **{false} verified in {len(claims)} tests** of {len(models)} "
+                  f"models at significance {alpha} (false positive rate {false / len(claims):.2%}).", ""]
+        lines += _table(["independent model", "tests", "verified", "mark agreement %", "smallest p-value"],
+                        [[m, str(len(got)), str(sum(r["verified"] for r in got)),
+                          cell([r["agreement"] for r in got], 100), p_text(min(r["p_value"] for r in got))]
+                         for m in models if (got := [r for r in claims if r["model"] == m])])
+    marked = [r for r in results["attacks"] if r.get("watermark") is not None]
+    if marked:
+        first = {}
+        for r in marked:  # the honest figures depend on victim, defense, rate and seed, not the thief
+            first.setdefault((r["victim"], r["defense_label"], r["watermark"], r["seed"]), r)
+        lines += ["", "What the watermark costs an honest user: the defended victim's answers to its "
+                  "whole test split with and without the marks of the seed's thief key (the same "
+                  "rate and secret).", ""]
+        body = []
+        for victim, defense, rate in ordered((k[0], k[1], k[2]) for k in first):
+            got = [r for k, r in first.items() if k[:3] == (victim, defense, rate)]
+            body.append([victim, defense, _rate_text(rate),
+                         cell([r["defender_accuracy_unmarked"] for r in got], 100, 2),
+                         cell([r["defender_accuracy_watermarked"] for r in got], 100, 2),
+                         cell([r["defender_accuracy_watermarked"] - r["defender_accuracy_unmarked"]
+                               for r in got], 100, 2)])
+        lines += _table(["victim", "defense", "rate", "accuracy %", "watermarked accuracy %", "Δ points"], body)
+    return [*lines, ""]
+
+
 PHASES = ("data", "load", "export", "compile", "train", "attack", "evaluate", "save", "timing", "other")
 
 
@@ -626,6 +701,7 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
                   "with its 95 % confidence interval; within noise where that contains 0.", "",
                   *pays, ""]
     lines += detector_lines(results)
+    lines += ownership_lines(results)
     if results.get("copies"):
         lines += ["## On the device: copying the program beside the query attacks", "",
                   "The victims ran as ExecuTorch programs (`victim.target: edge`). Whoever holds the "
@@ -665,4 +741,5 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
 
 __all__ = ["MEANING", "REPORT", "attack_table", "budget_table", "build_report", "cell", "copy_table",
            "delta_cell", "detector_lines", "main_table", "outliers_lines", "overlap_note",
-           "pays_table", "picks", "report_markdown", "stage_times_table", "strongest_lines"]
+           "ownership_lines", "pays_table", "picks", "report_markdown", "stage_times_table",
+           "strongest_lines"]

@@ -3,7 +3,8 @@ from their finished stages, read by the report, the plots and the CLI), its file
 reading of the rows that the report and the plots share.
 
 - ``results.json``: the config and the long tables (``TABLES``: victims, defenses, attacks,
-  timings, stage_times; copies and calibrations where the config has them); everything the
+  timings, stage_times; copies, calibrations, independents and verifications where the config
+  has them); everything the
   report and the plots are built from, so ``divqat report DIR`` rebuilds them without training.
 - ``results.csv``: the attacks table, one row per victim x defense x attack x transfer set x
   label-only x budget x seed, every metric a column (fractions, not percentages).
@@ -44,8 +45,9 @@ STRONGEST = "strongest"
 THIEVES = ("soft", "label-only", STRONGEST)
 DATA_FREE = "data-free"
 # The tables of results.json in order; the optional ones only where the config gives them rows.
-TABLES = ("victims", "defenses", "attacks", "timings", "stage_times", "copies", "calibrations")
-OPTIONAL_TABLES = ("copies", "calibrations")
+TABLES = ("victims", "defenses", "attacks", "timings", "stage_times", "copies", "calibrations",
+          "independents", "verifications")
+OPTIONAL_TABLES = ("copies", "calibrations", "independents", "verifications")
 LATENCY = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
 # Where a defense row's latency columns come from: the seed's timing stage (comparable between
 # victims and defenses), or the defense stage alone (not comparable).
@@ -175,6 +177,46 @@ class CalibrationRow(VictimColumns, total=False):
     false_alarms: int
     benign_streams: int
     benign_length: int
+    stage: str
+
+
+class IndependentRow(TypedDict, total=False):
+    """``independents``: a model of ``watermark.independent``, never stolen from."""
+
+    model: str                  # "resnet20 seed 11"
+    arch: str
+    seed: int
+    test_accuracy: float | None
+    train_seconds: float | None
+    stage: str
+
+
+class VerificationRow(TypedDict, total=False):
+    """``verifications``: one suspect tested against one watermarked thief's marks (``divqat
+    verify``): the thief's own stolen surrogate, or an independent model (a false claim when
+    verified)."""
+
+    seed: int                   # the run seed of the thief (and its victim)
+    victim: str                 # the victim the thief attacked
+    suspect: str                # "surrogate" or "independent"
+    model: str                  # "stolen surrogate", "qat seed 1", "resnet20 seed 11"
+    attack: str
+    attack_params: str          # the attack's own parameters (the rate is ``rate``)
+    transfer: str
+    transfer_set: str
+    thief: str                  # soft, label-only
+    defense_label: str
+    budget: int                 # the thief's queries
+    rate: float                 # the watermark's rate on the thief's answers
+    marks: int                  # marked inputs asked
+    agreed: int                 # of them, answered with the mark label
+    agreement: float
+    controls: int
+    chance: float               # (control agreement + 1) / (controls + 2)
+    p_value: float
+    verified: bool
+    significance: float
+    queries: int
     stage: str
 
 
@@ -385,9 +427,9 @@ def regime_budget(rows: list[dict[str, Any]], name: str) -> int:
 
 
 __all__ = ["AttackRow", "CSV_COLUMNS", "CalibrationRow", "CopyRow", "DATA_FREE", "DefenseColumns",
-           "DefenseRow", "StageTimeRow", "TimingRow", "VictimColumns", "VictimRow", "LATENCY",
-           "OPTIONAL_TABLES", "OWN_STAGE", "RESULTS_CSV", "RESULTS_JSON", "SIDE_BY_SIDE", "STRONGEST",
-           "TABLES", "THIEVES", "alarm_columns", "attack_settings", "defense_columns", "load_results",
-           "ordered", "regime", "regime_budget", "regime_title", "regimes", "setting_title",
-           "short_title", "strongest_thief", "thief_name", "victim_labels", "victim_columns",
-           "victim_info", "with_strongest", "write_results"]
+           "DefenseRow", "IndependentRow", "StageTimeRow", "TimingRow", "VerificationRow", "VictimColumns",
+           "VictimRow", "LATENCY", "OPTIONAL_TABLES", "OWN_STAGE", "RESULTS_CSV", "RESULTS_JSON",
+           "SIDE_BY_SIDE", "STRONGEST", "TABLES", "THIEVES", "alarm_columns", "attack_settings",
+           "defense_columns", "load_results", "ordered", "regime", "regime_budget", "regime_title",
+           "regimes", "setting_title", "short_title", "strongest_thief", "thief_name", "victim_labels",
+           "victim_columns", "victim_info", "with_strongest", "write_results"]

@@ -17,6 +17,10 @@ Stages, per seed, each cached under ``OUT/stages/<kind>/<key>/`` (``divqat.exper
     calibrate  (``detectors:``) one extraction detector calibrated on one victim, and its
              false-alarm rate on honest clients; every attack stage on that victim then runs
              watched by the calibrated detectors and records when each first raised its alarm
+    independent  (``watermark.independent``) a model trained as the teacher, never stolen from
+    verify   (``watermark:``) after every seed, per victim and seed: each watermarked thief's
+             saved surrogate against its own marks, the independent models (the other seeds'
+             victims, and the ``independent`` ones) against every thief's marks
 
 With ``victim.target: edge`` the int8 victims are trained with XNNPACK's scheme, each victim stage
 also writes ``victim.pte`` (``divqat export``, no defense inside), and every defense and attack
@@ -76,9 +80,11 @@ from divqat.pipelines.attack import HOLDOUT
 def plan_stages(config: ExperimentConfig) -> list[Stage]:
     """Every stage of the experiment in run order, with its key; touches no file. Per seed: the
     kinds planned once per seed, then each int8 victim's stages kind by kind, then the kinds
-    planned after the victims (``StageKind.per_victim`` / ``after_victims`` / ``order``)."""
+    planned after the victims (``StageKind.per_victim`` / ``after_victims`` / ``order``); after
+    every seed, per seed, the kinds that read other seeds' stages (``after_seeds``)."""
     kinds = kinds_in_order()
-    per_seed = [k for k in kinds if not k.per_victim and not k.after_victims]
+    last = [k for k in kinds if k.after_seeds]
+    per_seed = [k for k in kinds if not (k.per_victim or k.after_victims or k.after_seeds)]
     per_victim = [k for k in kinds if k.per_victim]
     after = [k for k in kinds if k.after_victims]
     stages: list[Stage] = []
@@ -92,8 +98,10 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                 stages.append(stage)
                 planned.add(stage.key)
 
+    scopes: list[PlanScope] = []
     for seed in config.seeds:
         scope = PlanScope(config, seed)
+        scopes.append(scope)
         for kind in per_seed:
             add(kind, scope)
         for victim in scope.of("victim"):
@@ -102,6 +110,10 @@ def plan_stages(config: ExperimentConfig) -> list[Stage]:
                 add(kind, scope)
         scope.victim = None
         for kind in after:
+            add(kind, scope)
+    for kind in last:
+        for scope in scopes:
+            scope.seeds = scopes
             add(kind, scope)
     return stages
 

@@ -95,6 +95,11 @@ _ROUNDS = 4
 _LEVELS = 255.0
 
 
+class NoFingerprintPoints(ConfigError):
+    """No candidate crossed the victim's boundary within the steps: there is no fingerprint to
+    record (``divqat export`` then writes its program without one, and says so)."""
+
+
 def fingerprint_path(program: str | Path) -> Path:
     """Where the fingerprint of a program file lives: beside it, ``NAME.fingerprint.safetensors``."""
     program = Path(program)
@@ -193,6 +198,20 @@ def load_fingerprint(path: str | Path) -> Fingerprint:
                        dict(meta.get("params", {})))
 
 
+def load_fingerprints(spec: str | Path) -> list[tuple[Path, Fingerprint]]:
+    """The fingerprints ``spec`` names, each with its path: one fingerprint file, or every
+    ``*.fingerprint.safetensors`` of a folder (sorted by name). ``ArtifactError`` in one line for
+    a missing path or a folder without one."""
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SUFFIX))
+        if not files:
+            raise ArtifactError(f"no fingerprint in {path} (no *{SUFFIX}; `divqat export` writes "
+                                "one beside each program)")
+        return [(f, load_fingerprint(f)) for f in files]
+    return [(path, load_fingerprint(path))]
+
+
 def _on_grid(x: Tensor) -> Tensor:
     """x rounded to the 8-bit grid, with the identity's gradient."""
     return x + ((x * _LEVELS).round() / _LEVELS - x).detach()
@@ -278,7 +297,8 @@ def generate_fingerprint(net: nn.Module, images: Tensor, *, points: int = POINTS
         log: a line per round (candidates, points kept).
 
     Returns a ``Fingerprint`` of at most ``points`` points; fewer, with ``params["points"]``
-    saying so, when the candidates ran out (``ConfigError`` when none came through).
+    saying so, when the candidates ran out (``NoFingerprintPoints``, a ``ConfigError``, when
+    none came through).
     """
     points = check_int("fingerprint", "points", points, low=1)
     margin = check_number("fingerprint", "margin", margin, low=0.0)
@@ -316,8 +336,8 @@ def generate_fingerprint(net: nn.Module, images: Tensor, *, points: int = POINTS
         say(f"fingerprint round {rounds}: {int(ok.sum())} of {len(take)} candidates crossed; "
             f"{have} of {points} points")
     if have == 0:
-        raise ConfigError(f"no fingerprint point crossed the victim's boundary in {steps} steps "
-                          f"from {tried} images; raise steps or lr")
+        raise NoFingerprintPoints(f"no fingerprint point crossed the victim's boundary in {steps} "
+                                  f"steps from {tried} images; raise steps or lr")
     pts = torch.cat([k[0] for k in kept])
     params = {"method": METHOD, "points": have, "requested": points, "margin": margin,
               "steps": steps, "lr": lr, "seed": seed, "candidates": tried,
@@ -381,5 +401,6 @@ def calibrate(fingerprint: Fingerprint, references: Iterable[Callable[[Tensor], 
 
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "LR", "MARGIN", "METHOD", "POINTS", "STEPS", "SUFFIX",
-           "Fingerprint", "calibrate", "chance_rate", "file_sha256", "fingerprint_path",
-           "generate_fingerprint", "hinge_loss", "load_fingerprint", "match", "match_file"]
+           "Fingerprint", "NoFingerprintPoints", "calibrate", "chance_rate", "file_sha256",
+           "fingerprint_path", "generate_fingerprint", "hinge_loss", "load_fingerprint", "load_fingerprints", "match",
+           "match_file"]

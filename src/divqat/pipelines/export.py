@@ -53,6 +53,7 @@ from divqat.errors import ArtifactError, ConfigError, DatasetError, UnsupportedM
 from divqat.io import atomic_write
 from divqat.ownership.fingerprint import (
     POINTS,
+    NoFingerprintPoints,
     calibrate,
     fingerprint_path,
     generate_fingerprint,
@@ -183,7 +184,10 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
     Returns a dict: ``out``, ``bytes``, ``sha256`` (of the file as written), ``seconds``
     (everything, fingerprint included), ``mode``, ``precision``, ``outputs``, ``defense``,
     ``defense_params``, ``encrypted``, ``new_key`` (a key file was created), ``fingerprint``
-    (its path, or None), ``fingerprint_points``, ``fingerprint_seconds``.
+    (its path, or None), ``fingerprint_points``, ``fingerprint_seconds``, ``fingerprint_skipped``
+    (why no fingerprint was written although one was asked for: no candidate crossed the
+    victim's boundary, warned about in one line, and the program is written all the same; else
+    None).
     """
     say = log or (lambda _msg: None)
     victim_dir, out = Path(victim_dir), Path(out)
@@ -252,24 +256,31 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
     if key is not None:
         data = seal(data, key)
     digests = tuple(dict.fromkeys(hashlib.sha256(d).hexdigest() for d in (data, plain)))
-    recorded, fingerprint_seconds = None, 0.0
+    recorded, fingerprint_seconds, skipped = None, 0.0, None
     if starts is not None:
         began = time.perf_counter()
         # Labelled by the lowered program itself, not the torch network: XNNPACK rounds
         # differently, and near a boundary that decides the label.
         with quiet_stderr():
             program = EdgeVictim(runtime().load_program(plain), {**meta, "program": section}, out)
-        recorded = generate_fingerprint(straight_through(model.net), starts, points=fingerprint_points,
-                                       labels_of=program, program_sha256=digests, log=say)
-        if references:
+        try:
+            recorded = generate_fingerprint(straight_through(model.net), starts, points=fingerprint_points,
+                                           labels_of=program, program_sha256=digests, log=say)
+        except NoFingerprintPoints as e:
+            # A victim with too few points near its boundaries (a briefly trained one, a tiny
+            # test split) still gets its program: the fingerprint is evidence, not the product.
+            skipped = str(e)
+            say(f"warning: {skipped}: {out.name} is written without a fingerprint")
+        if recorded is not None and references:
             recorded = calibrate(recorded, references)
             worst = max(recorded.reference_agreement)
             if worst >= 0.5:
                 say(f"warning: an independent reference model agrees with {worst:.0%} of the "
                     "fingerprint: the victim's boundary is not its own on this data, and a "
                     "fingerprint verdict says little")
-        recorded = dataclasses.replace(recorded, params={**recorded.params, "dataset": meta["dataset"],
-                                                       "split": "test", "program": out.name})
+        if recorded is not None:
+            recorded = dataclasses.replace(recorded, params={**recorded.params, "dataset": meta["dataset"],
+                                                           "split": "test", "program": out.name})
         fingerprint_seconds = time.perf_counter() - began
     # The program first, then its fingerprint: both or, on an error before here, neither.
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
@@ -283,7 +294,7 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
             "fixed_batch": section.get("fixed_batch", False),
             "fingerprint": None if recorded is None else str(fingerprint_path(out)),
             "fingerprint_points": 0 if recorded is None else len(recorded),
-            "fingerprint_seconds": fingerprint_seconds}
+            "fingerprint_seconds": fingerprint_seconds, "fingerprint_skipped": skipped}
 
 
 __all__ = ["DeviceModel", "device_defense", "export_victim", "fingerprint_images"]

@@ -1,6 +1,7 @@
 """The work of one experiment stage, given its settings and the folders of the stages it reads:
 train a teacher or a victim, evaluate a defense, run an attack, time every victim behind every
-defense side by side, or copy an edge victim's program file as the on-device thief does.
+defense side by side, copy an edge victim's program file as the on-device thief does, or verify
+the surrogates of watermarked thieves and the independent models against the thieves' marks.
 
 ``StageWork`` keeps what consecutive stages of one process share: loaded victims (an int8
 victim compiles once per batch size), built defenses and the victim-behind-defense programs
@@ -30,7 +31,14 @@ from divqat.defenses.base import Defense
 from divqat.detectors import DETECTORS
 from divqat.errors import TrainingCollapsed
 from divqat.io import write_json
-from divqat.pipelines.attack import AttackRequest, attack_loaded, load_transfer_set
+from divqat.ownership import SIGNIFICANCE, load_marks
+from divqat.pipelines.attack import (
+    MARKS,
+    AttackRequest,
+    attack_loaded,
+    load_transfer_set,
+    surrogate_paths,
+)
 from divqat.pipelines.context import RunContext
 from divqat.pipelines.defend import evaluate_served, time_side_by_side
 from divqat.pipelines.defense_models import build_defense
@@ -48,12 +56,16 @@ from divqat.pipelines.detect import (
 from divqat.pipelines.device_copy import copy_attack
 from divqat.pipelines.export import export_victim
 from divqat.pipelines.import_model import ImportRequest, import_victim
+from divqat.pipelines.suspect import ModelSuspect, Suspect, open_suspect
 from divqat.pipelines.train import TrainRequest, train_victim
+from divqat.pipelines.verify import verify_marks
 from divqat.victim import Victim, load_victim
 
 # An edge victim's device program (``divqat export``, no defense inside), in its stage folder;
 # written by the victim stage for ``victim.target: edge``, and then what every later stage runs.
 EDGE_PROGRAM = "victim.pte"
+# An attack stage's saved surrogate (``surrogate-BUDGET.pt`` for several budgets), in its folder.
+SURROGATE = "surrogate.pt"
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,10 @@ class AttackStageRequest:
     label-only attack behind no defense, whose surrogates this one measures when the defense
     leaves every transfer label as it was. ``save_surrogates``: write each budget's surrogate
     into the stage's folder as a model file (``surrogate.pt``, ``surrogate-BUDGET.pt`` for
-    several budgets; ``divqat verify --suspect`` loads them). (Defaults: the attack's parameters,
-    no transfer set, posteriors, the default recipe, seed 0, no detector, no twin, none saved.)
+    several budgets; ``divqat verify --suspect`` loads them). ``watermark``: the rate of DAWN's
+    watermark on the thief's answers (``AttackRequest.watermark``: the marks go to
+    ``marks.npz`` in the stage's folder). (Defaults: the attack's parameters, no transfer set,
+    posteriors, the default recipe, seed 0, no detector, no twin, none saved, no watermark.)
     """
 
     name: str
@@ -96,6 +110,7 @@ class AttackStageRequest:
     detectors: dict[str, tuple[str | Path, dict[str, Any]]] | None = None
     twin: str | Path | None = None
     save_surrogates: bool = False
+    watermark: float | None = None
 
 
 class StageWork:
@@ -143,7 +158,8 @@ class StageWork:
         if target == "edge":
             exported = export_victim(folder, Path(folder) / EDGE_PROGRAM, data_root=self.data_root)
             result.update(program_bytes=exported["bytes"], export_seconds=exported["seconds"],
-                          fingerprint_seconds=exported["fingerprint_seconds"])
+                          fingerprint_seconds=exported["fingerprint_seconds"],
+                          fingerprint_skipped=exported["fingerprint_skipped"])
             self.log(f"exported {EDGE_PROGRAM} ({exported['bytes'] / 1024:.0f} KiB, "
                      f"{exported['seconds']:.0f} s)")
         return result
@@ -187,7 +203,8 @@ class StageWork:
         request = AttackRequest(victim_dir, stage.name, budgets, stage.params, defense=setting.name,
                                 defense_params=setting.params, transfer=transfer, training=training,
                                 labels_only=stage.labels_only, twin=stage.twin, out=folder,
-                                save_surrogate=Path(folder) / "surrogate.pt" if stage.save_surrogates else None)
+                                save_surrogate=Path(folder) / SURROGATE if stage.save_surrogates else None,
+                                watermark=stage.watermark)
         record = attack_loaded(request, served, self.context, test_set=self.test_set(victim_dir),
                                transfer_set=transfer_set, monitor=monitor, monitors=monitors)
         if views:
@@ -248,6 +265,42 @@ class StageWork:
         write_json(Path(folder) / "metrics.json", record)
         return record
 
+    def verify(self, folder: str | Path, thieves: dict[str, str | Path], independents: dict[str, str | Path],
+               significance: float = SIGNIFICANCE) -> dict[str, Any]:
+        """``divqat verify`` for an experiment: each thief's stolen surrogates (name -> an attack
+        stage's folder, run with a watermark and ``save_surrogates``) tested against its own
+        marks, and every independent model (name -> a victim folder: never stolen from) against
+        every thief's marks: the false claims (``divqat.pipelines.verify.verify_marks``). One
+        row per test in ``rows`` (``suspect``: surrogate or independent); written to
+        ``folder/metrics.json``."""
+        marks = {name: load_marks(Path(f) / MARKS) for name, f in thieves.items()}
+        rows: list[dict[str, Any]] = []
+
+        def test(suspect: Suspect, thief: str, **who: Any) -> None:
+            v = verify_marks(suspect, marks[thief], significance)
+            (row,) = v["rows"]
+            rows.append({**who, "thief": thief, "queries": v["queries"],
+                         **{k: row[k] for k in ("marks", "agreed", "agreement", "controls", "control_agreed",
+                                                "chance", "p_value", "verified", "rate")}})
+
+        for thief, f in thieves.items():
+            record = json.loads((Path(f) / "metrics.json").read_text())
+            budgets = [x["budget"] for x in record["results"]]
+            for budget, path in surrogate_paths(Path(f) / SURROGATE, budgets).items():
+                with open_suspect(path, device=self.device) as suspect:
+                    test(suspect, thief, suspect_kind="surrogate", model=None, budget=budget)
+        for model, path in independents.items():
+            victim = self._victim(path)
+            suspect = ModelSuspect(victim, model, tuple(victim.input_shape), self.device)
+            for thief in thieves:
+                test(suspect, thief, suspect_kind="independent", model=model, budget=None)
+        record = {"significance": significance, "rows": rows,
+                  "surrogates": sum(r["suspect_kind"] == "surrogate" for r in rows),
+                  "independent_models": len(independents),
+                  "false_claims": sum(r["verified"] for r in rows if r["suspect_kind"] == "independent")}
+        write_json(Path(folder) / "metrics.json", record)
+        return record
+
     def copy(self, folder: str | Path, victim_dir: str | Path) -> dict[str, Any]:
         """The on-device thief copies the edge victim's program file
         (``divqat.pipelines.device_copy.copy_attack``), written to ``folder/metrics.json``."""
@@ -296,4 +349,4 @@ class StageWork:
                              log=self.log)
 
 
-__all__ = ["EDGE_PROGRAM", "AttackStageRequest", "DefenseSetting", "StageWork"]
+__all__ = ["EDGE_PROGRAM", "SURROGATE", "AttackStageRequest", "DefenseSetting", "StageWork"]

@@ -8,6 +8,9 @@ planned once per seed, then per int8 victim, then after the victims): see ``base
     attack     one thief against one victim behind one defense (``attack``)
     copy       the on-device thief who copies the program file (``copy``)
     timing     every victim behind every defense, timed side by side (``timing``)
+    independent  a model never stolen from, for the false claims (``train.Independent``)
+    verify     the watermarked thieves' surrogates and the independent models against the
+               thieves' marks, after every seed (``verify``)
 """
 
 from divqat.experiment.labels import (
@@ -17,7 +20,15 @@ from divqat.experiment.labels import (
     victim_label,
     victim_name,
 )
-from divqat.experiment.stages import attack, calibrate, copy, defense, timing, train  # noqa: F401 - registration
+from divqat.experiment.stages import (  # noqa: F401 - registration
+    attack,
+    calibrate,
+    copy,
+    defense,
+    timing,
+    train,
+    verify,
+)
 from divqat.experiment.stages.base import (
     STAGE_KINDS,
     PlanScope,

@@ -2,6 +2,11 @@
 behind one defense setting, one surrogate per query budget (``attack_victim`` with the budget
 list); watched by the victim's calibrated detectors when the config has ``detectors:``.
 
+With a watermark (``watermark:``, DAWN's rate) the victim's answers to the thief are watermarked
+after the defense and its surrogates are saved, for the verify stage: one stage per rate and
+budget, since each budget is then its own thief with its own marks (a smaller budget's surrogate
+trained on a prefix of a larger thief's stream would be verified against marks it never saw).
+
 A label-only thief behind a defense that may leave every label as it was also reads its twin,
 the same thief behind no defense, and measures the twin's surrogates when the defense left every
 label of the transfer set as it was (``may_share``; checked when it runs)."""
@@ -30,6 +35,14 @@ from divqat.registry import params_text
 
 if TYPE_CHECKING:
     from divqat.experiment.stages.base import PlanScope, RowsContext, Stage, StageTask
+
+
+def _thieves(attack: Any) -> list[tuple[float | None, list[int]]]:
+    """(watermark rate, budgets) of each stage of an attack setting: one stage with every budget
+    unwatermarked; watermarked, one per rate and budget."""
+    if not attack.watermark:
+        return [(None, list(attack.budgets))]
+    return [(rate, [b]) for rate in attack.watermark for b in attack.budgets]
 
 
 def may_share(attack: Any, defense: str, watched: bool) -> bool:
@@ -63,27 +76,28 @@ class Attack(StageKind):
                     continue
                 for transfer in a.transfer:
                     for labels_only in a.labels_only:
-                        spec = {"name": a.name, "params": a.params, "transfer": transfer,
-                                "labels_only": labels_only, "budgets": list(a.budgets),
-                                "surrogate": a.surrogate.recipe(), "seed": seed}
-                        # Watched by the calibrated detectors (only when there are: the keys
-                        # of configs without detectors stay what they were).
-                        inputs = (victim.key, defense.key, *(c.key for c in calibrations))
-                        twin = twins.get((i, transfer)) if labels_only and dname != NO_DEFENSE else None
-                        if twin is not None and may_share(a, dname, bool(calibrations)):
-                            spec["labels_as_behind"] = NO_DEFENSE
-                            inputs += (twin,)
-                        label = (f"attack {attack_label(a.name, a.params, transfer, labels_only)} "
-                                 f"| {scope.who} | {dlabel} | seed {seed}")
-                        stage = self.stage(spec, label, inputs, seed)
-                        stages.append(stage)
-                        if labels_only and dname == NO_DEFENSE:
-                            twins[(i, transfer)] = stage.key
+                        for rate, budgets in _thieves(a):
+                            spec = {"name": a.name, "params": a.params, "transfer": transfer,
+                                    "labels_only": labels_only, "budgets": budgets,
+                                    "surrogate": a.surrogate.recipe(), "seed": seed}
+                            what = attack_label(a.name, a.params, transfer, labels_only)
+                            if rate is not None:  # only then: the keys of other thieves stay
+                                spec.update(watermark=rate, save_surrogates=True)
+                                what += f" watermark {rate:g} at {budgets[0]}"
+                            # Watched by the calibrated detectors (only when there are: the keys
+                            # of configs without detectors stay what they were).
+                            inputs = (victim.key, defense.key, *(c.key for c in calibrations))
+                            twin = (twins.get((i, transfer)) if labels_only and dname != NO_DEFENSE
+                                    and rate is None else None)  # marked answers differ: no twin
+                            if twin is not None and may_share(a, dname, bool(calibrations)):
+                                spec["labels_as_behind"] = NO_DEFENSE
+                                inputs += (twin,)
+                            label = f"attack {what} | {scope.who} | {dlabel} | seed {seed}"
+                            stage = self.stage(spec, label, inputs, seed)
+                            stages.append(stage)
+                            if labels_only and dname == NO_DEFENSE and rate is None:
+                                twins[(i, transfer)] = stage.key
         return stages
-
-    def provide(self, source: Stage, folder: str, folders: dict[str, str],
-                context: dict[str, Any]) -> None:
-        folders["twin"] = folder  # the same label-only thief behind no defense
 
     def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
         s = task.spec
@@ -94,11 +108,18 @@ class Attack(StageKind):
                                surrogate=s["surrogate"], seed=s["seed"],
                                detectors={name: (task.folders[f"calibration:{name}"], params)
                                           for name, params in (task.context.get("detectors") or {}).items()},
-                               twin=task.folders.get("twin")))
+                               twin=task.folders.get("twin"), watermark=s.get("watermark"),
+                               save_surrogates=s.get("save_surrogates", False)))
+
+    def provide(self, source: Stage, folder: str, folders: dict[str, str],
+                context: dict[str, Any]) -> None:
+        folders["twin"] = folder  # the same label-only thief behind no defense
 
     def summary(self, result: dict[str, Any]) -> str:
-        return "adversary accuracy " + ", ".join(f"{x['adversary_accuracy']:.1%} at {x['budget']}"
+        line = "adversary accuracy " + ", ".join(f"{x['adversary_accuracy']:.1%} at {x['budget']}"
                                                  for x in result["results"])
+        w = result.get("watermark")
+        return line + (f"; {w['marked']} of {w['answered']} answers watermarked" if w else "")
 
     def rows(self, stage: Stage, ctx: RowsContext) -> list[AttackRow]:
         r = ctx.result(stage.key)
@@ -107,11 +128,20 @@ class Attack(StageKind):
         teacher = ctx.result(victim_stage.inputs[0])
         defense = ctx.by_key[stage.inputs[1]]
         s = stage.spec
+        w = r.get("watermark")
+        # A watermarked thief names its rate in its setting, so that thieves of different rates
+        # (and the same thief unwatermarked) are different settings in every table.
+        marked = {} if w is None else {
+            "watermark": w["rate"], "answers_marked": w["marked"], "test_answers_marked": w["test_answers_marked"],
+            # The honest user's cost, both measured in this stage on the same test split.
+            "defender_accuracy_unmarked": r["defender_accuracy"],
+            "defender_accuracy_watermarked": w["defender_accuracy_watermarked"]}
+        params = s["params"] if w is None else {**s["params"], "watermark": w["rate"]}
         return [{
             **victim_columns(victim),
             "teacher_accuracy": teacher.get("test_accuracy"),
             **defense_columns(defense, victim, ctx.result(defense.key), ctx),
-            "attack": s["name"], "attack_params": params_text(s["params"]),
+            "attack": s["name"], "attack_params": params_text(params),
             "transfer": s["transfer"] or "", "transfer_set": r.get("transfer_set") or "",
             "labels_only": s["labels_only"], "thief": thief_label(s["labels_only"]),
             "budget": x["budget"], "queries_used": x["queries_used"],
@@ -124,7 +154,7 @@ class Attack(StageKind):
             "attack_seconds": x["seconds"], **alarm_columns(r, x["budget"]),
             # Measured on the surrogates of the same thief behind no defense: the defense
             # left every label of its transfer set as it was.
-            "surrogates_shared": bool(r.get("surrogates_from")),
+            "surrogates_shared": bool(r.get("surrogates_from")), **marked,
             "stage": stage.key[:16]} for x in r["results"]]
 
     def estimate(self, spec: dict[str, Any], sizes: Sizes) -> tuple[str, float]:

@@ -72,11 +72,13 @@ class PlanScope:
 
     ``victim`` is the int8 victim stage whose stages are being planned (None for the kinds
     planned once per seed); ``of(kind)`` the stages of a kind planned for this seed (for the
-    victim being planned when the kind is planned per victim).
+    victim being planned when the kind is planned per victim). ``seeds``: every seed's scope,
+    for the kinds planned after every seed (``StageKind.after_seeds``); empty before.
     """
 
     def __init__(self, config: ExperimentConfig, seed: int) -> None:
         self.config, self.seed = config, seed
+        self.seeds: list[PlanScope] = []
         self.victim: Stage | None = None
         self.with_cap = len(config.divqat.caps) > 1
         self._seed: dict[str, list[Stage]] = {}
@@ -129,6 +131,8 @@ class StageKind:
         per_victim: planned once per int8 victim (after the per-seed kinds planned the victims),
             or once per seed.
         after_victims: a per-seed kind planned after every victim's stages (the timing stage).
+        after_seeds: a per-seed kind planned after every seed's stages, which may read the
+            other seeds' (``PlanScope.seeds``; the verify stage's independent models).
         table: the ``results.json`` table its rows go to (None: no rows); see
             ``divqat.experiment.results.TABLES``.
         rows_first: its rows are collected before the other kinds' (later rows read them).
@@ -139,6 +143,7 @@ class StageKind:
     name: ClassVar[str] = ""
     per_victim: ClassVar[bool] = False
     after_victims: ClassVar[bool] = False
+    after_seeds: ClassVar[bool] = False
     table: ClassVar[str | None] = None
     rows_first: ClassVar[bool] = False
     order: ClassVar[int] = 50
@@ -224,7 +229,7 @@ def register_kind(cls: type[StageKind]) -> type[StageKind]:
 def kinds_in_order() -> list[StageKind]:
     """Every registered kind, in planning order."""
     return sorted((STAGE_KINDS.get(n) for n in STAGE_KINDS.names()),
-                  key=lambda k: (k.per_victim, k.after_victims, k.order))
+                  key=lambda k: (k.after_seeds, k.per_victim, k.after_victims, k.order))
 
 
 __all__ = ["STAGE_KINDS", "PlanScope", "RowsContext", "Stage", "StageKind", "StageTask",

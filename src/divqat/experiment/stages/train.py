@@ -1,6 +1,8 @@
 """The training kinds: the fp32 teacher (``fp32``: one per seed, or one shared when ``fp32.seed``
-is set) and the int8 victims (``victim``: qat, and divqat per alpha, cap and variant, fine-tuned
-from the teacher; with ``victim.target: edge`` each also writes ``victim.pte``)."""
+is set), the int8 victims (``victim``: qat, and divqat per alpha, cap and variant, fine-tuned
+from the teacher; with ``victim.target: edge`` each also writes ``victim.pte``), and the
+independent models of ``watermark.independent`` (``independent``: trained as the teacher, with
+their own architecture and seed, never stolen from: the verify stage's false claims)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from divqat.experiment.labels import victim_name
-from divqat.experiment.results import VictimRow, victim_info
+from divqat.experiment.results import IndependentRow, VictimRow, victim_info
 from divqat.experiment.sizes import ARCH_COST, Sizes
 from divqat.experiment.stages.base import StageKind, register_kind
 from divqat.models.weights import file_digest
@@ -148,3 +150,47 @@ class Victim(_Training):
 
     def time_name(self, label: str, row: dict[str, Any]) -> str:
         return "victim " + ("qat" if label == "victim qat" else "divqat")
+
+
+def independent_label(spec: dict[str, Any]) -> str:
+    """"resnet20 seed 11": an independent model, by its architecture and seed."""
+    return f"{spec['arch']} seed {spec['seed']}"
+
+
+@register_kind
+class Independent(_Training):
+    """An independent model of ``watermark.independent``: an fp32 model trained as the teacher
+    on the victims' training images, with its own architecture and seed. The same stage for
+    every seed of the run (its key does not hold the run's seed)."""
+
+    name = "independent"
+    order = 15
+    table = "independents"
+
+    def plan(self, scope: PlanScope) -> list[Stage]:
+        config = scope.config
+        if config.watermark is None:
+            return []
+        stages = []
+        for model in config.watermark.independent:
+            spec = {**_data(scope), "arch": model.arch, "mode": "fp32", "epochs": config.fp32.epochs,
+                    "lr": config.fp32.lr, "seed": model.seed}
+            if config.fp32.precision != "fp32":
+                spec["precision"] = config.fp32.precision
+            stages.append(self.stage(spec, f"independent {independent_label(spec)}", (), model.seed))
+        return stages
+
+    def summary(self, result: dict[str, Any]) -> str:
+        return f"test accuracy {result['test_accuracy']:.1%}"
+
+    def rows(self, stage: Stage, ctx: RowsContext) -> list[IndependentRow]:
+        r = ctx.result(stage.key)
+        return [{"model": independent_label(stage.spec), "arch": stage.spec["arch"], "seed": stage.seed,
+                 "test_accuracy": r.get("test_accuracy"), "train_seconds": r.get("train_seconds"),
+                 "stage": stage.key[:16]}]
+
+    def category(self, spec: dict[str, Any]) -> str:
+        return "fp32"  # trained as the teacher is: the teacher's measured rate
+
+    def time_name(self, label: str, row: dict[str, Any]) -> str:
+        return "independent model"

@@ -224,3 +224,26 @@ def test_every_registered_attack_knows_its_name_and_lists_its_defaults():
 def test_data_free_attacks_refuse_label_only(tiny_victims, tmp_path):
     with pytest.raises(ConfigError, match="posteriors"):
         steal(tiny_victims["qat"], "dfme", budgets=[100], labels_only=True, out=tmp_path / "x")
+
+
+def test_surrogates_measured_in_bf16_agree_with_fp32(bars_victim, monkeypatch):
+    from divqat.pipelines import attack as attack_module
+    from divqat.train import trainer
+
+    images = torch.rand(256, 1, 16, 16)
+    training = SurrogateTraining(epochs=3, batch_size=32, precision="bf16", eval_precision="bf16",
+                                 progress=False)
+    surrogate, _ = train_surrogate(images, bars_victim(images).softmax(dim=1), training, (1, 16, 16), 4)
+    test = torch.rand(300, 1, 16, 16)
+    fp32 = attack_module.surrogate_predictions(surrogate, test)
+    bf16 = attack_module.surrogate_predictions(surrogate, test, precision="bf16")
+    assert fp32.shape == bf16.shape == (300,)
+    assert (fp32 == bf16).float().mean() >= 0.95  # bf16 rounding flips only near-ties
+    assert surrogate.training is False  # measured in eval mode; the folded copy left it as it was
+    # Where the CPU has no native bf16 the measurement is fp32's, exactly.
+    monkeypatch.setattr(trainer, "bf16_supported", lambda: False)
+    assert torch.equal(attack_module.surrogate_predictions(surrogate, test, precision="bf16"), fp32)
+    assert training.recipe()["eval_precision"] == "bf16"
+    assert "eval_precision" not in SurrogateTraining().recipe()  # the keys of older configs hold
+    with pytest.raises(ConfigError, match="eval_precision"):
+        SurrogateTraining(eval_precision="fp16")

@@ -577,8 +577,10 @@ def test_default_preset_has_three_seeds_and_the_paper_fmnist_preset_every_method
 def test_cap_grid_and_precision_keep_the_keys_of_configs_without_them():
     base = _keys(tiny())
     assert _keys(tiny(divqat__cap=0.15)) == base  # the recommended cap, written out
-    assert _keys(tiny(fp32={"epochs": 3, "precision": "fp32"},
-                      attacks__0__surrogate={"epochs": 2, "batch_size": 32, "precision": "fp32"})) == base
+    assert _keys(tiny(fp32={"epochs": 3, "precision": "fp32"}, qat={"epochs": 1, "precision": "fp32"},
+                      divqat__precision="fp32",
+                      attacks__0__surrogate={"epochs": 2, "batch_size": 32, "precision": "fp32",
+                                             "eval_precision": "fp32"})) == base
     grid = _keys(tiny(divqat__cap=[0.15, 0.3]))
     assert "victim divqat a=2 cap=0.15 | seed 0" in grid and "victim divqat a=2 cap=0.3 | seed 0" in grid
     # The cap-0.15 victim is the one the single-cap config trains (only its label names the cap).
@@ -586,12 +588,27 @@ def test_cap_grid_and_precision_keep_the_keys_of_configs_without_them():
     bf16 = _keys(tiny(attacks__0__surrogate={"epochs": 2, "batch_size": 32, "precision": "bf16"}))
     changed = {label for label, key in base.items() if key not in bf16.values()}
     assert changed == {label for label in base if label.startswith("attack")}
+    # Measuring the surrogates in bf16 is a new stage too (other numbers, however close).
+    evaluated = _keys(tiny(attacks__0__surrogate={"epochs": 2, "batch_size": 32, "eval_precision": "bf16"}))
+    assert {label for label, key in base.items() if key not in evaluated.values()} == changed
     teacher = _keys(tiny(fp32={"epochs": 3, "precision": "bf16"}))
     assert teacher["fp32 teacher | seed 0"] != base["fp32 teacher | seed 0"]
+    # bf16 fine-tuning: the QAT victim (and what reads it) only; a divqat section's precision
+    # reaches its variants.
+    qat = _keys(tiny(qat={"epochs": 1, "precision": "bf16"}))
+    assert {label.split(" | ")[0] for label, key in base.items() if key not in qat.values()
+            and not label.startswith(("attack", "defense", "timing"))} == {"victim qat"}
+    config = parse_config(tiny(divqat__precision="bf16",
+                               divqat__variants=[{"name": "divqat-out", "divergence_on": "out"}]))
+    assert config.divqat.precision == "bf16" and config.divqat.variants[0].precision == "bf16"
+    assert {s.spec.get("precision") for s in plan_stages(config) if s.kind == "victim"} == {None, "bf16"}
+    assert parse_config(yaml.safe_load(yaml.safe_dump(config_dict(config)))) == config
     with pytest.raises(ConfigError, match=r"fp32\.precision"):
         parse_config(tiny(fp32={"epochs": 3, "precision": "fp16"}))
-    with pytest.raises(ConfigError, match=r"qat\.precision: unknown key"):
-        parse_config(tiny(qat={"epochs": 1, "precision": "bf16"}))
+    with pytest.raises(ConfigError, match=r"qat\.precision"):
+        parse_config(tiny(qat={"epochs": 1, "precision": "fp16"}))
+    with pytest.raises(ConfigError, match=r"attacks\[0\]\.surrogate\.eval_precision"):
+        parse_config(tiny(attacks__0__surrogate={"eval_precision": "int8"}))
     with pytest.raises(ConfigError, match=r"divqat\.cap"):
         parse_config(tiny(divqat__cap=[0.15, -1]))
     config = parse_config(tiny(divqat__cap=[0.15, 0.3]))

@@ -141,3 +141,32 @@ def test_cli_train_writes_metrics(tiny_victims, tmp_path, capsys):
     assert len(metrics["history"]) == 1 and "div" in metrics["history"][0]
     # No DivQAT options given: the recommended setting, recorded in the artifact.
     assert load_victim(out).metadata["divqat"] == RECOMMENDED.as_dict()
+
+
+def test_bf16_fine_tuning_trains_a_divqat_victim(tiny_victims, tmp_path):
+    from divqat.train.trainer import resolve_precision
+
+    # The student's fake-quantized forward passes and the teacher's under bf16 autocast.
+    m = train_victim(TrainRequest(dataset=TINY, arch="resnet8", mode="divqat", teacher=tiny_victims["fp32"],
+                                  divqat=DivQATSettings(alpha=2.0), lr=0.05, epochs=1, precision="bf16",
+                                  out=tmp_path / "divqat", progress=False, log_epochs=False))
+    # What it really ran in (bf16 where the CPU has it, else fp32) is recorded.
+    assert m["precision"] == resolve_precision("bf16")
+    qat = json.loads((tiny_victims["qat"] / "metrics.json").read_text())
+    assert m["int8_test_accuracy"] > 0.4 and m["kl_to_teacher"] > qat["kl_to_teacher"]  # chance: 25 %
+    assert load_victim(tmp_path / "divqat").int8
+
+
+def test_divqat_teacher_logits_in_bf16_are_fp32_and_close():
+    from divqat.models import VictimNet
+    from divqat.train.losses import DivQATLoss
+
+    torch.manual_seed(0)
+    teacher = VictimNet("resnet8", 1, 4, (0.3,), (0.3,)).eval()
+    x = torch.rand(16, 1, 16, 16)
+    fp32 = DivQATLoss(teacher, RECOMMENDED).teacher_logits(x)
+    bf16 = DivQATLoss(teacher, RECOMMENDED, precision="bf16").teacher_logits(x)
+    assert fp32.dtype == bf16.dtype == torch.float32 and not fp32.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(fp32, teacher(x), atol=1e-5)  # folded BatchNorm, same answers
+    assert torch.allclose(bf16, fp32, atol=0.1, rtol=0.05)

@@ -65,7 +65,10 @@ class SurrogateTraining:
     surrogate; a small query set gets more epochs (measured: a 500-query KnockoffNets thief of
     the Fashion-MNIST QAT victim reached 42.9 % after 5 epochs = 20 steps and 79.1 % after
     300 steps), so a small budget measures what the answers teach, not an undertrained
-    surrogate (default 0: ``epochs`` as given). precision: "bf16" trains under bf16 autocast
+    surrogate (default 0: ``epochs`` as given). eval_precision: "bf16" measures the surrogates
+    on the test split under bf16 autocast with BatchNorm folded (about 3x faster; fp32 where the
+    CPU lacks native bf16; ``divqat.pipelines.attack.surrogate_predictions``). precision: "bf16"
+    trains under bf16 autocast
     where the CPU has native bf16 (fp32 elsewhere; see ``divqat.train.trainer``); it applies to
     the surrogates trained on stored queries (``train_surrogate``), not to the data-free
     attacks' online training, which stays fp32. temperature: of the soft cross-entropy (1 = the
@@ -81,6 +84,7 @@ class SurrogateTraining:
     temperature: float = 1.0
     min_steps: int = 0
     precision: str = "fp32"
+    eval_precision: str = "fp32"
     augment: bool = True
     hflip: bool = True
     seed: int = 0
@@ -90,7 +94,7 @@ class SurrogateTraining:
     # The fields that make up the recipe (what a config's ``surrogate:`` mapping and a stage key
     # hold); seed, device and progress are set per run.
     RECIPE: ClassVar[tuple[str, ...]] = ("arch", "epochs", "batch_size", "lr", "weight_decay",
-                                         "temperature", "min_steps", "precision")
+                                         "temperature", "min_steps", "precision", "eval_precision")
 
     def __post_init__(self) -> None:
         # Stored as the checks return them (lr 1 -> 1.0), so a stage key does not depend on how
@@ -114,19 +118,21 @@ class SurrogateTraining:
             "temperature": lambda v: check_number(owner, "temperature", v, low=0, low_open=True),
             "min_steps": lambda v: check_int(owner, "min_steps", v, low=0),
             "precision": lambda v: check_choice(owner, "precision", v, PRECISIONS),
+            "eval_precision": lambda v: check_choice(owner, "eval_precision", v, PRECISIONS),
         }
         return {name: checks[name](fields[name]) for name in SurrogateTraining.RECIPE
                 if name in fields}
 
     def recipe(self) -> dict[str, Any]:
-        """The recipe fields as plain data (a stage's settings); ``min_steps`` and ``precision``
-        only when they differ from their defaults, so the stage keys of configs written before
-        they existed stay valid."""
+        """The recipe fields as plain data (a stage's settings); ``min_steps``, ``precision``
+        and ``eval_precision`` only when they differ from their defaults, so the stage keys of
+        configs written before they existed stay valid."""
         out = {k: getattr(self, k) for k in self.RECIPE}
         if not out["min_steps"]:
             del out["min_steps"]
-        if out["precision"] == "fp32":
-            del out["precision"]
+        for name in ("precision", "eval_precision"):
+            if out[name] == "fp32":
+                del out[name]
         return out
 
     def epochs_for(self, n_images: int) -> int:

@@ -155,8 +155,8 @@ def surrogate_training(args: argparse.Namespace):
     detect only the architecture and the length, the rest stays at the recipe's defaults."""
     from divqat.attacks import SurrogateTraining
 
-    optional = {name: getattr(args, name) for name in ("batch_size", "lr", "temperature", "precision")
-                if hasattr(args, name)}
+    optional = {name: getattr(args, name) for name in ("batch_size", "lr", "temperature", "precision",
+                                                       "eval_precision") if hasattr(args, name)}
     return SurrogateTraining(arch=args.surrogate, epochs=args.epochs, min_steps=args.min_steps,
                              seed=args.seed, device=args.device, progress=not args.no_progress,
                              **optional)

@@ -69,6 +69,9 @@ def register(sub) -> None:
                    help="temperature of the soft cross-entropy (default: 1)")
     a.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="surrogate training: bf16 autocast where the CPU has it (default: fp32)")
+    a.add_argument("--eval-precision", default="fp32", choices=PRECISIONS,
+                   help="the surrogates' test-split pass: bf16 autocast with BatchNorm folded where "
+                        "the CPU has it (default: fp32)")
     a.add_argument("--watermark", type=float, default=None, metavar="RATE",
                    help="watermark this fraction of the thief's answers (DAWN; after the defense, "
                         "e.g. 0.005): says how many were marked and keeps the marks in OUT/marks.npz "

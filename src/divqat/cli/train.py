@@ -81,8 +81,9 @@ def register(sub) -> None:
                    help="keep the last N training images out of training (an unseen in-distribution "
                         "transfer set for attacks) (default: 0)")
     t.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="fp32 training only: bf16 runs the forward passes under bf16 autocast where "
-                        "the CPU has native bf16, fp32 elsewhere (default: fp32)")
+                   help="bf16 runs the forward passes (qat/divqat: the fake-quantized student's and "
+                        "the DivQAT teacher's) under bf16 autocast where the CPU has native bf16, "
+                        "fp32 elsewhere (default: fp32)")
     t.add_argument("--target", default="x86", choices=("x86", "edge"),
                    help="int8 scheme of qat/divqat: x86 (inductor, oneDNN) or edge (ExecuTorch's "
                         "XNNPACK, for `divqat export`; needs divqat[edge]) (default: x86)")

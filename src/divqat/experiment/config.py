@@ -25,9 +25,10 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
                                  # runtime runs it, and the file-copy thief is measured too)
     fp32:    {epochs: 10, lr: 0.1, seed: null,     # seed null: one teacher per run seed
               precision: fp32}           # bf16: autocast where the CPU has it (fp32 elsewhere)
-    qat:     {epochs: 1, lr: 0.01}
+    qat:     {epochs: 1, lr: 0.01, precision: fp32}
     divqat:  {alphas: [2.0], divergence: kl, cap: 0.15, ramp: 0.0, temperature: 1.0,
-              epochs: 1, lr: 0.01,       # unset: kl, cap 0.15; a divergence given without a cap: uncapped
+              epochs: 1, lr: 0.01, precision: fp32,  # unset: kl, cap 0.15; a divergence given
+                                         # without a cap: uncapped
                                          # cap may be a list: a grid axis (alphas x caps)
               divergence_on: in, outliers: synth, distill: 0.0,  # in = the paper's DivQAT
               variants: []}      # more DivQAT victims: mappings of the keys above (not variants)
@@ -45,7 +46,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
         surrogate: {arch: resnet8, epochs: 30, batch_size: 128, lr: 0.1,
                     weight_decay: 0.0005, temperature: 1.0,
                     min_steps: 0,            # at least this many SGD steps per surrogate
-                    precision: fp32}         # bf16: autocast where the CPU has it
+                    precision: fp32,         # bf16: autocast where the CPU has it
+                    eval_precision: fp32}    # bf16: the test split under autocast, BN folded
         defenses: null           # restrict to these defense names (default: every defense)
         watermark: null          # this attack's own watermark: {rate: ...} (its rates instead of
                                  # the top level's), or false: none (default: the top level's)
@@ -130,7 +132,9 @@ SCHEMA: dict[str, dict[str, str]] = {
     "fp32": {"epochs": "training epochs", "lr": "peak learning rate (one-cycle)",
              "seed": "null: one teacher per run seed; an integer: one teacher for every seed",
              "precision": "bf16: autocast where the CPU has native bf16 (fp32 elsewhere)"},
-    "qat": {"epochs": "fine-tuning epochs", "lr": "peak learning rate (cosine)"},
+    "qat": {"epochs": "fine-tuning epochs", "lr": "peak learning rate (cosine)",
+            "precision": "bf16: the fake-quantized forward passes under autocast where the CPU "
+                         "has native bf16 (fp32 elsewhere)"},
     "divqat": {"alphas": "the divergence weights: one victim per alpha (a grid axis)",
                "divergence": "kl (the paper's), reverse-kl, js or tail-kl",
                "cap": "stop pushing a sample past this divergence (0: no cap); a list is a grid "
@@ -142,13 +146,15 @@ SCHEMA: dict[str, dict[str, str]] = {
                "distill": "with divergence_on out: weight of a KL pull toward the teacher on the "
                           "training images",
                "epochs": "fine-tuning epochs", "lr": "peak learning rate (cosine)",
+               "precision": "bf16: the student's and the teacher's forward passes under autocast "
+                            "where the CPU has native bf16 (fp32 elsewhere)",
                "variants": "more DivQAT victims: mappings of the keys above plus name"},
     "divqat.variants[]": {"alphas": "as the section's", "divergence": "as the section's",
                           "cap": "one cap (a changed divergence without a cap runs uncapped)",
                           "ramp": "as the section's", "temperature": "as the section's",
                           "divergence_on": "as the section's", "outliers": "as the section's",
                           "distill": "as the section's", "epochs": "as the section's",
-                          "lr": "as the section's",
+                          "lr": "as the section's", "precision": "as the section's",
                           "name": "the label of its victims (starts with divqat; default "
                                   "divqat-<divergence_on>)"},
     "defenses[]": {"name": "a defense (`divqat defenses`); an entry may be the bare name",
@@ -169,7 +175,9 @@ SCHEMA: dict[str, dict[str, str]] = {
                             "weight_decay": "SGD weight decay",
                             "temperature": "temperature of the soft cross-entropy",
                             "min_steps": "at least this many SGD steps per surrogate",
-                            "precision": "bf16: autocast where the CPU has it"},
+                            "precision": "bf16: autocast where the CPU has it",
+                            "eval_precision": "bf16: the test split under autocast with BatchNorm "
+                                              "folded (fp32 where the CPU lacks native bf16)"},
     "detectors[]": {"name": "a detector (`divqat detectors`); an entry may be the bare name",
                     "params": "the detector's parameters (not its threshold: calibrated)",
                     "target_far": "the false-alarm rate its threshold is calibrated for",
@@ -217,9 +225,9 @@ class VictimSpec:
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """Epochs and peak learning rate of one training mode; ``seed`` and ``precision`` only for
-    the fp32 teacher (seed None: one teacher per run seed; an integer: one teacher shared by
-    every seed; precision "bf16": autocast where the CPU has it)."""
+    """Epochs, peak learning rate and precision of one training mode; ``seed`` only for the fp32
+    teacher (None: one teacher per run seed; an integer: one teacher shared by every seed);
+    precision "bf16": autocast where the CPU has it."""
 
     epochs: int
     lr: float
@@ -238,6 +246,7 @@ class DivQATSpec:
     epochs: int = 1
     lr: float = 0.01
     caps: tuple[float | None, ...] = ()  # empty: the objective's cap
+    precision: str = "fp32"  # bf16: autocast where the CPU has it (student and teacher)
     # The variants: more DivQAT victims, each a DivQATSpec of its own labelled "<name> a=<alpha>"
     # (the section's name is "divqat"); the out-of-distribution DivQAT is in ``objective``.
     name: str = "divqat"
@@ -574,10 +583,9 @@ def _dataset(value: Any, where: str, names: Sequence[str]) -> str:
 
 
 def _training(raw: Any, path: str, epochs: int, lr: float, with_seed: bool = False) -> TrainingSpec:
-    # QAT fine-tuning stays fp32 (its observers calibrate on fp32 activations): no precision.
     m = _Mapping(raw, path, _keys(path))
     seed = m.int("seed", None, 0, optional=True) if with_seed else None
-    precision = m.choice("precision", "fp32", PRECISIONS) if with_seed else "fp32"
+    precision = m.choice("precision", "fp32", PRECISIONS)
     return TrainingSpec(epochs=m.int("epochs", epochs, 1), lr=m.number("lr", lr, 0, low_open=True),
                         seed=seed, precision=precision)
 
@@ -618,7 +626,8 @@ def _divqat(raw: Any, path: str = "divqat", base: DivQATSpec | None = None) -> D
     spec = DivQATSpec(
         alphas=m.list("alphas", list(d.alphas), lambda v, w: _number(v, w, 0, low_open=True)),
         objective=objective, epochs=m.int("epochs", d.epochs, 1), lr=m.number("lr", d.lr, 0, low_open=True),
-        caps=caps, name=m.get("name", f"divqat-{on}" if base is not None else "divqat"))
+        caps=caps, precision=m.choice("precision", d.precision, PRECISIONS),
+        name=m.get("name", f"divqat-{on}" if base is not None else "divqat"))
     if not isinstance(spec.name, str) or not spec.name.startswith("divqat") or "|" in spec.name:
         raise ConfigError(f"{m.where('name')}: must be a label starting with 'divqat' (e.g. divqat-out); "
                           f"got {spec.name!r}")
@@ -767,6 +776,8 @@ def divqat_fields(d: DivQATSpec, full: bool = False) -> dict[str, Any]:
     cap = [c or 0 for c in d.caps] if len(d.caps) > 1 else o.cap or 0
     out: dict[str, Any] = {"alphas": list(d.alphas), "divergence": o.divergence, "cap": cap,
                            "ramp": o.ramp, "temperature": o.temperature, "epochs": d.epochs, "lr": d.lr}
+    if d.precision != "fp32":
+        out["precision"] = d.precision
     if full or o.divergence_on != "in":
         out.update(divergence_on=o.divergence_on, outliers=o.outliers, distill=o.distill)
     return out
@@ -845,7 +856,8 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
                    **({"mean": list(v.mean), "std": list(v.std)} if v.mean else {})},
         "fp32": {"epochs": config.fp32.epochs, "lr": config.fp32.lr, "seed": config.fp32.seed,
                  **({"precision": config.fp32.precision} if config.fp32.precision != "fp32" else {})},
-        "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr},
+        "qat": {"epochs": config.qat.epochs, "lr": config.qat.lr,
+                **({"precision": config.qat.precision} if config.qat.precision != "fp32" else {})},
         "divqat": {**divqat_fields(d),
                    **({"variants": [{"name": x.name, **divqat_fields(x, full=True)} for x in d.variants]}
                       if d.variants else {})},

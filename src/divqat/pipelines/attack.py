@@ -62,6 +62,8 @@ from divqat.pipelines.defend import evaluate_served, parse_query_set
 from divqat.pipelines.defense_models import build_defense
 from divqat.pipelines.thieves import key_budget, known_defense, stream_monitors
 from divqat.stopwatch import phase, timed
+from divqat.train.losses import frozen_forward
+from divqat.train.trainer import resolve_precision
 from divqat.victim import load_victim, victim_metadata
 
 # The thief's unseen in-distribution transfer set: the victim's held-out training images.
@@ -125,11 +127,20 @@ def predict(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int =
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def surrogate_predictions(surrogate: nn.Module, test_images: Tensor, device: str = "cpu") -> Tensor:
-    """The surrogate's argmax labels (N,) on the test split."""
+def surrogate_predictions(surrogate: nn.Module, test_images: Tensor, device: str = "cpu",
+                          precision: str = "fp32") -> Tensor:
+    """The surrogate's argmax labels (N,) on the test split. ``precision`` "bf16"
+    (``SurrogateTraining.eval_precision``; fp32 where the CPU lacks native bf16): the forward
+    passes under bf16 autocast, as a bf16-trained surrogate ran in training, with every BatchNorm
+    folded into the convolution before it (``frozen_forward``): 2.35x less CPU time than fp32
+    for resnet8 on 5,000 Fashion-MNIST images (docs/results.md, "Where the time goes")."""
     # channels_last: about 1.2x faster convolutions on CPU, and this runs per budget per attack.
     surrogate.eval().to(memory_format=torch.channels_last)
-    return predict(surrogate, test_images.contiguous(memory_format=torch.channels_last), device=device)
+    images = test_images.contiguous(memory_format=torch.channels_last)
+    if resolve_precision(precision, device) == "fp32":
+        return predict(surrogate, images, device=device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        return predict(frozen_forward(surrogate), images, device=device)
 
 
 def prediction_metrics(pred: Tensor, labels: Tensor, defended_pred: Tensor,
@@ -385,7 +396,7 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
             streams = [{"budget": b.budget, "queries_used": b.queries_used} for b in boxes]
         results, predictions = [], {}
         for s in stolen:
-            pred = surrogate_predictions(s.surrogate, test_images, device)
+            pred = surrogate_predictions(s.surrogate, test_images, device, training.eval_precision)
             predictions[str(s.budget)] = pred.to(torch.int16)
             row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
                    **({"epochs": training.epochs_for(_trained_on(s))} if thief.uses_transfer_set else {}),
@@ -598,7 +609,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
 
         results = []
         for s in stolen:
-            pred = surrogate_predictions(s.surrogate, test_images, device)
+            pred = surrogate_predictions(s.surrogate, test_images, device, training.eval_precision)
             accuracy = float((pred == labels).float().mean())
             row = {"budget": s.budget, "queries_used": s.queries_used, "seconds": s.seconds,
                    **({"epochs": training.epochs_for(_trained_on(s))} if thief.uses_transfer_set else {}),

@@ -34,7 +34,14 @@ from divqat.quant.edge import TARGETS, require_executorch
 from divqat.train.losses import CrossEntropy, DivQATSettings
 from divqat.train.ood import divqat_objective
 from divqat.train.outliers import load_outliers
-from divqat.train.trainer import PRECISIONS, FitConfig, accuracy, fit, predict_logits
+from divqat.train.trainer import (
+    PRECISIONS,
+    FitConfig,
+    accuracy,
+    fit,
+    predict_logits,
+    resolve_precision,
+)
 from divqat.victim import (
     INT8_MODES,
     Victim,
@@ -73,7 +80,9 @@ class TrainRequest:
     lr: float | None = None
     schedule: str | None = None
     freeze_at: float = DEFAULT_FREEZE_AT
-    precision: str = "fp32"  # "bf16": autocast where the CPU has it (fp32 training only)
+    # "bf16": forward passes under bf16 autocast where the CPU has it (fp32 elsewhere); for
+    # qat/divqat the fake-quantized student's and the DivQAT teacher's.
+    precision: str = "fp32"
     target: str = "x86"
     # fp32 only: start from these weights (a backbone the user brings), loading every tensor whose
     # name and shape fit; the rest (e.g. a head for another number of classes) start fresh.
@@ -101,9 +110,6 @@ class TrainRequest:
         check_int("", "--seed", self.seed)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        if self.precision != "fp32" and self.mode in INT8_MODES:
-            raise ConfigError(f"--precision {self.precision}: QAT fine-tuning runs in fp32 (its fake "
-                              "quantization is calibrated on fp32 activations)")
         check_choice("", "--target", self.target, TARGETS)
         if self.init is not None and self.mode != "fp32":
             raise ConfigError(f"--init only applies to --mode fp32; --mode {self.mode} starts from "
@@ -235,7 +241,7 @@ def train_victim(req: TrainRequest) -> dict:
                                          training_set=f"{spec.name}:train[:{len(train)}]",
                                          data_root=req.data_root)
                 metrics["outlier_set"] = outliers.name
-            objective = divqat_objective(teacher, req.divqat, outliers)
+            objective = divqat_objective(teacher, req.divqat, outliers, resolve_precision(req.precision, req.device))
         teacher_acc = teacher_meta["metrics"]["test_accuracy"]
         metrics["teacher_test_accuracy"] = teacher_acc
 

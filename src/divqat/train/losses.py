@@ -190,17 +190,27 @@ class DivQATLoss:
     QAT bit for bit under the same seed.
     """
 
-    def __init__(self, teacher: nn.Module, settings: DivQATSettings) -> None:
+    def __init__(self, teacher: nn.Module, settings: DivQATSettings, precision: str = "fp32") -> None:
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         self.teacher = frozen_forward(teacher)
         self.settings = settings
+        # "bf16": the teacher's forward pass under bf16 autocast (with the student's, where
+        # ``FitConfig.precision`` is bf16); its logits come back in fp32 for the divergence.
+        self.precision = precision
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher's logits (N, K), fp32, without gradients."""
+        with torch.no_grad():
+            if self.precision != "bf16":
+                return self.teacher(images)
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
+                return self.teacher(images).float()
 
     def __call__(self, logits, labels, images, progress):
         s = self.settings
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+        teacher_logits = self.teacher_logits(images)
         ce = F.cross_entropy(logits, labels)
         alpha = s.alpha_at(progress)
         if alpha == 0:

@@ -51,8 +51,8 @@ class OODDivQATLoss(DivQATLoss):
     """
 
     def __init__(self, teacher: nn.Module, settings: DivQATSettings,
-                 outliers: OutlierSource | None = None) -> None:
-        super().__init__(teacher, settings)
+                 outliers: OutlierSource | None = None, precision: str = "fp32") -> None:
+        super().__init__(teacher, settings, precision)
         self.uses_outliers = settings.divergence_on in ("out", "both") and settings.alpha > 0
         if self.uses_outliers and outliers is None:
             raise ConfigError(f"divergence_on {settings.divergence_on!r} needs an outlier source")
@@ -65,8 +65,7 @@ class OODDivQATLoss(DivQATLoss):
     def __call__(self, logits, labels, images, progress):
         s = self.settings
         n = labels.shape[0]
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+        teacher_logits = self.teacher_logits(images)
         z, t = logits[:n], teacher_logits[:n]
         ce = F.cross_entropy(z, labels)
         alpha = s.alpha_at(progress)
@@ -95,12 +94,13 @@ class OODDivQATLoss(DivQATLoss):
 
 
 def divqat_objective(teacher: nn.Module, settings: DivQATSettings,
-                     outliers: OutlierSource | None = None) -> DivQATLoss:
+                     outliers: OutlierSource | None = None, precision: str = "fp32") -> DivQATLoss:
     """The DivQAT objective ``settings`` describe: the paper's ``DivQATLoss`` when the divergence
-    is on the training images only and nothing is distilled, else ``OODDivQATLoss``."""
+    is on the training images only and nothing is distilled, else ``OODDivQATLoss``.
+    ``precision`` "bf16": the teacher's forward passes under bf16 autocast."""
     if settings.divergence_on == "in" and settings.distill == 0:
-        return DivQATLoss(teacher, settings)
-    return OODDivQATLoss(teacher, settings, outliers)
+        return DivQATLoss(teacher, settings, precision)
+    return OODDivQATLoss(teacher, settings, outliers, precision)
 
 
 __all__ = ["OODDivQATLoss", "divqat_objective"]

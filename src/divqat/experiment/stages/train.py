@@ -129,6 +129,8 @@ class Victim(_Training):
             spec = {**_data(scope), "mode": mode, "epochs": train.epochs, "lr": train.lr, "seed": seed}
             if config.victim.target != "x86":  # only then: the keys of x86 victims stay what they were
                 spec["target"] = config.victim.target
+            if train.precision != "fp32":  # likewise: the keys of fp32 fine-tuning stay
+                spec["precision"] = train.precision
             if mode == "divqat":
                 spec["divqat"] = settings.as_dict()
                 if train.name != "divqat":  # a variant's label; the section's keys stay as they were

@@ -10,6 +10,20 @@ import torch
 from divqat.data import DATASETS, DatasetSpec, ImageDataset, register_dataset
 
 TINY = "tiny-bars"
+
+# The smallest experiment that runs every stage kind of the default grid (tests/test_experiment.py,
+# tests/test_ownership_experiment.py build theirs from it).
+TINY_CONFIG = {
+    "name": "tiny",
+    "seeds": [0],
+    "victim": {"dataset": TINY, "arch": "resnet8", "holdout": 96, "batch_size": 64},
+    "fp32": {"epochs": 3},
+    "qat": {"epochs": 1},
+    "divqat": {"alphas": [2.0], "epochs": 1},
+    "defenses": ["none", {"name": "dcp", "params": {"beta": 0.5}}],
+    "attacks": [{"name": "knockoff", "transfer": "holdout", "labels_only": [False, True],
+                 "budgets": [40, 80], "surrogate": {"epochs": 2, "batch_size": 32}}],
+}
 TINY_CLASSES = ("top", "upper", "lower", "bottom")
 
 

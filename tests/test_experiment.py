@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from conftest import TINY
+from conftest import TINY, TINY_CONFIG
 
 from divqat.cli import main
 from divqat.errors import ConfigError, DatasetError
@@ -32,17 +32,6 @@ from divqat.experiment.report import delta_cell
 from divqat.experiment.results import with_strongest
 from divqat.pipelines import stages as stages_module
 
-TINY_CONFIG = {
-    "name": "tiny",
-    "seeds": [0],
-    "victim": {"dataset": TINY, "arch": "resnet8", "holdout": 96, "batch_size": 64},
-    "fp32": {"epochs": 3},
-    "qat": {"epochs": 1},
-    "divqat": {"alphas": [2.0], "epochs": 1},
-    "defenses": ["none", {"name": "dcp", "params": {"beta": 0.5}}],
-    "attacks": [{"name": "knockoff", "transfer": "holdout", "labels_only": [False, True],
-                 "budgets": [40, 80], "surrogate": {"epochs": 2, "batch_size": 32}}],
-}
 # fp32, qat, divqat; 2 victims x 2 defenses; 2 victims x 2 defenses x (soft, label-only); timing.
 N_STAGES, N_ATTACKS = 1 + 2 + 4 + 8 + 1, 8
 

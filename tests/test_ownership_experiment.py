@@ -9,24 +9,14 @@ import json
 
 import pytest
 import yaml
-from conftest import TINY
+from conftest import TINY_CONFIG
 
 from divqat.errors import ConfigError
 from divqat.experiment import load_preset, parse_config, plan_stages, run_experiment
 from divqat.experiment.config import config_dict
 from divqat.experiment.report import REPORT
 
-BASE = {
-    "name": "own",
-    "seeds": [0, 1],
-    "victim": {"dataset": TINY, "arch": "resnet8", "holdout": 96, "batch_size": 64},
-    "fp32": {"epochs": 3},
-    "qat": {"epochs": 1},
-    "divqat": {"alphas": [2.0], "epochs": 1},
-    "defenses": ["none", {"name": "dcp", "params": {"beta": 0.5}}],
-    "attacks": [{"name": "knockoff", "transfer": "holdout", "labels_only": [False, True],
-                 "budgets": [40, 80], "surrogate": {"epochs": 2, "batch_size": 32}}],
-}
+BASE = {**TINY_CONFIG, "name": "own", "seeds": [0, 1]}
 
 
 def config(**top) -> dict:

@@ -775,7 +775,7 @@ def test_the_add_a_stage_kind_example_plans_runs_and_reports_its_kind(tiny_run, 
 
 
 def test_the_numerics_section_says_which_stages_used_bf16_and_which_fell_back():
-    from divqat.experiment.numerics import Numerics, lines, mismatch, summary
+    from divqat.experiment.numerics import Numerics, lines, mismatch, summary, uses_bf16
 
     here = Numerics().record()
     bf16 = {"kind": "attack", "spec": {"surrogate": {"precision": "bf16"}}}
@@ -791,6 +791,12 @@ def test_the_numerics_section_says_which_stages_used_bf16_and_which_fell_back():
     # a stage that did not ask for bf16 does not care.
     assert "native bf16" in mismatch(used, {**here, "bf16_native": False})
     assert mismatch(plain, {**here, "bf16_native": True}) is None
+    # Measuring the surrogates in bf16 (or fine-tuning a victim in bf16) asks for it too.
+    evaluated = {"kind": "attack", "spec": {"surrogate": {"eval_precision": "bf16"}},
+                 "numerics": {**here, "bf16_native": True}}
+    assert "native bf16" in mismatch(evaluated, {**here, "bf16_native": False})
+    assert uses_bf16({"kind": "victim", "spec": {"mode": "qat", "precision": "bf16"},
+                      "numerics": {**here, "bf16_native": True}}) is True
 
 
 def test_victim_weights_import_the_teacher_once_for_every_seed(tiny_run, tmp_path):

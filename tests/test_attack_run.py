@@ -226,7 +226,7 @@ def test_data_free_attacks_refuse_label_only(tiny_victims, tmp_path):
         steal(tiny_victims["qat"], "dfme", budgets=[100], labels_only=True, out=tmp_path / "x")
 
 
-def test_surrogates_measured_in_bf16_agree_with_fp32(bars_victim, monkeypatch):
+def test_surrogates_measured_in_bf16_agree_with_fp32(bars_victim, monkeypatch, one_thread):
     from divqat.pipelines import attack as attack_module
     from divqat.train import trainer
 

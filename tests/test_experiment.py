@@ -546,14 +546,17 @@ def test_a_failed_victim_skips_what_needs_it_and_the_timing_keeps_the_others(tin
 
 # ---------------------------------------------------------------- presets, grids, the plan
 
-def test_default_preset_has_three_seeds_and_the_paper_fmnist_preset_every_method():
+def test_default_preset_has_five_seeds_and_the_paper_fmnist_preset_every_method():
     from divqat.attacks import ATTACKS
     from divqat.defenses import DEFENSES
 
     default = load_preset("default")
-    assert default.seeds == (0, 1, 2)
+    assert default.seeds == (0, 1, 2, 3, 4)
+    assert default.fp32.precision == default.qat.precision == default.divqat.precision == "bf16"
+    assert all(v.precision == "bf16" for v in default.divqat.variants)
+    assert default.attacks[0].surrogate.eval_precision == "bf16"
     stages = plan_stages(default)
-    assert sum(s.kind == "timing" for s in stages) == 3
+    assert sum(s.kind == "timing" for s in stages) == 5 and len(stages) == 310
     paper = load_preset("paper-fmnist")
     assert len(paper.seeds) == 5 and paper.fp32.epochs == 15
     assert len(paper.divqat.alphas) > 1 and len(paper.divqat.caps) > 1
@@ -619,6 +622,20 @@ def test_plan_lists_the_stages_what_is_cached_and_the_time_left(tiny_run, tmp_pa
     assert "one stage at a time with 1 thread (--executor serial)" in out
     assert "with 4 stages at a time, 1 thread each (--executor ray on 4 cores)" in out
     assert not list((tiny_run["out"] / "stages").glob("*/*/error.txt"))  # nothing ran
+
+
+def test_a_bf16_stage_never_measured_takes_its_fp32_rate_over_the_measured_speedup(tiny_run):
+    from divqat.experiment.estimate import BF16_SPEEDUP, category_rate, plan_lines
+
+    fitted = {"fp32": (2e-3, 3), "victim qat bf16": (1e-3, 3)}
+    assert category_rate("fp32", fitted) == (2e-3, "measured")
+    assert category_rate("fp32 bf16", fitted) == (pytest.approx(2e-3 / BF16_SPEEDUP["fp32"]), "derived")
+    assert category_rate("victim qat bf16", fitted) == (1e-3, "measured")
+    assert category_rate("victim divqat bf16", fitted)[1] == "default"  # no fp32 rate measured
+    # --plan says which rates came from where.
+    lines = plan_lines(parse_config(tiny(fp32={"epochs": 3, "precision": "bf16"})),
+                       tiny_run["out"] / "elsewhere", cores=1, times_from=[tiny_run["out"]])
+    assert "from the fp32 rates and the measured bf16 speedups for fp32 bf16" in "\n".join(lines)
 
 
 def test_wall_time_replays_the_plan_on_workers():
@@ -747,7 +764,7 @@ def test_the_add_a_stage_kind_example_plans_runs_and_reports_its_kind(tiny_run, 
 
 
 def test_the_numerics_section_says_which_stages_used_bf16_and_which_fell_back():
-    from divqat.experiment.numerics import Numerics, lines, mismatch, summary
+    from divqat.experiment.numerics import Numerics, lines, mismatch, summary, uses_bf16
 
     here = Numerics().record()
     bf16 = {"kind": "attack", "spec": {"surrogate": {"precision": "bf16"}}}
@@ -766,6 +783,12 @@ def test_the_numerics_section_says_which_stages_used_bf16_and_which_fell_back():
     # a stage that did not ask for bf16 does not care.
     assert "native bf16" in mismatch(used, {**here, "bf16_native": False})
     assert mismatch(plain, {**here, "bf16_native": True}) is None
+    # Measuring the surrogates in bf16 (or fine-tuning a victim in bf16) asks for it too.
+    evaluated = {"kind": "attack", "spec": {"surrogate": {"eval_precision": "bf16"}},
+                 "numerics": {**here, "bf16_native": True}}
+    assert "native bf16" in mismatch(evaluated, {**here, "bf16_native": False})
+    assert uses_bf16({"kind": "victim", "spec": {"mode": "qat", "precision": "bf16"},
+                      "numerics": {**here, "bf16_native": True}}) is True
 
 
 def test_victim_weights_import_the_teacher_once_for_every_seed(tiny_run, tmp_path):

@@ -143,7 +143,7 @@ def test_cli_train_writes_metrics(tiny_victims, tmp_path, capsys):
     assert load_victim(out).metadata["divqat"] == RECOMMENDED.as_dict()
 
 
-def test_bf16_fine_tuning_trains_a_divqat_victim(tiny_victims, tmp_path):
+def test_bf16_fine_tuning_trains_a_divqat_victim(tiny_victims, tmp_path, one_thread):
     from divqat.train.trainer import resolve_precision
 
     # The student's fake-quantized forward passes and the teacher's under bf16 autocast.

@@ -52,6 +52,12 @@ DEFAULT_RATES = {
 }
 
 
+# Stage CPU time in fp32 over bf16 where both were measured (docs/results.md, "Where the time
+# goes": the default preset's teacher and victims, old and new path in turns over 3 seeds): a
+# bf16 category that no finished stage measured takes its fp32 category's measured rate over this.
+BF16_SPEEDUP = {"fp32": 1.54, "victim qat": 1.15, "victim divqat": 1.25}
+
+
 # One stage with t torch threads runs speedup(t) = min(t, MAX_USEFUL_THREADS) ** THREAD_EXPONENT
 # times faster than with one. Fitted on this 2-core machine (docs/results.md, "Executors, bf16 and
 # the plan"): the same 47 stages took 235 s of stage time at 2 threads and 416 s at 1, a speedup
@@ -98,6 +104,18 @@ def rates(records: Iterable[dict[str, Any]], sizes: Sizes) -> dict[str, tuple[fl
         units[category] += u
         count[category] += 1
     return {c: (seconds[c] / units[c], count[c]) for c in seconds if units[c] > 0}
+
+
+def category_rate(category: str, fitted: dict[str, tuple[float, int]]) -> tuple[float, str]:
+    """(one-thread seconds per unit, how it was had) of a category: "measured" (``fitted``, from
+    ``rates``), "derived" (a bf16 category from its measured fp32 one over ``BF16_SPEEDUP``) or
+    "default" (``DEFAULT_RATES``)."""
+    base = category.removesuffix(" bf16")
+    if category in fitted:
+        return fitted[category][0], "measured"
+    if base != category and base in fitted:
+        return fitted[base][0] / BF16_SPEEDUP.get(base, 1.0), "derived"
+    return _default_rate(category), "default"
 
 
 def wall_time(stages: list[Stage], seconds: dict[str, float], slots: int) -> float:
@@ -160,16 +178,13 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
             measured += more
             sources.append(str(folder))
     fitted = rates(measured, sizes)
-    one_thread, guessed = {}, set()
+    one_thread, guessed, derived = {}, set(), set()
     for stage in stages:
         if stage.key in done:
             continue
         category, units = work(stage.kind, stage.spec, sizes)
-        if category in fitted:
-            rate = fitted[category][0]
-        else:
-            rate = _default_rate(category)
-            guessed.add(category)
+        rate, how = category_rate(category, fitted)
+        {"derived": derived, "default": guessed}.get(how, set()).add(category)
         one_thread[stage.key] = rate * units
     slots = max(1, cores // cpus_per_stage)
     serial = {k: v / speedup(threads) for k, v in one_thread.items()}
@@ -193,6 +208,8 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
     total = sum(estimate.values())
     basis = (f"rates from {sum(c for _, c in fitted.values())} finished stages in {', '.join(sources)}"
              if fitted else "no finished stages to measure from")
+    if derived:
+        basis += f"; from the fp32 rates and the measured bf16 speedups for {', '.join(sorted(derived))}"
     if guessed:
         basis += f"; rough defaults for {', '.join(sorted(guessed))}"
     lines.append(f"estimated stage time to run: {duration(total)} with --executor {executor} ({basis})")
@@ -208,5 +225,5 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
     return lines
 
 
-__all__ = ["DEFAULT_RATES", "THREAD_EXPONENT", "duration",
+__all__ = ["BF16_SPEEDUP", "DEFAULT_RATES", "THREAD_EXPONENT", "category_rate", "duration",
            "plan_lines", "rates", "speedup", "wall_time", "work"]

@@ -82,7 +82,8 @@ def mismatch(record: dict[str, Any], wanted: dict[str, Any]) -> str | None:
 
 
 def _asks_bf16(spec: dict[str, Any]) -> bool:
-    return spec.get("precision") == "bf16" or (spec.get("surrogate") or {}).get("precision") == "bf16"
+    surrogate = spec.get("surrogate") or {}
+    return "bf16" in (spec.get("precision"), surrogate.get("precision"), surrogate.get("eval_precision"))
 
 
 def uses_bf16(record: dict[str, Any]) -> bool | None:

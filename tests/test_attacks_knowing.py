@@ -321,6 +321,18 @@ def test_a_blocked_key_is_dropped_and_its_share_goes_to_the_others():
         SpreadBoundary([boxes[0]]).query(torch.rand(1, *SHAPE))
 
 
+def test_a_call_cut_short_by_a_blocked_key_says_what_was_counted():
+    blocked = BlackBox(BarsVictim(), budget=50, monitor=Monitor(CountingDetector(threshold=15), on_alarm="block"))
+    blocked.query(torch.rand(20, *SHAPE))  # its alarm is raised: the next query is refused
+    first = BlackBox(BarsVictim(), budget=30)
+    spread = SpreadBoundary([first, blocked], "sequential")
+    # 30 images go to the first key and are answered; the blocked key refuses the other 10 and
+    # nobody is left to take them: the message must not say "nothing counted".
+    with pytest.raises(BudgetExceeded, match="30 of this call's 40 images were answered and counted") as e:
+        spread.query(torch.rand(40, *SHAPE))
+    assert "nothing counted" not in str(e.value) and first.queries_used == 30
+
+
 # ---------------------------------------------------------------------- the service-wide view
 
 def test_service_wide_view_sees_what_no_key_shows():
@@ -335,6 +347,15 @@ def test_service_wide_view_sees_what_no_key_shows():
     assert {k: r["union_alarm_at"] for k, r in record["keys"].items()} == {"a": 30, "b": 30, "c": 30,
                                                                            "d": 20}
     assert view.verdict("d").first_alarm == 20 and view.key_verdict("d").first_alarm is None
+    # A key's own alarm, counted in the union's queries too: with a threshold of 25 each key
+    # raises it at its own 30th query, in round 3; key a's batch then is the union's 81st-90th.
+    early = ServiceWide(lambda: CountingDetector(threshold=25))
+    for _ in range(4):
+        for key in ("a", "b", "c", "d"):
+            early.observe(key, torch.rand(10, *SHAPE), torch.rand(10, K))
+    keys = early.record()["keys"]
+    assert keys["a"]["first_alarm"] == 30 and keys["a"]["first_alarm_in_union"] == 90
+    assert keys["d"]["first_alarm_in_union"] == 120
     quiet = ServiceWide(lambda: CountingDetector(threshold=100), union_flags_keys=False)
     quiet.observe("a", torch.rand(200, *SHAPE), torch.rand(200, K))
     assert quiet.verdict("a").first_alarm == 200  # its own detector's
@@ -397,6 +418,9 @@ def test_detect_compares_per_key_and_service_wide_alarms(tiny_victims):
     assert all(k["queries"] == 24 for k in row["per_key"].values())
     assert row["service_wide"]["queries"] == 96
     assert row["keys_flagged_alone"] == sum(k["first_alarm"] is not None for k in row["per_key"].values())
+    # What a budget is compared with: a key's alarm in the thief's queries of all 4 keys.
+    if row["first_alarm"] is not None:
+        assert row["first_alarm_thief"] >= row["first_alarm"]
 
 
 def test_an_experiment_stage_watches_a_sybil_thief_per_key_and_service_wide(tiny_victims, tmp_path):
@@ -466,8 +490,10 @@ def test_sybil_and_recovery_thieves_over_http(tmp_path, capsys):
         (tmp_path / "r.key").write_text(store.create_key("r", 60)[1] + "\n")
         recovery = [*base, "--attack", "recovery", "--budget", "60", "--api-key-file",
                     str(tmp_path / "r.key"), "--out", str(tmp_path / "rec")]
-        assert main(recovery) == 2
+        (tmp_path / "e.key").write_text(store.create_key("e", 10**6)[1] + "\n")
+        assert main([*recovery, "--eval-key-file", str(tmp_path / "e.key")]) == 2
         assert "does not publish" in capsys.readouterr().err
+        assert store.key("e").used == 0 and store.key("r").used == 0  # refused before any query
         assert main([*recovery, "--attack-param", "defense=reverse-sigmoid", "--attack-param",
                      "defense_params=beta=0.5", "--attack-param", "steps=100"]) == 0
         m = json.loads((tmp_path / "rec" / "metrics.json").read_text())

@@ -65,6 +65,10 @@ def tiny(**changes) -> dict:
     ({"defenses__1__params": {"betta": 0.5}}, ["defenses[1].params", "betta", "beta=0.5"]),
     ({"defenses__1__params": {"beta": [0.5, -1]}}, ["defenses[1].params", "beta", "-1"]),
     ({"defenses__1__colour": 1}, ["defenses[1].colour: unknown key", "params"]),
+    ({"defenses__1__victims": ["qta"]}, ["defenses[1].victims[0]", "qta", "divqat", "qat"]),
+    ({"attacks": [{"name": "recovery", "params": {"defense": "dpc"}, "transfer": "holdout", "budgets": [40]}]},
+     ["attacks[0].params", "recovery.defense", "dpc", "dcp"]),
+    ({"defenses": [{"name": "none", "victims": ["qat"]}]}, ["defenses[0].victims", "behind none"]),
     ({"attacks__0__name": "knockof"}, ["attacks[0].name", "knockoff", "dfme"]),
     ({"attacks__0__budgets": [40, 0]}, ["attacks[0].budgets[1]", ">= 1"]),
     ({"attacks__0__budgets": []}, ["attacks[0].budgets", "at least one"]),
@@ -542,6 +546,31 @@ def test_a_failed_victim_skips_what_needs_it_and_the_timing_keeps_the_others(tin
     # The timing stage ran again with the victims that are there (its inputs changed).
     assert {r["victim"] for r in results["timings"]} == {"qat"}
     assert {r["victim"] for r in results["attacks"]} == {"qat"}
+
+
+def test_a_defense_that_serves_only_some_victims(tiny_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_run["out"], out)
+    raw = tiny(defenses=[*TINY_CONFIG["defenses"], {"name": "rounding", "params": {"decimals": 1},
+                                                   "victims": ["qat"]}])
+    config = parse_config(raw)
+    assert parse_config(config_dict(config)) == config  # the resolved config reads back the same
+    stages = plan_stages(config)
+    behind = Counter((s.label.split(" | ")[1], s.label.split(" | ")[2].split()[0])
+                     for s in stages if s.kind == "attack")
+    assert behind[("qat", "rounding")] == 2 and ("divqat a=2", "rounding") not in behind
+    assert behind[("divqat a=2", "dcp")] == 2
+    # The other stages keep their keys: only rounding's defense, its 2 thieves and the timing run.
+    assert len({s.key for s in stages} - {s.key for s in plan_stages(parse_config(TINY_CONFIG))}) == 4
+    results = run_experiment(config, out, progress=False, say=lambda line: None)
+    assert results["stages"]["ran"] == 4 and not results["failures"]
+    assert {(r["victim"], r["defense_label"]) for r in results["timings"]} == {
+        ("qat", "none"), ("qat", "dcp beta=0.5"), ("qat", "rounding decimals=1"),
+        ("divqat a=2", "none"), ("divqat a=2", "dcp beta=0.5")}
+    assert {r["victim"] for r in results["defenses"] if r["defense"] == "rounding"} == {"qat"}
+    assert "rounding" in (out / "report.md").read_text()
 
 
 # ---------------------------------------------------------------- presets, grids, the plan

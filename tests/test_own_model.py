@@ -104,6 +104,8 @@ def test_a_torchvision_model_goes_import_divqat_defend_attack_serve_export(photo
     # To the device: the .pte answers as the torch int8 program does.
     # No fingerprint: this 3-epoch victim of 48 test images has too few points near its
     # boundaries for IPGuard (tests/test_edge.py and test_fingerprint.py check the fingerprint).
+    # A fingerprint left beside the path by an earlier export describes another program: removed.
+    (tmp_path / "v.fingerprint.safetensors").write_bytes(b"an earlier program's")
     assert main(["export", "--victim", str(victim_dir), "--no-fingerprint",
                  "--out", str(tmp_path / "v.pte")]) == 0
     assert not (tmp_path / "v.fingerprint.safetensors").exists()

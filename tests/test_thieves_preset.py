@@ -16,7 +16,7 @@ def test_the_thieves_preset_plans_every_defense_against_every_thief_that_applies
     config = load_preset("thieves")
     stages = plan_stages(config)
     assert config.seeds == (0, 1, 2)
-    assert Counter(s.kind for s in stages) == {"fp32": 3, "victim": 12, "defense": 72, "attack": 696,
+    assert Counter(s.kind for s in stages) == {"fp32": 3, "victim": 12, "defense": 36, "attack": 336,
                                                "timing": 3}
     assert {d.name for d in config.defenses} == DEFENSES
     # Per victim, seed and regime, the thieves behind each defense.
@@ -39,7 +39,11 @@ def test_the_thieves_preset_plans_every_defense_against_every_thief_that_applies
             want |= {("fixmatch", False), ("fixmatch", True)}
         assert got == want, (victim, seed, transfer, defense)
     assert {k[2] for k in thieves} == {IN, SAME}
-    assert len(thieves) == 4 * 3 * 2 * 6
+    # Every defense behind the QAT victim; the DivQAT victims (themselves the defense) behind
+    # none and DCP, as in the default experiment.
+    assert {k[3] for k in thieves if k[0] == "qat"} == DEFENSES
+    assert all(k[3] in {"none", "dcp"} for k in thieves if k[0] != "qat")
+    assert len(thieves) == 3 * 2 * (6 + 3 * 2)
 
 
 def test_the_thieves_preset_shares_the_default_experiments_stages_and_states_its_time():
@@ -53,4 +57,5 @@ def test_the_thieves_preset_shares_the_default_experiments_stages_and_states_its
     assert len(default.keys() & thieves) == 135
     header = preset_text("thieves").split("\nname:")[0]
     stages = len(plan_stages(load_preset("thieves")))
-    assert f"{stages} stages. Estimated" in header and "divqat run --preset thieves --plan" in header
+    assert f"{stages} stages:" in header and "divqat run --preset thieves --plan" in header
+    assert f"Of them {len(default.keys() & thieves)} " in header

@@ -266,8 +266,6 @@ class Recovery(Attack):
         query_in_batches(cache, box, images, self.batch_size, training.progress, desc="recovery")
         base = {"transfer_set": transfer.name, "transfer_images": len(transfer),
                 "defense_known": {"name": known.name, "params": known.params}}
-        if budgets[-1] > n:
-            base["note"] = f"the transfer set has only {n} images; larger budgets used all of them"
         out = []
         for budget in budgets:
             queried, answers = cache.take(budget)
@@ -279,6 +277,8 @@ class Recovery(Attack):
                                                  desc=f"recovery {budget}")
             share = cache.seconds * len(queried) / max(1, len(cache))
             info = {**copy.deepcopy(base), "recovery": record}
+            if budget > n:  # only the budgets the transfer set cut short
+                info["note"] = f"the transfer set has only {n} images; larger budgets used all of them"
             out.append(Stolen(budget, surrogate, len(queried), share + time.perf_counter() - start,
                               history, info))
         return out

@@ -116,7 +116,16 @@ class SpreadBoundary(QueryBoundary):
         out: list[Tensor] = []
         offset = 0
         while offset < len(images) or not out:
-            parts = self._plan(len(images) - offset)
+            try:
+                parts = self._plan(len(images) - offset)
+            except (Blocked, BudgetExceeded) as e:
+                if not offset:
+                    raise
+                # A key was blocked mid-call and the others cannot take the rest: what was
+                # answered before stays counted by its keys, and the message must say so.
+                raise type(e)(f"{offset} of this call's {len(images)} images were answered and "
+                              f"counted before a key was blocked; the other {len(images) - offset} "
+                              f"are refused: {str(e).removesuffix('; nothing counted')}") from None
             for k, count in parts:
                 chunk = images[offset:offset + count]
                 box = self._boxes[k]

@@ -108,6 +108,9 @@ class ServiceWide:
         self._streams: dict[str, _KeyStream] = {}
         # Per key: its own query count when its group's union first raised the alarm.
         self._union_alarm_at: dict[str, int] = {}
+        # Per key: where its own first alarm falls in its group's union stream (the queries of
+        # every key of the group by then: a Sybil thief's total, where the group is its keys).
+        self._own_alarm_in_union: dict[str, int] = {}
 
     def group_of(self, key: str) -> str:
         if not self.groups:
@@ -125,11 +128,21 @@ class ServiceWide:
         return self.stream(key).observe(images, answers)
 
     def _feed(self, key: str, images: Tensor, answers: Tensor) -> None:
-        own = self._keys.setdefault(key, self.make())
+        # Built only where missing: setdefault(key, self.make()) would build (and, for mmd,
+        # fit to its reference) two detectors on every batch.
+        if key not in self._keys:
+            self._keys[key] = self.make()
+        own = self._keys[key]
         group = self.group_of(key)
-        union = self._unions.setdefault(group, self.make())
+        if group not in self._unions:
+            self._unions[group] = self.make()
+        union = self._unions[group]
         own.observe(images, answers)
         union.observe(images, answers)
+        alarm = own.verdict().first_alarm
+        if alarm is not None and key not in self._own_alarm_in_union:
+            # Raised within this batch, which ends both streams: as far from the union's end.
+            self._own_alarm_in_union[key] = union.queries - (own.queries - alarm)
         if union.verdict().flagged:
             # Every key of the group where it stood at the alarm; a key that joins an alarmed
             # group later, from its first batch.
@@ -159,14 +172,15 @@ class ServiceWide:
         return Verdict(own.score, True, max(at, 1), own.worst, own.queries, own.tests)
 
     def record(self) -> dict[str, Any]:
-        """Per key (``keys``): its queries and its own detector's first alarm, and where the
-        union flagged it; per group (``groups``): the union's queries, first alarm, scores."""
+        """Per key (``keys``): its queries and its own detector's first alarm (in its own queries,
+        and where that falls in its group's union stream), and where the union flagged it; per group (``groups``): the union's queries, first alarm, scores."""
         keys = {}
         for key, own in self._keys.items():
             v = own.verdict()
             keys[key] = {"group": self.group_of(key), "queries": v.queries,
                          "first_alarm": v.first_alarm, "worst_score": v.worst, "tests": v.tests,
-                         "union_alarm_at": self._union_alarm_at.get(key)}
+                         "union_alarm_at": self._union_alarm_at.get(key),
+                         "first_alarm_in_union": self._own_alarm_in_union.get(key)}
         groups = {}
         for group, union in self._unions.items():
             v = union.verdict()

@@ -37,6 +37,8 @@ Every error is one ``ConfigError`` line that names the key by its dotted path
     defenses:                    # "none" is always included
       - none
       - {name: dcp, params: {beta: [0.3, 0.5]}}     # a list is a grid axis
+      - {name: mad, victims: [qat]}  # behind these victims only (qat, divqat or a variant's
+                                     # name; default: every victim)
     attacks:
       - name: knockoff
         params: {}               # the attack's own parameters (`divqat attacks`)
@@ -89,6 +91,7 @@ from divqat.models import check_arch
 from divqat.ownership import DEFAULT_RATE, SIGNIFICANCE
 from divqat.pipelines.attack import HOLDOUT, parse_transfer
 from divqat.pipelines.defense_models import check_defense
+from divqat.pipelines.thieves import check_known_defense
 from divqat.registry import params_text
 from divqat.train.losses import RECOMMENDED, DivQATSettings, divqat_settings
 from divqat.train.trainer import PRECISIONS
@@ -159,7 +162,9 @@ SCHEMA: dict[str, dict[str, str]] = {
                                   "divqat-<divergence_on>)"},
     "defenses[]": {"name": "a defense (`divqat defenses`); an entry may be the bare name",
                    "params": "the defense's parameters; a list is a grid axis",
-                   "misinformation_epochs": "adaptive-misinformation: epochs of its model"},
+                   "misinformation_epochs": "adaptive-misinformation: epochs of its model",
+                   "victims": "serve only these victims behind it: qat, divqat (the section's "
+                              "own) or a variant's name (default: every victim)"},
     "attacks[]": {"name": "an attack (`divqat attacks`)",
                   "params": "the attack's own parameters",
                   "transfer": "holdout or NAME[:SPLIT], one or a list; not for data-free attacks",
@@ -299,6 +304,12 @@ class DefenseSpec:
     name: str
     params: dict[str, Any] = field(default_factory=dict)
     misinformation_epochs: int = 5
+    # Only these victims behind it (``victim_kind``: qat, divqat, a variant's name); None: all.
+    victims: tuple[str, ...] | None = None
+
+    def serves(self, victim: str) -> bool:
+        """Whether the victim of kind ``victim`` (``victim_kind``) is served behind it."""
+        return self.victims is None or victim in self.victims
 
     def grid(self) -> list[dict[str, Any]]:
         """Every parameter setting of the grid, in the order written."""
@@ -476,7 +487,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     fp32 = _training(top.get("fp32", {}), "fp32", epochs=10, lr=0.1, with_seed=True)
     qat = _training(top.get("qat", {}), "qat", epochs=1, lr=0.01)
     divqat = _divqat(top.get("divqat", {}))
-    defenses = _defenses(top.get("defenses", []))
+    defenses = _defenses(top.get("defenses", []), ["qat", *(v.name for v in (divqat, *divqat.variants))])
     watermark = _watermark(top.raw["watermark"]) if top.raw.get("watermark") is not None else None
     attacks = _attacks(top.get("attacks", []), victim, [d.name for d in defenses], watermark)
     _outliers_are_not_transfer_sets(divqat, attacks)
@@ -684,11 +695,17 @@ def _named_entries(raw: Any, section: str, keys: tuple[str, ...], names: Any, *,
         yield where, m, name, params
 
 
-def _defenses(raw: Any) -> tuple[DefenseSpec, ...]:
+def _defenses(raw: Any, victims: Sequence[str]) -> tuple[DefenseSpec, ...]:
     out: list[DefenseSpec] = []
     for where, m, name, params in _named_entries(raw, "defenses", _keys("defenses[]"),
                                                  DEFENSES.names(), grid=True):
-        spec = DefenseSpec(name, dict(params), m.int("misinformation_epochs", 5, 1))
+        only = m.get("victims", None)
+        if only is not None:
+            if name == NO_DEFENSE:
+                raise ConfigError(f"{where}.victims: every victim is served behind none (the "
+                                  "reference of every table); remove the key")
+            only = m.list("victims", None, lambda v, w: _choice(v, w, sorted(set(victims))))
+        spec = DefenseSpec(name, dict(params), m.int("misinformation_epochs", 5, 1), only)
         for setting in spec.grid():
             _wrapped(f"{where}.params", lambda n=name, s=setting: check_defense(n, s))
         out.append(spec)
@@ -726,6 +743,9 @@ def _attacks(raw: Any, victim: VictimSpec, defense_names: list[str],
                                                  shorthand=False):
         # The built attack answers for itself (a Sybil thief's needs are its inner attack's).
         thief = _wrapped(f"{where}.params", lambda n=name, p=params: create_attack(n, **p))
+        # A recovery thief's own defense, checked here rather than in every stage it would fail;
+        # without one it inverts the defense it is served behind (each a checked defense).
+        _wrapped(f"{where}.params", lambda t=thief: check_known_defense(t, NO_DEFENSE, None))
         if thief.uses_transfer_set:
             transfer = m.list("transfer", _REQUIRED, lambda v, w: _transfer(v, w, victim))
             if len(set(transfer)) != len(transfer):
@@ -833,6 +853,8 @@ def config_dict(config: ExperimentConfig) -> dict[str, Any]:
         out: dict[str, Any] = {"name": d.name, "params": d.params}
         if DEFENSES.get(d.name).trains_model:
             out["misinformation_epochs"] = d.misinformation_epochs
+        if d.victims is not None:
+            out["victims"] = list(d.victims)
         return out
 
     def attack(a: AttackSpec) -> dict[str, Any]:

@@ -113,8 +113,8 @@ def category_rate(category: str, fitted: dict[str, tuple[float, int]]) -> tuple[
     base = category.removesuffix(" bf16")
     if category in fitted:
         return fitted[category][0], "measured"
-    if base != category and base in fitted:
-        return fitted[base][0] / BF16_SPEEDUP.get(base, 1.0), "derived"
+    if base != category and base in fitted and base in BF16_SPEEDUP:
+        return fitted[base][0] / BF16_SPEEDUP[base], "derived"
     return _default_rate(category), "default"
 
 
@@ -173,6 +173,8 @@ def plan_lines(config: ExperimentConfig, out: str | Path, *, cores: int, cpus_pe
     measured = cache.records() if cache.root.is_dir() else []
     sources = [str(Path(out))] if measured else []
     for folder in times_from:
+        if Path(folder).resolve() == Path(out).resolve():
+            continue  # the run folder itself: its stages are counted once
         more = StageCache(folder).records()
         if more:
             measured += more

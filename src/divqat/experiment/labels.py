@@ -26,6 +26,14 @@ def victim_name(spec: dict[str, Any], with_cap: bool = False) -> str:
                         spec.get("name"))
 
 
+def victim_kind(spec: dict[str, Any]) -> str:
+    """What a defense's ``victims:`` names a victim stage's victim by: "qat", "divqat" (the
+    divqat section's own, every alpha and cap) or a variant's name ("divqat-out")."""
+    if spec["mode"] == "divqat":
+        return spec.get("name") or "divqat"
+    return spec["mode"]
+
+
 def defense_label(name: str, params: dict[str, Any]) -> str:
     return f"{name} {params_text(params)}".strip()
 
@@ -39,4 +47,4 @@ def attack_label(name: str, params: dict[str, Any], transfer: str | None, labels
     return " ".join(p for p in parts if p)
 
 
-__all__ = ["attack_label", "defense_label", "thief_label", "victim_label", "victim_name"]
+__all__ = ["attack_label", "defense_label", "thief_label", "victim_kind", "victim_label", "victim_name"]

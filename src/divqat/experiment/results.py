@@ -277,10 +277,12 @@ def defense_columns(stage: Stage, victim: VictimColumns, r: dict[str, Any],
 def alarm_columns(r: dict[str, Any], budget: int) -> dict[str, Any]:
     """Per detector that watched the thief: ``alarm_<name>``, the queries until its first alarm
     (None: not raised within the largest budget), and ``detected_<name>``, whether that came
-    within this row's budget (the thief's stream is the same for all its budgets)."""
+    within this row's budget (the thief's stream is the same for all its budgets). A Sybil
+    thief's alarm counts the queries of all its keys (``first_alarm_thief``; a key's own count
+    would put a 4-key thief's alarm at a quarter of the thief's queries)."""
     out: dict[str, Any] = {}
     for name, d in (r.get("detectors") or {}).items():
-        first = d.get("first_alarm")
+        first = d.get("first_alarm_thief", d.get("first_alarm"))
         out[f"alarm_{name}"] = first
         out[f"detected_{name}"] = first is not None and first <= budget
     return out

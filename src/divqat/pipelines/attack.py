@@ -60,7 +60,7 @@ from divqat.ownership import Watermark, save_marks
 from divqat.pipelines.context import RunContext
 from divqat.pipelines.defend import evaluate_served, parse_query_set
 from divqat.pipelines.defense_models import build_defense
-from divqat.pipelines.thieves import key_budget, known_defense, stream_monitors
+from divqat.pipelines.thieves import check_known_defense, key_budget, known_defense, stream_monitors
 from divqat.stopwatch import phase, timed
 from divqat.train.losses import frozen_forward
 from divqat.train.trainer import resolve_precision
@@ -318,6 +318,7 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
     thief = create_attack(attack, **dict(request.params or {}))
     if thief.soft_only and labels_only:
         raise ConfigError(f"attack {attack!r} needs posteriors: it cannot run label-only")
+    check_known_defense(thief, defense, request.defense_params)  # before minutes of work
     budgets = _budgets(request.budgets)
     if request.watermark is not None:
         Watermark(2, rate=request.watermark)  # the rate checked before minutes of work
@@ -537,6 +538,7 @@ def attack_remote(request: AttackRequest, access: ServiceAccess,
     if not isinstance(training, SurrogateTraining):
         raise ConfigError(f"training must be a SurrogateTraining, got {type(training).__name__}")
     thief = create_attack(attack, **dict(request.params or {}))
+    check_known_defense(thief, None, None)  # before the evaluation key is charged
     budgets = _budgets(request.budgets)
     holdout = None
     if transfer is not None and str(transfer).startswith(HOLDOUT):

@@ -286,6 +286,8 @@ def export_victim(victim_dir: str | Path, out: str | Path, *, defense: str | Non
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(data))
     if recorded is not None:
         recorded.save(fingerprint_path(out))
+    else:  # a fingerprint left by an earlier export of this path would describe another program
+        fingerprint_path(out).unlink(missing_ok=True)
     return {"out": str(out), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
             "seconds": time.perf_counter() - start, "victim": str(victim_dir), "mode": mode,
             "arch": meta.get("arch"), "precision": section["precision"], "outputs": section["outputs"],

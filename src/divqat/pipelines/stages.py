@@ -246,13 +246,16 @@ class StageWork:
 
     def timing(self, folder: str | Path, victims: dict[str, str | Path],
                settings: Sequence[tuple[str, DefenseSetting]], *, batch_size: int = 256,
-               batches: int = 4, rounds: int = 10, seed: int = 0) -> dict[str, Any]:
+               batches: int = 4, rounds: int = 10, seed: int = 0,
+               only: dict[str, Sequence[str]] | None = None) -> dict[str, Any]:
         """Latency of every victim (label -> folder) behind every defense (label, setting),
         measured in turns in this one stage (``time_side_by_side``), so that the victims'
         and defenses' timings compare: the other stages' timings were taken at other moments
-        under other loads. Written to ``folder/metrics.json``."""
+        under other loads. ``only``: defense label -> the victims served behind it (default:
+        every victim). Written to ``folder/metrics.json``."""
+        only = only or {}
         served = {(v, d): self.served(path, setting) for v, path in victims.items()
-                  for d, setting in settings}
+                  for d, setting in settings if v in only.get(d, victims)}
         first = next(iter(victims.values()))
         test = self.test_set(first)
         batch_size = min(batch_size, len(test))  # a small test split gives smaller batches

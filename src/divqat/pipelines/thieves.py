@@ -38,20 +38,11 @@ def _knowing(thief: Attack) -> Recovery | None:
     return inner if isinstance(inner, Recovery) else None
 
 
-def known_defense(thief: Attack, served: str | None, served_params: dict[str, Any] | None,
-                  training: SurrogateTraining, transfer: TransferSet | None,
-                  input_shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
-    """The keyword arguments of ``thief.steal`` that hand a recovery thief the defense it knows
-    (``{"known": KnownDefense}``); empty for any other thief.
-
-    The thief's own ``defense`` / ``defense_params`` when it names one; else the defense the
-    victim is served with (``served``, ``served_params``: in process the driver knows it; over
-    HTTP ``served`` is None and the thief must name it). A ``seed`` parameter is replaced by
-    one of the thief's (the defender's is not public).
-    """
+def _defense_of(thief: Attack, served: str | None, served_params: dict[str, Any] | None
+                ) -> tuple[str, dict[str, Any], Any]:
+    """(name, parameters, class) of the defense a recovery thief inverts, checked."""
     recovery = _knowing(thief)
-    if recovery is None:
-        return {}
+    assert recovery is not None
     if recovery.defense is not None:
         name, params = recovery.defense, dict(recovery.defense_params or {})
     elif served is None:
@@ -64,6 +55,31 @@ def known_defense(thief: Attack, served: str | None, served_params: dict[str, An
         cls = check_defense(name, {k: v for k, v in params.items() if k != "seed"})
     except ConfigError as e:
         raise ConfigError(f"recovery.defense: {e}") from None
+    return name, params, cls
+
+
+def check_known_defense(thief: Attack, served: str | None, served_params: dict[str, Any] | None) -> None:
+    """Refuse, before anything is queried or trained, a recovery thief that names no defense where
+    the victim's is not known (over HTTP) or names one that does not exist or has bad parameters;
+    nothing for other thieves."""
+    if _knowing(thief) is not None:
+        _defense_of(thief, served, served_params)
+
+
+def known_defense(thief: Attack, served: str | None, served_params: dict[str, Any] | None,
+                  training: SurrogateTraining, transfer: TransferSet | None,
+                  input_shape: tuple[int, int, int], num_classes: int) -> dict[str, Any]:
+    """The keyword arguments of ``thief.steal`` that hand a recovery thief the defense it knows
+    (``{"known": KnownDefense}``); empty for any other thief.
+
+    The thief's own ``defense`` / ``defense_params`` when it names one; else the defense the
+    victim is served with (``served``, ``served_params``: in process the driver knows it; over
+    HTTP ``served`` is None and the thief must name it). A ``seed`` parameter is replaced by
+    one of the thief's (the defender's is not public).
+    """
+    if _knowing(thief) is None:
+        return {}
+    name, params, cls = _defense_of(thief, served, served_params)
     params.pop(cls.model_param, None)
     if "seed" in DEFENSES.defaults(cls):
         params["seed"] = training.seed + 7919
@@ -110,4 +126,4 @@ def stream_monitors(thief: Attack, monitor: Monitor | None,
     return list(monitors)
 
 
-__all__ = ["key_budget", "known_defense", "stream_monitors"]
+__all__ = ["check_known_defense", "key_budget", "known_defense", "stream_monitors"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from divqat.defenses import DEFENSES
-from divqat.experiment.labels import defense_label
+from divqat.experiment.labels import defense_label, victim_kind
 from divqat.experiment.results import DefenseRow, defense_columns, victim_columns, victim_info
 from divqat.experiment.sizes import Sizes
 from divqat.experiment.stages.base import StageKind, register_kind
@@ -24,9 +24,11 @@ def defense_setting(spec: dict[str, Any], seed: int) -> DefenseSetting:
 
 def defense_specs(scope: PlanScope) -> list[dict[str, Any]]:
     """Every defense setting of the config (each defense's grid), as a defense stage is told
-    it; the same for every victim of a seed."""
+    it; for the victim being planned, only the defenses that serve it (``victims:``)."""
     out = []
     for d in scope.config.defenses:
+        if scope.victim is not None and not d.serves(victim_kind(scope.victim.spec)):
+            continue
         for params in d.grid():
             spec = {"name": d.name, "params": params, "seed": scope.seed}
             if DEFENSES.get(d.name).trains_model:

@@ -198,9 +198,9 @@ def detect_attack(request: DetectRequest, context: RunContext | None = None) -> 
             "calibration": settings["calibration"],
             **(alarm_record(watched[name]) if views is None else keys_alarm_record(views[name])),
         }
-        if mix:  # what the evasive thief got from its own transfer set before the alarm
-            row["transfer_queries_before_alarm"] = (None if row["first_alarm"] is None
-                                                    else math.floor((1 - mix) * row["first_alarm"]))
+        if mix:  # what the evasive thief got from its own transfer set before the alarm (all keys')
+            first = row.get("first_alarm_thief", row["first_alarm"])
+            row["transfer_queries_before_alarm"] = None if first is None else math.floor((1 - mix) * first)
         if benign_streams:
             cls = DETECTORS.get(name)
             features = load_features(victim_dir) if cls.model_param == "features" else None

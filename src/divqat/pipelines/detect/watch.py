@@ -73,16 +73,20 @@ def alarm_record(detector: Detector) -> dict[str, Any]:
 def keys_alarm_record(view: ServiceWide) -> dict[str, Any]:
     """A Sybil thief's streams under one detector: per key alone (``detected``: some key raised
     the alarm on its own stream; ``first_alarm``: the earliest such alarm, in that key's own
-    queries) and over the keys' union (``service_wide``: ``first_alarm`` in the thief's queries
-    of all keys together), with every key's record (``per_key``)."""
+    queries; ``first_alarm_thief``: the same alarm counted in the thief's queries of all its
+    keys, what a budget compares with) and over the keys' union (``service_wide``:
+    ``first_alarm`` in the thief's queries of all keys together), with every key's record
+    (``per_key``)."""
     record = view.record()
     keys = record["keys"]
     alarms = [k["first_alarm"] for k in keys.values() if k["first_alarm"] is not None]
+    thief_wide = [k["first_alarm_in_union"] for k in keys.values() if k["first_alarm_in_union"] is not None]
     union = record["groups"].get(ALL) or {"first_alarm": None, "worst_score": None, "tests": 0,
                                           "queries": 0}
     scores = [k["worst_score"] for k in keys.values() if k["worst_score"] is not None]
     most = max if view.alarm_when == "above" else min
     return {"detected": bool(alarms), "first_alarm": min(alarms) if alarms else None,
+            "first_alarm_thief": min(thief_wide) if thief_wide else None,
             "final_score": None, "worst_score": most(scores) if scores else None,
             "tests": sum(k["tests"] for k in keys.values()),
             "keys_flagged_alone": record["keys_flagged_alone"], "keys": len(keys),

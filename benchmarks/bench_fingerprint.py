@@ -3,9 +3,10 @@ and does an independently trained model not?
 
     OMP_NUM_THREADS=1 python benchmarks/bench_fingerprint.py --work runs/fingerprint \\
         [--dataset fashion-mnist] [--train 4000] [--thief 4000] [--epochs 4] [--points 100] \\
-        [--margins 0.25,1,3] [--independent resnet8:1,resnet8:2,cnn:0,cnn:1,resnet20:0]
+        [--margins 0.25,1,3] [--independent resnet8:1,resnet8:2,cnn:0,cnn:1,resnet20:0] [--seed 0]
 
-Trains (once: folders under ``--work`` are reused) an fp32 ResNet-8 victim on the first
+Trains (once: folders under ``--work`` are reused) an fp32 ResNet-8 victim (seed ``--seed``;
+the thief's fine-tuning takes the next seed) on the first
 ``--train`` training images, holding out the last ``--thief`` as the thief's own data, and the
 independent models on the same ``--train`` images (other seeds, other architectures: ``cnn`` is
 a small plain CNN defined here). Then:
@@ -162,21 +163,25 @@ def main() -> None:
     p.add_argument("--margins", default="", help="comma-separated extra margins to compare")
     p.add_argument("--independent", default="resnet8:1,resnet8:2,cnn:0,cnn:1,resnet20:0")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="the victim's seed (other seeds: other victims)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
 
-    victim_dir = train(args, args.work, "resnet8", 0)
     independents = [(a, int(s)) for a, s in (item.split(":") for item in args.independent.split(",") if item)]
+    if ("resnet8", args.seed) in independents:
+        p.error(f"--independent resnet8:{args.seed} is the victim itself (--seed {args.seed})")
+    victim_dir = train(args, args.work, "resnet8", args.seed)
     others = {f"independent {a} seed {s}": train(args, args.work, a, s) for a, s in independents}
     trained_s = time.perf_counter() - began
 
-    program = args.work / "victim.pte"
+    suffix = f"-s{args.seed}" if args.seed else ""  # seed 0 keeps the names it always had
+    program = args.work / f"victim{suffix}.pte"
     # Without first: the first export of a process also pays for loading ExecuTorch. Both are
     # timed in wall and in CPU seconds of this process (the machine may be shared).
     clocks = {}
-    for name, path, fingerprint in (("without", "plain.pte", False), ("with", "victim.pte", True)):
+    for name, path, fingerprint in (("without", f"plain{suffix}.pte", False), ("with", program.name, True)):
         cpu = time.process_time()
         clocks[name] = export_victim(victim_dir, args.work / path, fingerprint=fingerprint,
                                      fingerprint_points=args.points)
@@ -192,9 +197,9 @@ def main() -> None:
     suspects: list[tuple[str, Callable[[Tensor], Tensor], str]] = [
         ("exact copy (the .pte)", load_victim(program), ""),
         ("victim's torch network (fp32)", net, ""),
-        ("fine-tuned 1 epoch", fine_tuned(net, thief, 1, seed=1), ""),
-        ("fine-tuned 5 epochs", fine_tuned(net, thief, 5, seed=1), ""),
-        ("fine-tuned 5 epochs at lr 0.1", fine_tuned(net, thief, 5, seed=1, lr=0.1), ""),
+        ("fine-tuned 1 epoch", fine_tuned(net, thief, 1, seed=args.seed + 1), ""),
+        ("fine-tuned 5 epochs", fine_tuned(net, thief, 5, seed=args.seed + 1), ""),
+        ("fine-tuned 5 epochs at lr 0.1", fine_tuned(net, thief, 5, seed=args.seed + 1, lr=0.1), ""),
         ("30 % magnitude-pruned", pruned(net, 0.3), ""),
         ("requantized int8 (PTQ)", requantized(net, to_float(thief.images[:512])), ""),
     ]
@@ -202,10 +207,10 @@ def main() -> None:
     copies_s = time.perf_counter() - copies_began
 
     same = match_file(fp, program)
-    other = match_file(fp, args.work / "plain.pte")
+    other = match_file(fp, args.work / f"plain{suffix}.pte")
     print(f"# bench_fingerprint, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} thread(s)")
-    print(f"victim {read_metadata(victim_dir)['arch']} fp32 on {args.dataset} ({args.train} images, "
+    print(f"victim {read_metadata(victim_dir)['arch']} fp32, seed {args.seed}, on {args.dataset} ({args.train} images, "
           f"{args.epochs} epochs); thief data {args.thief} held-out training images")
     print(f"export: {without['seconds']:.1f} s ({without['cpu']:.1f} s CPU) without the fingerprint, "
           f"{with_fp['seconds']:.1f} s ({with_fp['cpu']:.1f} s CPU) with it (the fingerprint "

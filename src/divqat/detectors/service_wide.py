@@ -173,7 +173,8 @@ class ServiceWide:
 
     def record(self) -> dict[str, Any]:
         """Per key (``keys``): its queries and its own detector's first alarm (in its own queries,
-        and where that falls in its group's union stream), and where the union flagged it; per group (``groups``): the union's queries, first alarm, scores."""
+        and where that falls in its group's union stream), and where the union flagged it; per
+        group (``groups``): the union's queries, first alarm, scores."""
         keys = {}
         for key, own in self._keys.items():
             v = own.verdict()

@@ -1,4 +1,4 @@
-"""Fingerprints of the file (issue 22): does a copy of the victim match its IPGuard fingerprint,
+"""Fingerprints of the file: does a copy of the victim match its IPGuard fingerprint,
 and does an independently trained model not?
 
     OMP_NUM_THREADS=1 python benchmarks/bench_fingerprint.py --work runs/fingerprint \\

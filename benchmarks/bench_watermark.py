@@ -1,4 +1,4 @@
-"""What DAWN's watermark costs (issue 22): the marking's share of a query at batch 256 against an
+"""What DAWN's watermark costs: the marking's share of a query at batch 256 against an
 int8 victim, the storage of 10,000 marks, and the time ``divqat verify`` takes to ask for them.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_watermark.py [--victim DIR] [--defense dcp]

@@ -1,4 +1,4 @@
-"""`divqat serve` read as a hostile client reads it (issue 24): refusals that cost no decode,
+"""`divqat serve` read as a hostile client reads it: refusals that cost no decode,
 decoding off the event loop, slow bodies, alarms that act on the requests already admitted,
 unflag on a live service, malformed .npy headers, batcher faults, /metrics, TLS and file modes.
 Every server listens on 127.0.0.1 only; every client call has a timeout and every load loop a

@@ -142,6 +142,14 @@ def test_label_only_thief_behind_a_defense_that_keeps_every_label_measures_its_t
     # The defense's own figures are this defense's, not the twin's.
     assert shared["defense"] == "dcp" and shared["defense_params"]["beta"] == 0.0
     assert shared["queries_used"] == twin["queries_used"] == 80
+    # A run folder copied elsewhere (the thieves preset starts from a copy of the default run):
+    # the twin names the victim by its old path and is still this thief's twin.
+    record_file = tmp_path / "none" / "metrics.json"
+    record = json.loads(record_file.read_text())
+    record_file.write_text(json.dumps({**record, "victim": f"/elsewhere/stages/victim/{record['victim'].rsplit('/', 1)[-1]}"}))
+    moved = steal(tiny_victims["qat"], "knockoff", out=tmp_path / "moved", twin=tmp_path / "none", **dcp)
+    assert moved["surrogates_from"]["folder"] == str(tmp_path / "none")
+    assert [r["adversary_accuracy"] for r in moved["results"]] == [r["adversary_accuracy"] for r in shared["results"]]
 
     # A defense that changes a label of the transfer set: the thief trains its own surrogates.
     monkeypatch.setattr(attack_module, "labels_changed", lambda served, images: 3)

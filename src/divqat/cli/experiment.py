@@ -33,11 +33,11 @@ the same path). --plan prints the stages, what is
 cached and an estimate of the time left, and runs nothing.
 
 Presets (shipped with divqat): smoke (a complete tiny pipeline, about 2 minutes on 2 cores),
-default (Fashion-MNIST, 3 seeds, sized for 45 minutes on 2 cores with --executor ray),
+default (Fashion-MNIST, 5 seeds: 1 h 17 min on 2 cores with --executor ray, about 38 min on 4),
 paper-fmnist (the full Fashion-MNIST grid, 5 seeds: a cluster's work; see --plan),
 paper-cifar10 (CIFAR-10/100 from --data-root; hours), thieves (every output perturbation
-against the thieves that know, on the default's victims, 3 seeds: about 5 hours on 2 cores
-with --executor ray).
+against the thieves that know, on the default's victims, 3 seeds: several hours on 2 cores
+with --executor ray; --plan estimates it).
 The config format is documented in divqat.experiment.config; start from a preset's YAML
 (src/divqat/experiment/presets/).
 

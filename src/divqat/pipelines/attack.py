@@ -176,6 +176,9 @@ def _twin_results(twin: Path, expected: dict[str, Any], budgets: list[int], labe
     """The twin's record and its per-budget results measured against this defense (agreement
     with this defended victim; the rest is the surrogates' own)."""
     record = json.loads((twin / "metrics.json").read_text())
+    # A run folder may be copied or moved (the thieves preset starts from a copy of the default
+    # run), so the victim is matched by its folder's name (the victim stage's key), not its path.
+    record = {**record, "victim": Path(str(record.get("victim"))).name}
     differ = [k for k in _TWIN_FIELDS if record.get(k) != expected[k]]
     if differ or [r["budget"] for r in record["results"]] != budgets or record.get("defense") != "none":
         raise ConfigError(f"{twin} is not this thief behind no defense (differs in "
@@ -366,7 +369,7 @@ def _attack(request: AttackRequest, context: RunContext, served: DefendedVictim 
                 "the thief's own surrogates are trained")
         else:
             expected = {"attack": attack, "params": thief.params(), "labels_only": labels_only,
-                        "victim": str(victim_dir), "transfer_set": transfer_set.name,
+                        "victim": Path(victim_dir).name, "transfer_set": transfer_set.name,
                         "surrogate": training.arch, "epochs": training.epochs,
                         "min_steps": training.min_steps, "seed": training.seed}
             twin_record, results = _twin_results(Path(twin), expected, budgets, labels,

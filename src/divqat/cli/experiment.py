@@ -36,8 +36,8 @@ Presets (shipped with divqat): smoke (a complete tiny pipeline, about 2 minutes 
 default (Fashion-MNIST, 5 seeds: 1 h 17 min on 2 cores with --executor ray, about 38 min on 4),
 paper-fmnist (the full Fashion-MNIST grid, 5 seeds: a cluster's work; see --plan),
 paper-cifar10 (CIFAR-10/100 from --data-root; hours), thieves (every output perturbation
-against the thieves that know, on the default's victims, 3 seeds: several hours on 2 cores
-with --executor ray; --plan estimates it).
+against the thieves that know, on the default's victims, 3 seeds: about 2 hours on 2 cores
+with --executor ray from a copy of the default run, whose stages it shares).
 The config format is documented in divqat.experiment.config; start from a preset's YAML
 (src/divqat/experiment/presets/).
 

@@ -38,6 +38,10 @@ DEFAULT_RATES = {
     "attack knockoff bf16": 2.6e-4, "attack knockoff-adaptive": 5e-4,
     "attack knockoff-adaptive bf16": 3.5e-4, "attack jbda": 5e-4, "attack jbda bf16": 3.5e-4,
     "attack dfme": 3.9e-3, "attack maze": 4e-3, "timing": 1.2,
+    # The thieves that know, bf16, from the thieves preset's run (2026-12-06/07, 2-core AMD
+    # EPYC, one thread, 44-70 stages each; here at two threads as the rest): recovery 62 s,
+    # FixMatch 110 s, averaging 15 s a stage, median.
+    "attack recovery bf16": 7.4e-4, "attack fixmatch bf16": 3.9e-4, "attack averaging bf16": 1.1e-3,
     # A label-only thief measured on its twin's surrogates (3.4-4.0 s at one thread, victim
     # loaded, fashion-mnist[0-4] test split, 8,000-30,000 transfer images checked).
     "attack shared": 1.5e-4,

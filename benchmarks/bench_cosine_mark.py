@@ -194,6 +194,20 @@ def find_victims(run: Path, seeds: list[int]) -> dict[int, Path]:
     return found
 
 
+def setting(run: Path, seeds: list[int], data_root: str | None):
+    """What every prototype run reads: the seeds' QAT victim folders, the first one's metadata,
+    its class count, a quiet RunContext, the test split (dataset and victim input), its labels,
+    the holdout transfer set and its images as floats in [0, 1]."""
+    victims_dir = find_victims(run, seeds)
+    meta = victim_metadata(victims_dir[seeds[0]])
+    context = RunContext(data_root=data_root, progress=False, log=None)
+    test = load_dataset(meta["dataset"], "test", data_root)
+    test_images = to_victim_input(test.images, tuple(meta["input_shape"]))
+    transfer = load_transfer_set(HOLDOUT, meta, data_root)
+    return (victims_dir, meta, len(meta["classes"]), context, test, test_images,
+            torch.as_tensor(test.labels).long(), transfer, transfer.images.float() / 255)
+
+
 @torch.no_grad()
 def posteriors_of(model, images: Tensor, batch: int = 500) -> Tensor:
     return torch.cat([torch.softmax(model(images[i:i + batch]).float(), dim=1)
@@ -225,15 +239,8 @@ def main() -> None:
         name, eps, freq = text.split(":")
         configs[name] = (float(eps), float(freq))
     began = time.perf_counter()
-    victims_dir = find_victims(args.run, args.seeds)
-    meta = victim_metadata(victims_dir[args.seeds[0]])
-    k = len(meta["classes"])
-    context = RunContext(data_root=args.data_root, progress=False, log=None)
-    test = load_dataset(meta["dataset"], "test", args.data_root)
-    test_images = to_victim_input(test.images, tuple(meta["input_shape"]))
-    labels = torch.as_tensor(test.labels).long()
-    transfer = load_transfer_set(HOLDOUT, meta, args.data_root)
-    holdout = transfer.images.float() / 255
+    victims_dir, meta, k, context, test, test_images, labels, transfer, holdout = setting(args.run, args.seeds,
+                                                                                          args.data_root)
 
     # 0. How far the thief's augmentation moves t: a pixel-space projection against the histogram one.
     moved = augment(holdout, generator=torch.Generator().manual_seed(0))

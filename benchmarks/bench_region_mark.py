@@ -50,19 +50,17 @@ from pathlib import Path
 import torch
 
 # The intensity histogram t(x) projects, the victims' lookup and the posteriors: the cosine mark's.
-from bench_cosine_mark import BINS, find_victims, histogram, posteriors_of
+from bench_cosine_mark import BINS, histogram, posteriors_of, setting
 from scipy import stats
 from torch import Tensor
 
 from divqat.attacks import SurrogateTraining
 from divqat.blackbox import DefendedVictim
-from divqat.data import load_dataset, to_victim_input
 from divqat.data.transforms import augment
 from divqat.defenses.base import Defense
 from divqat.models.saved import load_model
-from divqat.pipelines.attack import HOLDOUT, AttackRequest, attack_loaded, load_transfer_set
-from divqat.pipelines.context import RunContext
-from divqat.victim import load_victim, victim_metadata
+from divqat.pipelines.attack import HOLDOUT, AttackRequest, attack_loaded
+from divqat.victim import load_victim
 
 SIGNIFICANCE = 1e-6             # divqat verify's default
 
@@ -175,15 +173,8 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
-    victims_dir = find_victims(args.run, args.seeds)
-    meta = victim_metadata(victims_dir[args.seeds[0]])
-    k = len(meta["classes"])
-    context = RunContext(data_root=args.data_root, progress=False, log=None)
-    test = load_dataset(meta["dataset"], "test", args.data_root)
-    test_images = to_victim_input(test.images, tuple(meta["input_shape"]))
-    labels = torch.as_tensor(test.labels).long()
-    transfer = load_transfer_set(HOLDOUT, meta, args.data_root)
-    holdout = transfer.images.float() / 255
+    victims_dir, meta, k, context, test, test_images, labels, transfer, holdout = setting(args.run, args.seeds,
+                                                                                          args.data_root)
     keys = {(r, s): RegionKey.derive(f"victim{s}|{r:g}", k, r, holdout) for r in args.rates for s in args.seeds}
     print(f"# bench_region_mark, victims {', '.join(str(victims_dir[s]) for s in args.seeds)}; "
           f"{meta['dataset']}, K={k}, probes: the test split ({len(test_images)}), thief {args.epochs} epochs")

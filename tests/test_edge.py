@@ -282,14 +282,39 @@ def test_copy_attack_gets_the_victim_itself_and_nothing_without_the_key(edge, tm
     assert row["agreement"] == 1.0 and row["max_posterior_difference"] == 0.0
     assert row["adversary_accuracy"] == record["victim_accuracy"] > 0.5
     assert (tmp_path / "copy" / "metrics.json").exists()
+    # The owner finds the copy: the file is one its fingerprint recorded, and it answers the points.
+    owner = record["fingerprint"]
+    n = len(load_fingerprint(fingerprint_path(edge["plain"])))
+    assert owner["identical_file"] and owner["verified"] and owner["agreed"] == owner["points"] == n
 
     monkeypatch.setenv(KEY_ENV, str(edge["key"]))
     with_key = copy_attack(edge["sealed"])
     assert with_key["agreement"] == 1.0 and with_key["program"]["encrypted"]
     no_key = copy_attack(edge["sealed"], thief_has_key=False)
     assert no_key["adversary_accuracy"] is None and "no key" in no_key["note"]
+    # A sealed copy that does not run is still the owner's file.
+    assert no_key["fingerprint"]["identical_file"] and no_key["fingerprint"]["agreed"] is None
     with pytest.raises(ConfigError, match="device program"):
         copy_attack(edge["victim"])
+
+
+def test_copy_attack_without_a_fingerprint_and_of_another_program(edge, tmp_path, monkeypatch, capsys):
+    assert main(["attack", "--attack", "copy", "--victim", str(edge["plain"]), "--out", str(tmp_path / "c")]) == 0
+    assert "the owner's fingerprint: copy verified (identical file, " in capsys.readouterr().out
+    bare = tmp_path / "bare.pte"
+    bare.write_bytes(edge["plain"].read_bytes())
+    assert copy_attack(bare)["fingerprint"] is None
+    assert main(["attack", "--attack", "copy", "--victim", str(bare), "--out", str(tmp_path / "b")]) == 0
+    assert "fingerprint" not in capsys.readouterr().out
+    # Another program of the same victim (DCP fused, sealed: other bytes) beside the plain one's
+    # fingerprint: not a file the fingerprint recorded, so the boundary test decides, and DCP
+    # keeps every argmax.
+    other = tmp_path / "other.pte"
+    other.write_bytes(edge["sealed"].read_bytes())
+    fingerprint_path(other).write_bytes(fingerprint_path(edge["plain"]).read_bytes())
+    monkeypatch.setenv(KEY_ENV, str(edge["key"]))
+    owner = copy_attack(other)["fingerprint"]
+    assert not owner["identical_file"] and owner["agreed"] == owner["points"] and owner["verified"]
 
 
 def test_defend_and_attack_run_against_the_program(edge, tmp_path, capsys):
@@ -330,6 +355,16 @@ def test_edge_target_plans_a_copy_stage_per_victim_and_keeps_x86_keys():
         parse_config({**EDGE_CONFIG, "victim": {"dataset": TINY, "target": "arm"}})
 
 
+def test_copy_rows_carry_the_owner_fingerprint_test():
+    from divqat.experiment.stages.copy import _fingerprint_columns
+
+    assert _fingerprint_columns(None) == {"fingerprint_verified": None, "fingerprint_agreement": None}
+    ran = {"identical_file": False, "points": 80, "agreed": 60, "p_value": 1e-9, "verified": True}
+    assert _fingerprint_columns(ran) == {"fingerprint_verified": True, "fingerprint_agreement": 0.75}
+    sealed = {**ran, "identical_file": True, "agreed": None}
+    assert _fingerprint_columns(sealed)["fingerprint_agreement"] is None
+
+
 def test_report_puts_the_copy_beside_the_query_attacks():
     base = {"seed": 0, "victim_mode": "qat", "alpha": 0.0, "defense": "none", "defense_label": "none",
             "attack_params": "", "transfer": "holdout", "transfer_set": "tiny:train[-96:]",
@@ -341,7 +376,9 @@ def test_report_puts_the_copy_beside_the_query_attacks():
                "adversary_accuracy": 0.88, "agreement": 1.0, "note": None}]
     results = {"victims": [], "defenses": [], "attacks": attacks, "copies": copies}
     table = "\n".join(copy_table(results))
-    assert "| qat | file copy | 0 | 88.0 | 100.0 |" in table
+    assert "| qat | file copy | 0 | 88.0 | 100.0 | no fingerprint |" in table
+    copies[0].update(fingerprint_verified=True, fingerprint_agreement=1.0)
+    assert "| qat | file copy | 0 | 88.0 | 100.0 | 1 of 1 verified |" in "\n".join(copy_table(results))
     assert "| qat | holdout (strongest: knockoff label-only ×1) | 500 | 82.0 | 86.0 |" in table
     assert "file copy" in main_table(results)
 

@@ -86,10 +86,16 @@ def cmd_copy(args: argparse.Namespace) -> int:
     r = m["results"][0]
     if r["adversary_accuracy"] is None:
         print(f"copy of {args.victim}: {m['note']} -> {os.path.join(args.out, 'metrics.json')}")
-        return 0
-    print(f"copy of {args.victim} ({m['victim_mode']} {m['victim_arch']}): adversary accuracy "
-          f"{r['adversary_accuracy']:.2%} (victim {m['victim_accuracy']:.2%}), agreement {r['agreement']:.2%}, "
-          f"largest posterior difference {r['max_posterior_difference']:.1e}, 0 queries, "
-          f"{r['seconds']:.1f} s -> {os.path.join(args.out, 'metrics.json')}")
+    else:
+        print(f"copy of {args.victim} ({m['victim_mode']} {m['victim_arch']}): adversary accuracy "
+              f"{r['adversary_accuracy']:.2%} (victim {m['victim_accuracy']:.2%}), agreement {r['agreement']:.2%}, "
+              f"largest posterior difference {r['max_posterior_difference']:.1e}, 0 queries, "
+              f"{r['seconds']:.1f} s -> {os.path.join(args.out, 'metrics.json')}")
+    owner = m["fingerprint"]
+    if owner is not None:
+        found = [*(["identical file"] if owner["identical_file"] else []),
+                 *([f"{owner['agreed']} of {owner['points']} points"] if owner["agreed"] is not None else [])]
+        print(f"the owner's fingerprint: copy {'verified' if owner['verified'] else 'not verified'} "
+              f"({', '.join(found) or 'nothing matched'}; p {owner['p_value']:.1e})")
     return 0
 

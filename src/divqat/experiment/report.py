@@ -422,9 +422,9 @@ def detector_lines(results: dict[str, Any]) -> list[str]:
 
 def copy_table(results: dict[str, Any]) -> list[str]:
     """The two threats side by side, per victim: the thief who copies the device program (no
-    queries) and, for each regime (transfer set) of the query attacks against the undefended
-    victim at its summary budget (``regime_budget``), its strongest thief (the one thief where
-    only one ran)."""
+    queries; with the owner's fingerprint test of its copy, over seeds) and, for each regime
+    (transfer set) of the query attacks against the undefended victim at its summary budget
+    (``regime_budget``), its strongest thief (the one thief where only one ran)."""
     copies = results.get("copies") or []
     if not copies:
         return []
@@ -435,8 +435,11 @@ def copy_table(results: dict[str, Any]) -> list[str]:
     for v in victim_labels(copies):
         got = [r for r in copies if r["victim"] == v]
         notes = ordered(r["note"] for r in got if r.get("note"))
+        tested = [r for r in got if r.get("fingerprint_verified") is not None]
+        owner = (f"{sum(bool(r['fingerprint_verified']) for r in tested)} of {len(tested)} verified"
+                 if tested else "no fingerprint")
         body.append([v, "file copy", "0", cell([r["adversary_accuracy"] for r in got], 100),
-                     cell([r["agreement"] for r in got], 100), "; ".join(notes)])
+                     cell([r["agreement"] for r in got], 100), owner, "; ".join(notes)])
         for name in regimes(queries):
             mine = [r for r in queries if r["victim"] == v and regime(r) == name]
             if not mine:
@@ -451,8 +454,9 @@ def copy_table(results: dict[str, Any]) -> list[str]:
                 who = ", ".join(ordered(thief_name(r) for r in best))
             body.append([v, f"{regime_title(name, queries, full=False)} ({who})", f"{budget:,}",
                          cell([r["adversary_accuracy"] for r in best], 100),
-                         cell([r["agreement"] for r in best], 100), ""])
-    return _table(["victim", "thief", "queries", "adversary accuracy %", "agreement %", "note"], body)
+                         cell([r["agreement"] for r in best], 100), "", ""])
+    return _table(["victim", "thief", "queries", "adversary accuracy %", "agreement %",
+                   "the owner's fingerprint", "note"], body)
 
 
 def main_table(results: dict[str, Any]) -> str:

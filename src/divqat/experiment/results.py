@@ -164,6 +164,9 @@ class CopyRow(VictimColumns, total=False):
     note: str | None
     program_bytes: int
     attack_seconds: float
+    # The owner's fingerprint of the program against the copy (None: none was written).
+    fingerprint_verified: bool | None
+    fingerprint_agreement: float | None
     stage: str
 
 

@@ -9,7 +9,11 @@ answers, and a copied file does not need to ask.
 ``copy_attack`` measures it the way ``attack_victim`` measures a surrogate, on the victim's test
 split: ``adversary_accuracy``, ``agreement`` with the victim's (defended) argmax,
 ``max_posterior_difference`` between the copy's and the victim's answers, ``queries_used`` 0, and
-whether the copy is byte-identical. An encrypted program (``divqat export --encrypt-key-file``)
+whether the copy is byte-identical. Where ``divqat export`` wrote the program's ownership
+fingerprint beside it (``divqat.ownership.fingerprint``, the default), the copy is also tested
+as ``divqat verify --fingerprint`` tests a suspect: its file's sha256 against the programs the
+fingerprint recorded, and, when it loads, its labels of the fingerprint's points (``fingerprint``
+in the record: the owner finding the stolen file). An encrypted program (``divqat export --encrypt-key-file``)
 copied by a thief without its key does not load: the copy is then recorded as worth nothing
 (``adversary_accuracy`` None) with the reason. ``thief_has_key=True`` (the default) is the
 common case the device guide warns about: the key ships inside the same app, so the thief has it too.
@@ -35,6 +39,7 @@ from divqat.data import dataset_spec, load_dataset, to_victim_input
 from divqat.edge import is_program_path, program_file
 from divqat.errors import ArtifactError, ConfigError
 from divqat.io import write_json
+from divqat.ownership.fingerprint import fingerprint_path, load_fingerprint, match, match_file
 from divqat.sealed import is_sealed
 
 ATTACK = "copy"
@@ -108,7 +113,10 @@ def copy_attack(program: str | Path, *, thief_has_key: bool = True,
         else:
             row.update(adversary_accuracy=None, adversary_error=None, agreement=None,
                        agreement_clean=None, max_posterior_difference=None)
-    row.update(identical_copy=identical, seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        # The owner's side, timed apart from the theft: the copy against the program's fingerprint.
+        fingerprint = _owner_test(source, copy, stolen)
+    row.update(identical_copy=identical, seconds=seconds, fingerprint=fingerprint)
     section = meta["program"]
     say(f"copy of {source}: " + (note or f"adversary accuracy {row['adversary_accuracy']:.2%}, agreement "
                                           f"{row['agreement']:.2%}, 0 queries"))
@@ -126,11 +134,28 @@ def copy_attack(program: str | Path, *, thief_has_key: bool = True,
         "transfer_set": None, "budget": 0, "queries_used": 0, "note": note,
         **{k: row[k] for k in ("adversary_accuracy", "adversary_error", "agreement",
                                "agreement_clean", "max_posterior_difference")},
-        "attack_seconds": row["seconds"], "results": [row],
+        "attack_seconds": row["seconds"], "fingerprint": fingerprint, "results": [row],
     }
     if out is not None:
         write_json(Path(out) / "metrics.json", record)
     return record
+
+
+def _owner_test(source: Path, copy: Path, stolen: Callable | None) -> dict[str, Any] | None:
+    """The copy tested against the fingerprint written beside ``source``, or None without one:
+    ``identical_file`` (its sha256 is a program the fingerprint recorded), ``points``, ``agreed``
+    and ``p_value`` of the boundary test (None when the copy does not load), ``verified``."""
+    path = fingerprint_path(source)
+    if not path.is_file():
+        return None
+    fingerprint = load_fingerprint(path)
+    by_file = match_file(fingerprint, copy)
+    by_points = match(fingerprint, stolen) if stolen is not None else None
+    return {"identical_file": by_file.verified, "points": len(fingerprint),
+            "agreed": None if by_points is None else by_points.agreed,
+            "p_value": min(by_file.p_value, 1.0 if by_points is None else by_points.p_value),
+            "significance": by_file.significance,
+            "verified": by_file.verified or (by_points is not None and by_points.verified)}
 
 
 def _sha256(path: Path) -> str:

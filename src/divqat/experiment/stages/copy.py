@@ -31,8 +31,10 @@ class Copy(StageKind):
         return work.copy(folder, task.folders["victim"])
 
     def summary(self, result: dict[str, Any]) -> str:
-        return result.get("note") or (f"the copy's accuracy {result['adversary_accuracy']:.1%}, "
-                                      f"agreement {result['agreement']:.1%}, 0 queries")
+        test = result.get("fingerprint")
+        owner = "" if test is None else f"; the owner's fingerprint: {'verified' if test['verified'] else 'not verified'}"
+        return (result.get("note") or (f"the copy's accuracy {result['adversary_accuracy']:.1%}, "
+                                       f"agreement {result['agreement']:.1%}, 0 queries")) + owner
 
     def rows(self, stage: Stage, ctx: RowsContext) -> list[CopyRow]:
         r = ctx.result(stage.key)
@@ -41,7 +43,15 @@ class Copy(StageKind):
                  **{k: r.get(k) for k in ("adversary_accuracy", "adversary_error", "agreement",
                                           "max_posterior_difference", "note")},
                  "program_bytes": r["program"]["bytes"], "attack_seconds": r["attack_seconds"],
-                 "stage": stage.key[:16]}]
+                 **_fingerprint_columns(r.get("fingerprint")), "stage": stage.key[:16]}]
 
     def time_name(self, label: str, row: dict[str, Any]) -> str:
         return "copy (device program)"
+
+
+def _fingerprint_columns(test: dict[str, Any] | None) -> dict[str, Any]:
+    """The copy row's view of the owner's fingerprint test (``copy_attack``'s ``fingerprint``)."""
+    if test is None:
+        return {"fingerprint_verified": None, "fingerprint_agreement": None}
+    return {"fingerprint_verified": test["verified"],
+            "fingerprint_agreement": None if test["agreed"] is None else test["agreed"] / test["points"]}

@@ -20,7 +20,7 @@ from test_serve_hostile import _watch, serving
 from divqat.cli import build_parser, main
 from divqat.cli.serve import LIMIT_FLAGS, limits_given
 from divqat.errors import ConfigError
-from divqat.remote import RemoteBlackBox, check_transport, is_loopback
+from divqat.remote import RemoteBlackBox, RemoteError, check_transport, is_loopback
 from divqat.serve.app import ServiceLimits
 
 # ---------------------------------------------------------------------- key lifecycle
@@ -123,6 +123,30 @@ def test_the_client_sends_no_key_in_clear_to_another_machine(service):
         with RemoteBlackBox("http://192.0.2.1:8000", key, insecure=True,
                             transport=httpx.MockTransport(forward)) as box:
             assert box.budget == 10 and box.query(natural(2)).shape == (2, 4)
+
+
+def test_the_client_waits_out_a_busy_service_within_its_bound(service):
+    url, store, _ = service
+    _, key = store.create_key("patient", 10)
+    busy = {"left": 2, "seen": 0}
+    with httpx.Client(base_url=url) as real:
+        def crowded(request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/predict" and busy["left"]:
+                busy["left"] -= 1
+                busy["seen"] += 1
+                return httpx.Response(503, headers={"Retry-After": "0"},
+                                      json={"error": "busy", "message": "the service is serving 4 requests at once"})
+            r = real.request(request.method, request.url.path, headers=request.headers, content=request.content)
+            return httpx.Response(r.status_code, headers=r.headers, content=r.content)
+
+        with RemoteBlackBox(url, key, transport=httpx.MockTransport(crowded)) as box:
+            assert box.query(natural(2)).shape == (2, 4) and busy["seen"] == 2
+            assert box.queries_used == 2  # the busy answers charged nothing
+        with RemoteBlackBox(url, key, max_wait=0.5, transport=httpx.MockTransport(
+                lambda request: crowded(request) if request.url.path != "/v1/predict"
+                else httpx.Response(503, headers={"Retry-After": "1"}, json={"error": "busy", "message": "full"}))) as box:
+            with pytest.raises(RemoteError, match="busy for more than 0.5 s"):
+                box.query(natural(1))
 
 
 def test_the_remote_attack_refuses_plain_http_off_loopback_in_one_line(tmp_path, capsys):

@@ -136,8 +136,9 @@ class RemoteBlackBox(QueryBoundary):
         label_only (bool, optional): refuse ``query`` even if the key receives posteriors.
             (Default: None, as the key's output level says: label-only for a ``labels`` key.)
         timeout (float): seconds per HTTP request. (Default: 120.)
-        max_wait (float): most seconds spent in all waits a rate limit asks for (``Retry-After``)
-            before giving up with ``RemoteError``. (Default: 600.)
+        max_wait (float): most seconds spent in all waits a rate limit or a busy service (503
+            ``busy``) asks for (``Retry-After``) before giving up with ``RemoteError``.
+            (Default: 600.)
         insecure (bool): send the key over plain ``http://`` to a host that is not loopback;
             without it such a URL is a ``ConfigError`` before anything is sent. (Default: False.)
         transport (httpx transport, optional): for tests.
@@ -233,10 +234,13 @@ class RemoteBlackBox(QueryBoundary):
             if response.status_code == 200:
                 break
             code = _code(response)
-            if code == "rate_limited":
+            # Both say "not now": the key's rate limit, or the service at its cap of requests
+            # served at once (nothing was charged for either).
+            if code in ("rate_limited", "busy"):
                 wait = float(response.headers.get("retry-after") or 1)
                 if waited + wait > self.__max_wait:
-                    raise RemoteError(f"rate limited for more than {self.__max_wait:g} s: {_message(response)}")
+                    what = "rate limited" if code == "rate_limited" else "the service was busy"
+                    raise RemoteError(f"{what} for more than {self.__max_wait:g} s: {_message(response)}")
                 time.sleep(wait)
                 waited += wait
                 continue

@@ -286,6 +286,11 @@ def test_a_request_head_must_arrive_in_time_and_in_bounded_size(tmp_path):
                 r = http.post(f"{server.url}/v1/predict", content=npy(np.zeros((1, 16, 16), np.uint8)),
                               headers={"Authorization": f"Bearer {key}", "Content-Type": NPY})
                 assert r.status_code == 200
+            # The operator sees them: two 408s and one 431, among the refusals, and no request.
+            text = http.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+            assert 'divqat_refusals_total{reason="head_timeout"} 2.0' in text
+            assert 'divqat_refusals_total{reason="head_too_large"} 1.0' in text
+            assert 'divqat_requests_total{outcome="head_timeout"}' not in text
         print(f"slowloris head closed after {slow:.2f} s (head_timeout 0.5 s)")
     finally:
         server.stop()

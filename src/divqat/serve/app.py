@@ -207,6 +207,12 @@ class ServiceMetrics:
         self.batch_requests.observe(requests)
         self.victim_seconds.observe(seconds)
 
+    def refused(self, reason: str) -> None:
+        """A connection refused before any route ran (the request head's limits: 408
+        ``head_timeout``, 431 ``head_too_large``): counted among the refusals only, since no
+        prediction request was read."""
+        self.refusals.labels(reason).inc()
+
     def outcome(self, outcome: str, images: int, seconds: float | None = None) -> None:
         self.requests.labels(outcome).inc()
         self.images.labels(outcome).inc(images)

@@ -43,8 +43,8 @@ def _refusal(status: str, code: str, message: str) -> bytes:
             "connection: close\r\n\r\n").encode() + body
 
 
-def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol] | None = None
-                 ) -> type[asyncio.Protocol]:
+def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol] | None = None,
+                 on_refuse: Callable[[str], None] | None = None) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol (``protocol``, default the one uvicorn picks: httptools, else h11)
     with a deadline and a size cap on each request head.
 
@@ -54,7 +54,8 @@ def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol
     closes them). A head passing ``max_bytes`` (counted in the chunks read, of at most 256 KiB
     each) gets 431 ``head_too_large`` and the connection is closed. Bodies are the app's
     (``read_timeout``, ``max_body_bytes``). A head is complete when uvicorn starts its request
-    (a new ``cycle``), in both of its HTTP implementations (httptools and h11, both checked)."""
+    (a new ``cycle``), in both of its HTTP implementations (httptools and h11, both checked).
+    ``on_refuse`` is called with the code of each refusal answered (the service's metrics)."""
     if protocol is None:
         from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -81,6 +82,8 @@ def head_limited(timeout: float, max_bytes: int, protocol: type[asyncio.Protocol
             if not self.transport.is_closing():
                 self.transport.write(_refusal(status, code, message))
                 self.transport.close()
+                if on_refuse is not None:
+                    on_refuse(code)
 
         def _head_late(self) -> None:
             self._head_timer = None
@@ -125,7 +128,11 @@ def uvicorn_config(app, limits: ServiceLimits | None = None, **settings: Any):
 
     limits = limits or app.state.limits
     settings = {"log_level": "warning", "access_log": False, **settings}
-    return uvicorn.Config(app, http=head_limited(limits.head_timeout, limits.max_head_bytes), **settings)
+    metrics = getattr(app.state, "metrics", None)
+    # A head refused before any route ran still shows in /metrics, among the refusals.
+    on_refuse = None if metrics is None else metrics.refused
+    return uvicorn.Config(app, http=head_limited(limits.head_timeout, limits.max_head_bytes, on_refuse=on_refuse),
+                          **settings)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_fingerprint_thieves import RECIPES, stages
+from bench_fingerprint_thieves import RECIPES, by_seed, extra_surrogates, score, summarize
 from torch import Tensor
 
 from divqat.attacks import SurrogateTraining
@@ -53,7 +53,7 @@ from divqat.blackbox import DefendedVictim
 from divqat.data import load_dataset
 from divqat.defenses.none import NoDefense
 from divqat.models.saved import load_model
-from divqat.ownership.fingerprint import Fingerprint, match
+from divqat.ownership.fingerprint import Fingerprint
 from divqat.pipelines.attack import AttackRequest, attack_loaded, load_transfer_set
 from divqat.pipelines.context import RunContext
 from divqat.pipelines.export import fingerprint_images
@@ -113,9 +113,7 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     quiet_torchao()
-    victims, teachers = stages(args.run, "victim"), stages(args.run, "fp32")
-    qat = {int(k.rsplit(" ", 1)[1]): v for k, v in victims.items() if k.startswith("victim qat | seed ")}
-    fp32 = {int(k.rsplit(" ", 1)[1]): v for k, v in teachers.items() if k.startswith("fp32 teacher | seed ")}
+    qat, fp32 = by_seed(args.run)
     meta = victim_metadata(qat[args.seeds[0]])
     context = RunContext(data_root=args.data_root, progress=False, log=None)
     test = load_dataset(meta["dataset"], "test", args.data_root)
@@ -149,16 +147,7 @@ def main() -> None:
                   f"({time.perf_counter() - began:.0f} s)", flush=True)
 
     stolen = {(s, name): args.thieves / f"{name}-s{s}-e5.pt" for s in args.seeds for name, _, _ in RECIPES}
-    for spec in args.extra:
-        name, _, rest = spec.partition("=")
-        seed, _, path = rest.partition(":")
-        stolen[int(seed), name] = Path(path)
-
-    def labeller(path: Path):
-        if path.suffix == ".pt":
-            net = load_model(path)[0]
-            return lambda x: net(x)
-        return load_victim(path, compile=False)
+    stolen.update(extra_surrogates(args.extra))
 
     references = [differentiable(fp32[r]) for r in args.references]
     print(f"\n2. conferrable points (references: fp32 teachers of seeds {args.references}) and matches:", flush=True)
@@ -193,21 +182,9 @@ def main() -> None:
                              len(meta["classes"]), params={"method": "conferrable", "eps": eps})
             print(f"   seed {s}, eps {eps}: {len(idx)} of {len(starts)} candidates kept "
                   f"({time.perf_counter() - began:.0f} s)", flush=True)
-            for kind, name, path in suspects:
-                v = match(fp, labeller(path))
-                rows.append({"seed": s, "eps": eps, "kind": kind, "suspect": name, "agreed": v.agreed,
-                             "points": v.probes, "chance": v.chance, "p": v.p_value, "verified": v.verified})
-                print(f"     {kind:11s} {name:26s} {v.agreed:3d}/{v.probes} (chance {v.chance:.2f}) "
-                      f"p {v.p_value:.1e} {'VERIFIED' if v.verified else 'no'}", flush=True)
+            rows += score(fp, suspects, seed=s, eps=eps)
     (args.out / "matches.json").write_text(json.dumps(rows, indent=1))
-    print("\n3. summary (per eps and kind: verified / tested, agreement range):")
-    for eps in args.eps:
-        for kind in ("stolen", "independent"):
-            sel = [r for r in rows if r["eps"] == eps and r["kind"] == kind]
-            if sel:
-                agree = [r["agreed"] / r["points"] for r in sel]
-                print(f"   eps {eps}, {kind:11s}: {sum(r['verified'] for r in sel)}/{len(sel)} verified, "
-                      f"agreement {min(agree):.0%}-{max(agree):.0%}, smallest p {min(r['p'] for r in sel):.1e}")
+    summarize(rows, "eps", args.eps)
 
 
 if __name__ == "__main__":

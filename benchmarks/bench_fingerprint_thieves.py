@@ -60,6 +60,56 @@ def stages(run: Path, kind: str) -> dict[str, Path]:
     return {json.loads(d.read_text())["label"]: d.parent for d in sorted((run / "stages" / kind).glob("*/done.json"))}
 
 
+def by_seed(run: Path) -> tuple[dict[int, Path], dict[int, Path]]:
+    """The run's QAT victims and fp32 teachers, by seed."""
+    def seeds(kind: str, prefix: str) -> dict[int, Path]:
+        return {int(k.rsplit(" ", 1)[1]): v for k, v in stages(run, kind).items() if k.startswith(prefix)}
+
+    return seeds("victim", "victim qat | seed "), seeds("fp32", "fp32 teacher | seed ")
+
+
+def extra_surrogates(specs: list[str]) -> dict[tuple[int, str], Path]:
+    """``--extra NAME=SEED:PATH`` as {(seed, name): path}."""
+    out = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        seed, _, path = rest.partition(":")
+        out[int(seed), name] = Path(path)
+    return out
+
+
+def labeller(path: Path):
+    """A suspect's labeller: a saved surrogate (.pt) or a victim folder."""
+    if path.suffix == ".pt":
+        net = load_model(path)[0]
+        return lambda x: net(x)
+    return load_victim(path, compile=False)
+
+
+def score(fp, suspects: list[tuple[str, str, Path]], **tag) -> list[dict]:
+    """Every suspect (kind, name, path) matched against ``fp`` as ``divqat verify`` matches it;
+    a row each, printed, with ``tag`` in it."""
+    rows = []
+    for kind, name, path in suspects:
+        v = match(fp, labeller(path))
+        rows.append({**tag, "kind": kind, "suspect": name, "agreed": v.agreed, "points": v.probes,
+                     "chance": v.chance, "p": v.p_value, "verified": v.verified})
+        print(f"     {kind:11s} {name:26s} {v.agreed:3d}/{v.probes} (chance {v.chance:.2f}) "
+              f"p {v.p_value:.1e} {'VERIFIED' if v.verified else 'no'}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict], axis: str, values: list[float]) -> None:
+    print(f"\n3. summary (per {axis} and kind: verified / tested, agreement range):")
+    for value in values:
+        for kind in ("stolen", "independent"):
+            sel = [r for r in rows if r[axis] == value and r["kind"] == kind]
+            if sel:
+                agree = [r["agreed"] / r["points"] for r in sel]
+                print(f"   {axis} {value}, {kind:11s}: {sum(r['verified'] for r in sel)}/{len(sel)} verified, "
+                      f"agreement {min(agree):.0%}-{max(agree):.0%}, smallest p {min(r['p'] for r in sel):.1e}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, default=Path("runs/default"))
@@ -74,9 +124,7 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     quiet_torchao()
-    victims, teachers = stages(args.run, "victim"), stages(args.run, "fp32")
-    qat = {int(k.rsplit(" ", 1)[1]): v for k, v in victims.items() if k.startswith("victim qat | seed ")}
-    fp32 = {int(k.rsplit(" ", 1)[1]): v for k, v in teachers.items() if k.startswith("fp32 teacher | seed ")}
+    qat, fp32 = by_seed(args.run)
     missing = sorted(set(args.seeds) - set(qat))
     if missing:
         raise SystemExit(f"no 'victim qat | seed S' stage for seeds {missing} under {args.run}")
@@ -113,16 +161,7 @@ def main() -> None:
             records_path.write_text(json.dumps(records, indent=1))
             print(f"   {path.name}: adversary accuracy {m['adversary_accuracy']:.2%}, agreement "
                   f"{m['agreement']:.2%} ({time.perf_counter() - began:.0f} s)", flush=True)
-    for spec in args.extra:
-        name, _, rest = spec.partition("=")
-        seed, _, path = rest.partition(":")
-        stolen[int(seed), name] = Path(path)
-
-    def labeller(path: Path):
-        if path.suffix == ".pt":
-            net = load_model(path)[0]
-            return lambda x: net(x)
-        return load_victim(path, compile=False)
+    stolen.update(extra_surrogates(args.extra))
 
     print("\n2. fingerprints and matches (verified at p <= 1e-6):", flush=True)
     rows = []
@@ -140,21 +179,9 @@ def main() -> None:
             began = time.perf_counter()
             fp = generate_fingerprint(net, starts, points=args.points, margin=margin, labels_of=victim, seed=s)
             print(f"   seed {s}, margin {margin}: {len(fp)} points in {time.perf_counter() - began:.0f} s", flush=True)
-            for kind, name, path in suspects:
-                v = match(fp, labeller(path))
-                rows.append({"seed": s, "margin": margin, "kind": kind, "suspect": name, "agreed": v.agreed,
-                             "points": v.probes, "chance": v.chance, "p": v.p_value, "verified": v.verified})
-                print(f"     {kind:11s} {name:26s} {v.agreed:3d}/{v.probes} (chance {v.chance:.2f}) "
-                      f"p {v.p_value:.1e} {'VERIFIED' if v.verified else 'no'}", flush=True)
+            rows += score(fp, suspects, seed=s, margin=margin)
     (args.out / "matches.json").write_text(json.dumps(rows, indent=1))
-    print("\n3. summary (per margin and kind: verified / tested, agreement range):")
-    for margin in args.margins:
-        for kind in ("stolen", "independent"):
-            sel = [r for r in rows if r["margin"] == margin and r["kind"] == kind]
-            if sel:
-                agree = [r["agreed"] / r["points"] for r in sel]
-                print(f"   margin {margin}, {kind:11s}: {sum(r['verified'] for r in sel)}/{len(sel)} verified, "
-                      f"agreement {min(agree):.0%}-{max(agree):.0%}, smallest p {min(r['p'] for r in sel):.1e}")
+    summarize(rows, "margin", args.margins)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ import torch
 
 # The intensity histogram t(x) projects, the victims' lookup and the posteriors: the cosine mark's.
 from bench_cosine_mark import BINS, histogram, posteriors_of, setting
-from bench_fingerprint_thieves import stages
+from bench_fingerprint_thieves import by_seed
 from scipy import stats
 from torch import Tensor
 
@@ -303,9 +303,9 @@ def main() -> None:
     # The owner's references (classwise): never-marked models it trained itself, on the same data.
     refs: list[Tensor] = []
     if classwise:
-        for label, folder in sorted(stages(args.run, "victim").items()) + sorted(stages(args.run, "fp32").items()):
-            if any(label in (f"victim qat | seed {r}", f"fp32 teacher | seed {r}") for r in args.references):
-                refs.append(posteriors_of(load_victim(folder, compile=False), test_images).argmax(1))
+        qat_all, fp32_all = by_seed(args.run)
+        refs = [posteriors_of(load_victim(folder, compile=False), test_images).argmax(1)
+                for r in args.references for folder in (qat_all[r], fp32_all[r])]
     owner_refs: dict[int, list[Tensor]] = {}
     if classwise and args.owner_thieves is not None:
         for s in args.seeds:

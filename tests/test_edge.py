@@ -355,6 +355,50 @@ def test_edge_target_plans_a_copy_stage_per_victim_and_keeps_x86_keys():
         parse_config({**EDGE_CONFIG, "victim": {"dataset": TINY, "target": "arm"}})
 
 
+def test_fingerprint_stages_test_the_other_seeds_victims_after_every_seed():
+    config = parse_config({**EDGE_CONFIG, "seeds": [0, 1]})
+    stages = plan_stages(config)
+    from divqat.experiment.labels import victim_name
+
+    victims = {(s.seed, victim_name(s.spec)): s for s in stages if s.kind == "victim"}
+    tests = [s for s in stages if s.kind == "fingerprint"]
+    assert sorted((s.seed, s.spec["victim"]) for s in tests) == sorted(victims)
+    for s in tests:
+        mine, other = victims[s.seed, s.spec["victim"]], victims[1 - s.seed, s.spec["victim"]]
+        assert s.inputs == (mine.key, other.key) and s.spec["independent"] == [f"{s.spec['victim']} seed {1 - s.seed}"]
+        assert s.spec["significance"] == 1e-6
+    assert stages.index(tests[0]) > max(stages.index(v) for v in victims.values())  # after every seed
+    # One seed and no independent model: nothing to test; x86 victims have no program.
+    assert not any(s.kind == "fingerprint" for s in plan_stages(parse_config(EDGE_CONFIG)))
+    x86 = {**EDGE_CONFIG, "seeds": [0, 1], "victim": {"dataset": TINY, "holdout": 96}}
+    assert not any(s.kind == "fingerprint" for s in plan_stages(parse_config(x86)))
+
+
+def test_fingerprint_stage_work_counts_matches_as_false_claims(edge, tiny_victims, tmp_path):
+    from divqat.experiment.report import fingerprint_lines
+    from divqat.pipelines.stages import EDGE_PROGRAM, StageWork
+
+    # An edge victim's folder as the victim stage leaves it: the program and its fingerprint inside.
+    victim = tmp_path / "victim"
+    shutil.copytree(edge["victim"], victim)
+    (victim / EDGE_PROGRAM).write_bytes(edge["plain"].read_bytes())
+    fingerprint_path(victim / EDGE_PROGRAM).write_bytes(fingerprint_path(edge["plain"]).read_bytes())
+    # The victim itself standing as an "independent model" must match: the count is of matches.
+    record = StageWork().fingerprint_tests(tmp_path / "stage", victim, {"itself": victim,
+                                                                         "its teacher": tiny_victims["fp32"]})
+    rows = {r["model"]: r for r in record["rows"]}
+    assert rows["itself"]["verified"] and rows["itself"]["agreed"] == rows["itself"]["points"] == record["points"]
+    assert record["false_claims"] == sum(r["verified"] for r in record["rows"]) >= 1
+    assert (tmp_path / "stage" / "metrics.json").is_file()
+    table = "\n".join(fingerprint_lines({"fingerprints": [
+        {"seed": 0, "victim": "qat", **r, "significance": 1e-6} for r in record["rows"]]}))
+    assert f"| qat | 1 | 2 | {record['false_claims']} |" in table
+    # No fingerprint beside the program (the export found no boundary point): said, no rows.
+    fingerprint_path(victim / EDGE_PROGRAM).unlink()
+    bare = StageWork().fingerprint_tests(tmp_path / "bare", victim, {"itself": victim})
+    assert bare["rows"] == [] and "no fingerprint" in bare["note"]
+
+
 def test_copy_rows_carry_the_owner_fingerprint_test():
     from divqat.experiment.stages.copy import _fingerprint_columns
 

@@ -459,6 +459,28 @@ def copy_table(results: dict[str, Any]) -> list[str]:
                    "the owner's fingerprint", "note"], body)
 
 
+def fingerprint_lines(results: dict[str, Any]) -> list[str]:
+    """The false claims of the programs' fingerprints (the ``fingerprint`` stages): per victim,
+    the models never stolen from it that were tested, how many matched, their agreement with the
+    points and the smallest p-value."""
+    rows = results.get("fingerprints") or []
+    if not rows:
+        return []
+    body = []
+    for v in victim_labels(rows):
+        got = [r for r in rows if r["victim"] == v]
+        agree = [r["agreement"] for r in got]
+        body.append([v, str(len(ordered(r["seed"] for r in got))), str(len(got)),
+                     str(sum(bool(r["verified"]) for r in got)),
+                     f"{100 * min(agree):.0f}-{100 * max(agree):.0f}", f"{min(r['p_value'] for r in got):.2g}"])
+    significance = ordered(r["significance"] for r in rows)
+    return ["The same fingerprints (IPGuard; `divqat verify --fingerprint`) against the models never stolen "
+            "from each victim (the other seeds' victims, the independent models): a match at "
+            f"{', '.join(f'{x:g}' for x in significance)} is a false claim.", "",
+            *_table(["victim", "seeds", "tests", "matched (false claims)", "agreement with the points %",
+                     "smallest p"], body), ""]
+
+
 def main_table(results: dict[str, Any]) -> str:
     """The table printed at the end of `divqat run`: the first attack setting at its largest
     budget (or the victims when there was no attack)."""
@@ -714,6 +736,7 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
                   "key). Beside it, the query thieves against the undefended program, per transfer "
                   "set at the budget where the most thieves ran, the strongest of them. Output perturbation and DivQAT only act on the second "
                   "kind.", "", *copy_table(results), ""]
+        lines += fingerprint_lines(results)
     collapsed = [r for r in results["victims"] if r.get("collapsed")]
     if collapsed:
         lines += ["## Collapsed victims", ""]
@@ -744,6 +767,7 @@ def report_markdown(results: dict[str, Any], plots: list[Path] | None = None) ->
 
 
 __all__ = ["MEANING", "REPORT", "attack_table", "budget_table", "build_report", "cell", "copy_table",
+           "fingerprint_lines",
            "delta_cell", "detector_lines", "main_table", "outliers_lines", "overlap_note",
            "ownership_lines", "pays_table", "picks", "report_markdown", "stage_times_table",
            "strongest_lines"]

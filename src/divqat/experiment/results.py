@@ -3,9 +3,9 @@ from their finished stages, read by the report, the plots and the CLI), its file
 reading of the rows that the report and the plots share.
 
 - ``results.json``: the config and the long tables (``TABLES``: victims, defenses, attacks,
-  timings, stage_times; copies, calibrations, independents and verifications where the config
-  has them); everything the
-  report and the plots are built from, so ``divqat report DIR`` rebuilds them without training.
+  timings, stage_times; copies, calibrations, independents, verifications and fingerprints
+  where the config has them); everything the report and the plots are built from, so ``divqat
+  report DIR`` rebuilds them without training.
 - ``results.csv``: the attacks table, one row per victim x defense x attack x transfer set x
   label-only x budget x seed, every metric a column (fractions, not percentages).
 """
@@ -46,8 +46,8 @@ THIEVES = ("soft", "label-only", STRONGEST)
 DATA_FREE = "data-free"
 # The tables of results.json in order; the optional ones only where the config gives them rows.
 TABLES = ("victims", "defenses", "attacks", "timings", "stage_times", "copies", "calibrations",
-          "independents", "verifications")
-OPTIONAL_TABLES = ("copies", "calibrations", "independents", "verifications")
+          "independents", "verifications", "fingerprints")
+OPTIONAL_TABLES = ("copies", "calibrations", "independents", "verifications", "fingerprints")
 LATENCY = ("ms_per_query_clean", "ms_per_query_defended", "latency_ratio")
 # Where a defense row's latency columns come from: the seed's timing stage (comparable between
 # victims and defenses), or the defense stage alone (not comparable).
@@ -220,6 +220,23 @@ class VerificationRow(TypedDict, total=False):
     verified: bool
     significance: float
     queries: int
+    stage: str
+
+
+class FingerprintRow(TypedDict, total=False):
+    """``fingerprints``: one model never stolen from an edge victim tested against its program's
+    fingerprint (``divqat verify --fingerprint``): a false claim when verified."""
+
+    seed: int
+    victim: str
+    model: str                  # "qat seed 1", "resnet20 seed 11"
+    points: int
+    agreed: int                 # points answered with the victim's label
+    agreement: float
+    chance: float               # the model's agreement with the points' sources (at least 1/K)
+    p_value: float
+    verified: bool
+    significance: float
     stage: str
 
 
@@ -433,7 +450,8 @@ def regime_budget(rows: list[dict[str, Any]], name: str) -> int:
 
 __all__ = ["AttackRow", "CSV_COLUMNS", "CalibrationRow", "CopyRow", "DATA_FREE", "DefenseColumns",
            "DefenseRow", "IndependentRow", "StageTimeRow", "TimingRow", "VerificationRow", "VictimColumns",
-           "VictimRow", "LATENCY", "OPTIONAL_TABLES", "OWN_STAGE", "RESULTS_CSV", "RESULTS_JSON",
+           "VictimRow", "FingerprintRow", "LATENCY", "OPTIONAL_TABLES", "OWN_STAGE", "RESULTS_CSV",
+           "RESULTS_JSON",
            "SIDE_BY_SIDE", "STRONGEST", "TABLES", "THIEVES", "alarm_columns", "attack_settings",
            "defense_columns", "load_results", "ordered", "regime", "regime_budget", "regime_title",
            "regimes", "setting_title", "short_title", "strongest_thief", "thief_name", "victim_labels",

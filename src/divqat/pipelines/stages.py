@@ -32,6 +32,7 @@ from divqat.detectors import DETECTORS
 from divqat.errors import TrainingCollapsed
 from divqat.io import write_json
 from divqat.ownership import SIGNIFICANCE, load_marks
+from divqat.ownership.fingerprint import fingerprint_path, load_fingerprint, match
 from divqat.pipelines.attack import (
     MARKS,
     AttackRequest,
@@ -301,6 +302,30 @@ class StageWork:
                   "surrogates": sum(r["suspect_kind"] == "surrogate" for r in rows),
                   "independent_models": len(independents),
                   "false_claims": sum(r["verified"] for r in rows if r["suspect_kind"] == "independent")}
+        write_json(Path(folder) / "metrics.json", record)
+        return record
+
+    def fingerprint_tests(self, folder: str | Path, victim_dir: str | Path, independents: dict[str, str | Path],
+                          significance: float = SIGNIFICANCE) -> dict[str, Any]:
+        """Every independent model (name -> a victim folder: never stolen from) against the
+        fingerprint ``divqat export`` wrote beside the edge victim's program (``match``, as
+        ``divqat verify --fingerprint``): a verified one is a false claim. One row per model in
+        ``rows``; written to ``folder/metrics.json``. Without a fingerprint (the export found no
+        boundary point) the result says so in ``note``, with no rows."""
+        path = fingerprint_path(Path(victim_dir) / EDGE_PROGRAM)
+        record: dict[str, Any] = {"significance": significance, "rows": [], "false_claims": 0,
+                                  "points": 0, "note": None}
+        if not path.is_file():
+            record["note"] = f"no fingerprint beside {EDGE_PROGRAM}: the export wrote none"
+        else:
+            fingerprint = load_fingerprint(path)
+            record["points"] = len(fingerprint)
+            for model, model_dir in independents.items():
+                v = match(fingerprint, self._victim(model_dir), significance=significance)
+                record["rows"].append({"model": model, "points": v.probes, "agreed": v.agreed,
+                                       "agreement": v.agreement, "chance": v.chance,
+                                       "p_value": v.p_value, "verified": v.verified})
+            record["false_claims"] = sum(r["verified"] for r in record["rows"])
         write_json(Path(folder) / "metrics.json", record)
         return record
 

@@ -11,6 +11,8 @@ planned once per seed, then per int8 victim, then after the victims): see ``base
     independent  a model never stolen from, for the false claims (``train.Independent``)
     verify     the watermarked thieves' surrogates and the independent models against the
                thieves' marks, after every seed (``verify``)
+    fingerprint  the independent models against an edge victim's program fingerprint, after
+               every seed (``fingerprint``)
 """
 
 from divqat.experiment.labels import (
@@ -25,6 +27,7 @@ from divqat.experiment.stages import (  # noqa: F401 - registration
     calibrate,
     copy,
     defense,
+    fingerprint,
     timing,
     train,
     verify,

@@ -31,6 +31,14 @@ def victim_model_label(stage: Stage, with_cap: bool = False) -> str:
     return f"{victim_name(stage.spec, with_cap)} seed {stage.seed}"
 
 
+def other_seeds_victims(scope: PlanScope, victim: Stage) -> list[Stage]:
+    """The other seeds' victims of ``victim``'s label that are independent of it: trained from
+    another teacher (with a shared teacher, ``fp32.seed``, they are not, and are left out)."""
+    label = victim_name(victim.spec, scope.with_cap)
+    return [v for other in scope.seeds if other.seed != scope.seed for v in other.of("victim")
+            if victim_name(v.spec, scope.with_cap) == label and v.inputs != victim.inputs]
+
+
 @register_kind
 class Verify(StageKind):
     name = "verify"
@@ -49,8 +57,7 @@ class Verify(StageKind):
             if not thieves:
                 continue
             label = victim_name(victim.spec, scope.with_cap)
-            others = [v for other in scope.seeds if other.seed != scope.seed for v in other.of("victim")
-                      if victim_name(v.spec, scope.with_cap) == label and v.inputs != victim.inputs]
+            others = other_seeds_victims(scope, victim)
             spec = {"victim": label, "seed": scope.seed, "significance": config.watermark.significance,
                     "thieves": [a.label for a in thieves],
                     "independent": [victim_model_label(v, scope.with_cap) for v in others]

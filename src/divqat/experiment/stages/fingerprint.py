@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 from divqat.experiment.labels import victim_name
 from divqat.experiment.results import FingerprintRow
 from divqat.experiment.stages.base import StageKind, register_kind
-from divqat.experiment.stages.train import independent_label
-from divqat.experiment.stages.verify import other_seeds_victims, victim_model_label
+from divqat.experiment.stages.verify import independent_models, role_folders
 from divqat.ownership import SIGNIFICANCE
 
 if TYPE_CHECKING:
@@ -40,17 +39,13 @@ class Fingerprint(StageKind):
         if config.victim.target != "edge":
             return []
         significance = SIGNIFICANCE if config.watermark is None else config.watermark.significance
-        extra = scope.of("independent")
         stages = []
         for victim in scope.of("victim"):
-            label = victim_name(victim.spec, scope.with_cap)
-            others = other_seeds_victims(scope, victim)
-            if not others and not extra:
+            names, models = independent_models(scope, victim)
+            if not models:
                 continue
-            spec = {"victim": label, "seed": scope.seed, "significance": significance,
-                    "independent": [victim_model_label(v, scope.with_cap) for v in others]
-                    + [independent_label(m.spec) for m in extra]}
-            models = tuple(v.key for v in (*others, *extra))
+            label = victim_name(victim.spec, scope.with_cap)
+            spec = {"victim": label, "seed": scope.seed, "significance": significance, "independent": names}
             stages.append(self.stage(spec, f"fingerprint against {len(models)} independent models | {label} "
                                            f"| seed {scope.seed}", (victim.key, *models), scope.seed,
                                      ((victim.key,), models)))
@@ -70,9 +65,8 @@ class Fingerprint(StageKind):
                  for s, folder in sources}, {})
 
     def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
-        independents = {role.split(":", 1)[1]: path for role, path in task.folders.items()
-                        if role.startswith("independent:")}
-        return work.fingerprint_tests(folder, task.folders["victim"], independents, task.spec["significance"])
+        return work.fingerprint_tests(folder, task.folders["victim"], role_folders(task.folders, "independent"),
+                                      task.spec["significance"])
 
     def summary(self, result: dict[str, Any]) -> str:
         if result.get("note"):

@@ -31,12 +31,22 @@ def victim_model_label(stage: Stage, with_cap: bool = False) -> str:
     return f"{victim_name(stage.spec, with_cap)} seed {stage.seed}"
 
 
-def other_seeds_victims(scope: PlanScope, victim: Stage) -> list[Stage]:
-    """The other seeds' victims of ``victim``'s label that are independent of it: trained from
-    another teacher (with a shared teacher, ``fp32.seed``, they are not, and are left out)."""
+def independent_models(scope: PlanScope, victim: Stage) -> tuple[list[str], tuple[str, ...]]:
+    """The models never stolen from ``victim``, as (their labels, their stage keys): the other
+    seeds' victims of its label trained from another teacher (with a shared teacher,
+    ``fp32.seed``, they are not independent and are left out), then the config's
+    ``independent`` models."""
     label = victim_name(victim.spec, scope.with_cap)
-    return [v for other in scope.seeds if other.seed != scope.seed for v in other.of("victim")
-            if victim_name(v.spec, scope.with_cap) == label and v.inputs != victim.inputs]
+    others = [v for other in scope.seeds if other.seed != scope.seed for v in other.of("victim")
+              if victim_name(v.spec, scope.with_cap) == label and v.inputs != victim.inputs]
+    extra = scope.of("independent")
+    return ([victim_model_label(v, scope.with_cap) for v in others] + [independent_label(m.spec) for m in extra],
+            tuple(m.key for m in (*others, *extra)))
+
+
+def role_folders(folders: dict[str, str], role: str) -> dict[str, str]:
+    """A stage's input folders wired as ``ROLE:NAME``, by NAME."""
+    return {name.split(":", 1)[1]: path for name, path in folders.items() if name.startswith(f"{role}:")}
 
 
 @register_kind
@@ -51,19 +61,16 @@ class Verify(StageKind):
         if config.watermark is None:
             return []
         stages = []
-        extra = scope.of("independent")
         for victim in scope.of("victim"):
             thieves = [a for a in scope.of("attack", victim) if "watermark" in a.spec]
             if not thieves:
                 continue
             label = victim_name(victim.spec, scope.with_cap)
-            others = other_seeds_victims(scope, victim)
+            names, models = independent_models(scope, victim)
             spec = {"victim": label, "seed": scope.seed, "significance": config.watermark.significance,
-                    "thieves": [a.label for a in thieves],
-                    "independent": [victim_model_label(v, scope.with_cap) for v in others]
-                    + [independent_label(m.spec) for m in extra]}
-            inputs = (*(a.key for a in thieves), *(v.key for v in others), *(m.key for m in extra))
-            groups = (tuple(a.key for a in thieves), tuple(v.key for v in (*others, *extra)))
+                    "thieves": [a.label for a in thieves], "independent": names}
+            inputs = (*(a.key for a in thieves), *models)
+            groups = (tuple(a.key for a in thieves), models)
             stages.append(self.stage(spec, f"verify {len(thieves)} stolen surrogates and "
                                            f"{len(spec['independent'])} independent models | {label} "
                                            f"| seed {scope.seed}", inputs, scope.seed, groups))
@@ -87,11 +94,8 @@ class Verify(StageKind):
         return ()
 
     def perform(self, task: StageTask, work, folder: Path) -> dict[str, Any]:
-        roles = task.folders
-        thieves = {role.split(":", 1)[1]: path for role, path in roles.items() if role.startswith("attack:")}
-        independents = {role.split(":", 1)[1]: path for role, path in roles.items()
-                        if role.startswith("independent:")}
-        return work.verify(folder, thieves, independents, task.spec["significance"])
+        return work.verify(folder, role_folders(task.folders, "attack"), role_folders(task.folders, "independent"),
+                           task.spec["significance"])
 
     def summary(self, result: dict[str, Any]) -> str:
         rows = result["rows"]
